@@ -1,0 +1,24 @@
+//! natpunch's sans-IO core.
+//!
+//! Nothing in this crate opens a socket or reads a clock: every state
+//! machine takes `now` and received datagrams as input, and hands back
+//! datagrams to send and the next instant it wants to be woken
+//! (`poll_transmit`, `poll_event`, `poll_timeout`). The tokio drivers in the
+//! `natpunch` crate bind these machines to real sockets; tests drive them
+//! with a virtual clock.
+//!
+//! - [`stun`]: STUN codec (RFC 8489/5389/3489, RFC 5780 attributes),
+//!   client transactions and the Binding server.
+//! - [`nat`]: NAT behaviour discovery (RFC 5780 §4) and the port allocation
+//!   pattern, producing a [`nat::NatReport`].
+//! - [`ratelimit`]: bounded per-source token buckets for servers.
+
+pub mod nat;
+pub mod ratelimit;
+pub mod stun;
+
+/// Names one of the caller's sockets. Machines that use several sockets
+/// (NAT discovery, birthday probing) say which one sends each datagram, and
+/// the caller says which one received each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SocketId(pub usize);

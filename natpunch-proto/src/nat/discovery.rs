@@ -1,0 +1,514 @@
+//! The RFC 5780 §4 discovery run as a sans-IO state machine.
+//!
+//! Sockets (the caller binds them all on the same local IP and tells us
+//! their addresses):
+//! - socket 0 runs the mapping tests (§4.3) and the hairpin test (§4.5);
+//! - socket 1 runs the filtering tests (§4.4). It only ever sends to the
+//!   server's primary address, so no test of socket 0 can open its filter;
+//! - sockets 2.. each create one more mapping, to learn the allocation
+//!   pattern;
+//! - with `--lifetime`, one socket per probed interval (§4.6 style: the
+//!   check is a RESPONSE-PORT request from socket 1 aimed at the mapping).
+//!
+//! Every request that creates a mapping runs strictly one after the other,
+//! so the observed ports are in creation order, which sequential-allocation
+//! detection needs. Filtering, hairpin and lifetime tests create no
+//! mappings and run concurrently after that.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::allocation;
+use super::report::{Behaviour, Classic, Lifetime, MappingSample, NatReport};
+use crate::stun::message::{Attribute, Class, Message, TransactionId};
+use crate::stun::transaction::{Client, Event, Outcome, Timing, Transmit};
+use crate::SocketId;
+
+/// Default number of extra sockets for the allocation pattern. With the
+/// three mapping-test destinations that gives 5 to 8 new mappings, enough
+/// for a delta to repeat 4+ times.
+pub const DEFAULT_ALLOCATION_SOCKETS: usize = 6;
+
+/// Intervals probed by `--lifetime`. Spans RFC 4787 REQ-5's 2-minute
+/// minimum and the 30 s that many home routers use, up to 5 minutes.
+pub const LIFETIME_STEPS: [Duration; 8] = [
+    Duration::from_secs(10),
+    Duration::from_secs(20),
+    Duration::from_secs(30),
+    Duration::from_secs(45),
+    Duration::from_secs(60),
+    Duration::from_secs(120),
+    Duration::from_secs(180),
+    Duration::from_secs(300),
+];
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    /// The server's primary address.
+    pub server: SocketAddr,
+    /// Extra sockets used for the allocation pattern.
+    pub allocation_sockets: usize,
+    /// Probe the binding lifetime at these intervals (empty: skip).
+    pub lifetime_steps: Vec<Duration>,
+    pub timing: Timing,
+    /// Seed for transaction IDs, so runs can be replayed.
+    pub seed: u64,
+}
+
+impl DiscoveryConfig {
+    pub fn new(server: SocketAddr, seed: u64) -> Self {
+        Self {
+            server,
+            allocation_sockets: DEFAULT_ALLOCATION_SOCKETS,
+            lifetime_steps: Vec::new(),
+            timing: Timing::probe(),
+            seed,
+        }
+    }
+
+    /// How many sockets the caller must bind.
+    pub fn socket_count(&self) -> usize {
+        2 + self.allocation_sockets + self.lifetime_steps.len()
+    }
+
+    fn lifetime_socket(&self, i: usize) -> SocketId {
+        SocketId(2 + self.allocation_sockets + i)
+    }
+}
+
+/// What a pending transaction is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// A step of the serial mapping chain.
+    Chain(usize),
+    /// Filtering test II (change IP and port) or III (change port).
+    Filter { change_ip: bool },
+    Hairpin,
+    /// Creating the mapping of lifetime socket i.
+    LifetimeOpen(usize),
+    /// Checking lifetime socket i.
+    LifetimeCheck(usize),
+}
+
+/// One step of the serial chain.
+#[derive(Debug, Clone, Copy)]
+struct ChainStep {
+    socket: SocketId,
+    destination: SocketAddr,
+}
+
+/// The discovery machine.
+#[derive(Debug)]
+pub struct Discovery {
+    config: DiscoveryConfig,
+    locals: Vec<SocketAddr>,
+    client: Client,
+    rng: StdRng,
+    purposes: Vec<(TransactionId, Purpose)>,
+    chain: Vec<ChainStep>,
+    chain_next: usize,
+    started: bool,
+    // Results.
+    mapped: [Option<SocketAddr>; 3],
+    first_rtt: Option<Duration>,
+    other: Option<SocketAddr>,
+    filter_ip_port: Option<bool>,
+    filter_port: Option<bool>,
+    filter_pending: usize,
+    hairpin: Option<bool>,
+    hairpin_tid: Option<TransactionId>,
+    samples: Vec<MappingSample>,
+    lifetime_mapped: Vec<Option<SocketAddr>>,
+    lifetime_opened_at: Vec<Option<Instant>>,
+    lifetime_alive: Vec<Option<bool>>,
+    notes: Vec<String>,
+    report: Option<NatReport>,
+    done: bool,
+}
+
+impl Discovery {
+    /// `locals[i]` is the bound address of socket `i`; there must be
+    /// [`DiscoveryConfig::socket_count`] of them.
+    pub fn new(config: DiscoveryConfig, locals: Vec<SocketAddr>) -> Self {
+        let n_life = config.lifetime_steps.len();
+        Self {
+            rng: StdRng::seed_from_u64(config.seed),
+            config,
+            locals,
+            client: Client::new(),
+            purposes: Vec::new(),
+            chain: Vec::new(),
+            chain_next: 0,
+            started: false,
+            mapped: [None; 3],
+            first_rtt: None,
+            other: None,
+            filter_ip_port: None,
+            filter_port: None,
+            filter_pending: 0,
+            hairpin: None,
+            hairpin_tid: None,
+            samples: Vec::new(),
+            lifetime_mapped: vec![None; n_life],
+            lifetime_opened_at: vec![None; n_life],
+            lifetime_alive: vec![None; n_life],
+            notes: Vec::new(),
+            report: None,
+            done: false,
+        }
+    }
+
+    fn tid(&mut self) -> TransactionId {
+        let mut id = [0u8; 12];
+        self.rng.fill_bytes(&mut id);
+        TransactionId::new(id)
+    }
+
+    fn send(
+        &mut self,
+        now: Instant,
+        socket: SocketId,
+        destination: SocketAddr,
+        purpose: Purpose,
+        extra: Option<Attribute>,
+    ) -> TransactionId {
+        let tid = self.tid();
+        let mut req = Message::binding_request(tid);
+        req.attributes.extend(extra);
+        self.client
+            .start(now, socket, destination, &req, self.config.timing, false);
+        self.purposes.push((tid, purpose));
+        tid
+    }
+
+    /// Starts the run. Calling it again does nothing.
+    pub fn start(&mut self, now: Instant) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        if self.locals.len() < self.config.socket_count() {
+            self.notes.push(format!(
+                "needs {} sockets, got {}",
+                self.config.socket_count(),
+                self.locals.len()
+            ));
+            self.finish();
+            return;
+        }
+        let server = self.config.server;
+        self.chain.push(ChainStep {
+            socket: SocketId(0),
+            destination: server,
+        });
+        self.chain.push(ChainStep {
+            socket: SocketId(1),
+            destination: server,
+        });
+        self.next_chain_step(now);
+    }
+
+    fn next_chain_step(&mut self, now: Instant) {
+        if let Some(step) = self.chain.get(self.chain_next).copied() {
+            let i = self.chain_next;
+            self.send(now, step.socket, step.destination, Purpose::Chain(i), None);
+        } else {
+            self.after_chain(now);
+        }
+    }
+
+    /// Called when the chain step `i` ended with `mapped` (or no answer).
+    fn chain_done(&mut self, now: Instant, i: usize, mapped: Option<SocketAddr>, resp: Option<&Message>, rtt: Duration) {
+        let step = self.chain[i];
+        if let Some(m) = mapped {
+            self.samples.push(MappingSample {
+                local: self.locals[step.socket.0],
+                destination: step.destination,
+                mapped: m,
+            });
+        }
+        match i {
+            0 => {
+                self.mapped[0] = mapped;
+                self.first_rtt = Some(rtt);
+                let Some(resp) = resp else {
+                    // UDP blocked (or server down): nothing else can work.
+                    self.notes
+                        .push("no answer from the server: UDP blocked or server down".into());
+                    self.finish();
+                    return;
+                };
+                self.other = resp.other_address();
+                let server = self.config.server;
+                match self.other {
+                    Some(o) if o.ip() != server.ip() && o.port() != server.port() => {
+                        // Mapping tests II and III.
+                        self.chain.push(ChainStep {
+                            socket: SocketId(0),
+                            destination: SocketAddr::new(o.ip(), server.port()),
+                        });
+                        self.chain.push(ChainStep {
+                            socket: SocketId(0),
+                            destination: o,
+                        });
+                    }
+                    Some(_) => {
+                        self.notes.push(
+                            "server's OTHER-ADDRESS does not differ in both IP and port".into(),
+                        );
+                        self.other = None;
+                    }
+                    None => self.notes.push(
+                        "server has no OTHER-ADDRESS (not RFC 5780): mapping and filtering not measured"
+                            .into(),
+                    ),
+                }
+                for k in 0..self.config.allocation_sockets {
+                    self.chain.push(ChainStep {
+                        socket: SocketId(2 + k),
+                        destination: server,
+                    });
+                }
+            }
+            1 => {
+                if mapped.is_some() && self.other.is_some() {
+                    let server = self.config.server;
+                    for change_ip in [true, false] {
+                        let cr = Attribute::ChangeRequest {
+                            change_ip,
+                            change_port: true,
+                        };
+                        self.send(now, SocketId(1), server, Purpose::Filter { change_ip }, Some(cr));
+                        self.filter_pending += 1;
+                    }
+                }
+            }
+            2 => self.mapped[1] = mapped,
+            3 => self.mapped[2] = mapped,
+            _ => {}
+        }
+        self.chain_next += 1;
+        self.next_chain_step(now);
+    }
+
+    fn after_chain(&mut self, now: Instant) {
+        // Hairpin: socket 0 sends a request to its own mapped address.
+        if let Some(m0) = self.mapped[0] {
+            let tid = self.send(now, SocketId(0), m0, Purpose::Hairpin, None);
+            self.hairpin_tid = Some(tid);
+        }
+        let server = self.config.server;
+        for i in 0..self.config.lifetime_steps.len() {
+            let s = self.config.lifetime_socket(i);
+            self.send(now, s, server, Purpose::LifetimeOpen(i), None);
+        }
+        self.maybe_finish();
+    }
+
+    /// Offers a datagram received on `socket` from `from`. Returns `true`
+    /// if it belonged to the discovery run.
+    pub fn handle_input(&mut self, now: Instant, socket: SocketId, from: SocketAddr, data: &[u8]) -> bool {
+        let Ok(msg) = Message::decode(data) else {
+            return false;
+        };
+        if msg.class == Class::Request && Some(msg.transaction) == self.hairpin_tid {
+            // Our own hairpin request came back through the NAT.
+            self.client.cancel(&msg.transaction);
+            self.hairpin = Some(true);
+            self.hairpin_tid = None;
+            self.maybe_finish();
+            return true;
+        }
+        let ours = self.client.handle_message(now, socket, from, msg);
+        self.drain_events(now);
+        ours
+    }
+
+    /// Advances timers. A spurious call is a no-op.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.client.handle_timeout(now);
+        self.drain_events(now);
+        // Lifetime checks fire on their own schedule.
+        for i in 0..self.config.lifetime_steps.len() {
+            let (Some(opened), Some(m), None) = (
+                self.lifetime_opened_at[i],
+                self.lifetime_mapped[i],
+                self.lifetime_alive[i],
+            ) else {
+                continue;
+            };
+            let due = opened + self.config.lifetime_steps[i];
+            let checking = self
+                .purposes
+                .iter()
+                .any(|(_, p)| *p == Purpose::LifetimeCheck(i));
+            if now >= due && !checking {
+                let server = self.config.server;
+                let rp = Attribute::ResponsePort(m.port());
+                self.send(now, SocketId(1), server, Purpose::LifetimeCheck(i), Some(rp));
+            }
+        }
+    }
+
+    fn drain_events(&mut self, now: Instant) {
+        while let Some(ev) = self.client.poll_event() {
+            let Some(idx) = self.purposes.iter().position(|(t, _)| *t == ev.transaction) else {
+                continue;
+            };
+            let (_, purpose) = self.purposes.swap_remove(idx);
+            self.on_event(now, purpose, ev);
+        }
+    }
+
+    fn on_event(&mut self, now: Instant, purpose: Purpose, ev: Event) {
+        let (mapped, resp) = match &ev.outcome {
+            Outcome::Success { response, .. } => (response.mapped_address(), Some(response)),
+            Outcome::Error { code, .. } => {
+                self.notes
+                    .push(format!("server answered error {}", code.unwrap_or(0)));
+                (None, None)
+            }
+            Outcome::Timeout => (None, None),
+        };
+        match purpose {
+            Purpose::Chain(i) => {
+                let resp = resp.cloned();
+                self.chain_done(now, i, mapped, resp.as_ref(), ev.rtt);
+            }
+            Purpose::Filter { change_ip } => {
+                let answered = matches!(ev.outcome, Outcome::Success { .. });
+                if change_ip {
+                    self.filter_ip_port = Some(answered);
+                } else {
+                    self.filter_port = Some(answered);
+                }
+                self.filter_pending -= 1;
+            }
+            Purpose::Hairpin => {
+                // Timed out (or, oddly, answered by someone): not hairpinned.
+                self.hairpin.get_or_insert(false);
+                self.hairpin_tid = None;
+            }
+            Purpose::LifetimeOpen(i) => {
+                self.lifetime_mapped[i] = mapped;
+                self.lifetime_opened_at[i] = Some(now);
+                if mapped.is_none() {
+                    self.lifetime_alive[i] = Some(false);
+                }
+            }
+            Purpose::LifetimeCheck(i) => {
+                let alive = ev.received_on == Some(self.config.lifetime_socket(i))
+                    && matches!(ev.outcome, Outcome::Success { .. });
+                self.lifetime_alive[i] = Some(alive);
+            }
+        }
+        self.maybe_finish();
+    }
+
+    fn maybe_finish(&mut self) {
+        if self.done || self.chain_next < self.chain.len() || self.client.pending() > 0 {
+            return;
+        }
+        let lifetime_waiting = self
+            .lifetime_alive
+            .iter()
+            .zip(&self.lifetime_mapped)
+            .any(|(a, m)| a.is_none() && m.is_some());
+        if lifetime_waiting || self.filter_pending > 0 {
+            return;
+        }
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        self.done = true;
+        let mapping = match (self.other, self.mapped) {
+            (Some(_), [Some(m1), Some(m2), m3]) => Some(if m1 == m2 {
+                Behaviour::EndpointIndependent
+            } else if Some(m2) == m3 {
+                Behaviour::AddressDependent
+            } else {
+                Behaviour::AddressAndPortDependent
+            }),
+            (Some(_), _) => {
+                self.notes
+                    .push("no answer from the server's other address: mapping unknown".into());
+                None
+            }
+            _ => None,
+        };
+        let filtering = match (self.filter_ip_port, self.filter_port) {
+            (Some(true), _) => Some(Behaviour::EndpointIndependent),
+            (Some(false), Some(true)) => Some(Behaviour::AddressDependent),
+            (Some(false), Some(false)) => Some(Behaviour::AddressAndPortDependent),
+            _ => None,
+        };
+        let local = self.locals.first().copied().unwrap_or(self.config.server);
+        let nat = self.mapped[0].map(|m| m != local);
+        let lifetime = (!self.config.lifetime_steps.is_empty()).then(|| {
+            let steps = &self.config.lifetime_steps;
+            let alive = (0..steps.len())
+                .filter(|i| self.lifetime_alive[*i] == Some(true))
+                .map(|i| steps[i])
+                .max();
+            let expired = (0..steps.len())
+                .filter(|i| self.lifetime_alive[*i] == Some(false) && self.lifetime_mapped[*i].is_some())
+                .map(|i| steps[i])
+                .min();
+            Lifetime { alive, expired }
+        });
+        self.report = Some(NatReport {
+            mapped: self.mapped[0],
+            mapping,
+            filtering,
+            allocation: allocation::classify(&self.samples),
+            hairpin: self.hairpin,
+            classic: Classic::derive(nat, mapping, filtering),
+            local,
+            server: self.config.server,
+            other_address: self.other,
+            nat,
+            lifetime,
+            rtt_ms: self.first_rtt.map(|d| d.as_millis() as u64),
+            samples: std::mem::take(&mut self.samples),
+            notes: std::mem::take(&mut self.notes),
+        });
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.client.poll_transmit()
+    }
+
+    /// The next instant to call [`Discovery::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.done {
+            return None;
+        }
+        let life = (0..self.config.lifetime_steps.len())
+            .filter(|i| self.lifetime_alive[*i].is_none())
+            .filter_map(|i| Some(self.lifetime_opened_at[i]? + self.config.lifetime_steps[i]))
+            .min();
+        match (self.client.poll_timeout(), life) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The report, once the run is over (taken once).
+    pub fn poll_report(&mut self) -> Option<NatReport> {
+        self.report.take()
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Bytes sent so far (requests and retransmits).
+    pub fn bytes_sent(&self) -> u64 {
+        self.client.stats().bytes_sent
+    }
+}
