@@ -10,4 +10,6 @@ pub mod discovery;
 pub mod report;
 
 pub use discovery::{Discovery, DiscoveryConfig};
-pub use report::{Allocation, AllocationKind, Behaviour, Classic, Lifetime, MappingSample, NatReport};
+pub use report::{
+    Allocation, AllocationKind, Behaviour, Classic, Lifetime, MappingSample, NatReport,
+};

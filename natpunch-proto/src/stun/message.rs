@@ -134,7 +134,10 @@ pub enum Attribute {
     Fingerprint(u32),
     /// Anything else; kept so a server can list unknown
     /// comprehension-required types in a 420 answer.
-    Unknown { kind: u16, value: Vec<u8> },
+    Unknown {
+        kind: u16,
+        value: Vec<u8>,
+    },
 }
 
 impl Attribute {
@@ -512,10 +515,12 @@ fn push(msg: &mut Message, a: Attribute) -> Result<(), DecodeError> {
 }
 
 fn decode_u32(kind: u16, value: &[u8]) -> Result<u32, DecodeError> {
-    let b: [u8; 4] = value.try_into().map_err(|_| DecodeError::BadAttributeLength {
-        kind,
-        len: value.len(),
-    })?;
+    let b: [u8; 4] = value
+        .try_into()
+        .map_err(|_| DecodeError::BadAttributeLength {
+            kind,
+            len: value.len(),
+        })?;
     Ok(u32::from_be_bytes(b))
 }
 
@@ -734,8 +739,7 @@ fn hmac_sha1(key: &[u8], prefix: &[u8], len_field: u16) -> [u8; 20] {
 }
 
 fn hmac_sha256(key: &[u8], prefix: &[u8], len_field: u16) -> [u8; 32] {
-    let mut m =
-        <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
     m.update(&prefix[..2]);
     m.update(&len_field.to_be_bytes());
     m.update(&prefix[4..]);

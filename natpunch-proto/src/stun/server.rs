@@ -122,7 +122,11 @@ impl Server {
     fn other_of(&self, local: SocketAddr) -> Option<SocketAddr> {
         let alt = self.config.alternate?;
         let p = self.config.primary;
-        let ip = if local.ip() == p.ip() { alt.ip() } else { p.ip() };
+        let ip = if local.ip() == p.ip() {
+            alt.ip()
+        } else {
+            p.ip()
+        };
         let port = if local.port() == p.port() {
             alt.port()
         } else {
@@ -247,12 +251,11 @@ impl Server {
         back: Reply,
         out: &mut Vec<u8>,
     ) -> Reply {
-        let mut resp = Message::new(Class::Error, req.method, req.transaction).with(
-            Attribute::ErrorCode {
+        let mut resp =
+            Message::new(Class::Error, req.method, req.transaction).with(Attribute::ErrorCode {
                 code,
                 reason: reason.into(),
-            },
-        );
+            });
         if let Some(u) = unknown {
             resp.attributes.push(Attribute::UnknownAttributes(u));
         }
@@ -338,12 +341,11 @@ mod tests {
     #[test]
     fn change_request_without_alt_gets_420() {
         let mut s = server(false);
-        let req = Message::binding_request(TransactionId::new([4; 12])).with(
-            Attribute::ChangeRequest {
+        let req =
+            Message::binding_request(TransactionId::new([4; 12])).with(Attribute::ChangeRequest {
                 change_ip: true,
                 change_port: true,
-            },
-        );
+            });
         let (_, m) = ask(&mut s, &req, "192.0.2.1:3478").unwrap();
         assert_eq!(m.class, Class::Error);
         assert_eq!(m.error_code(), Some(420));
@@ -395,7 +397,10 @@ mod tests {
             .is_none());
         let req = Message::binding_request(TransactionId::new([7; 12])).to_bytes();
         let answered = (0..10)
-            .filter(|_| s.handle(now, Transport::Udp, l, r, &req, &mut out).is_some())
+            .filter(|_| {
+                s.handle(now, Transport::Udp, l, r, &req, &mut out)
+                    .is_some()
+            })
             .count();
         assert_eq!(answered, 2);
         assert_eq!(s.stats().malformed, 1);
@@ -405,8 +410,8 @@ mod tests {
     #[test]
     fn reply_size_is_bounded() {
         let mut s = server(true);
-        let req = Message::binding_request(TransactionId::new([8; 12]))
-            .with(Attribute::Fingerprint(0));
+        let req =
+            Message::binding_request(TransactionId::new([8; 12])).with(Attribute::Fingerprint(0));
         let mut raw = vec![];
         crate::stun::message::Encoder {
             integrity: None,

@@ -364,7 +364,14 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Client::new();
         let req = Message::binding_request(TransactionId::new([1; 12]));
-        c.start(t0, SocketId(0), addr("192.0.2.1:3478"), &req, Timing::default(), false);
+        c.start(
+            t0,
+            SocketId(0),
+            addr("192.0.2.1:3478"),
+            &req,
+            Timing::default(),
+            false,
+        );
         let mut sends = vec![];
         let mut now = t0;
         loop {
@@ -391,7 +398,14 @@ mod tests {
         let mut c = Client::new();
         let tid = TransactionId::new([7; 12]);
         let req = Message::binding_request(tid);
-        c.start(t0, SocketId(0), addr("192.0.2.1:3478"), &req, Timing::probe(), false);
+        c.start(
+            t0,
+            SocketId(0),
+            addr("192.0.2.1:3478"),
+            &req,
+            Timing::probe(),
+            false,
+        );
         assert!(c.poll_transmit().is_some());
         // An unrelated response is not ours.
         let other = Message::new(Class::Success, 1, TransactionId::new([8; 12]))
@@ -405,7 +419,13 @@ mod tests {
         });
         assert!(c.handle_input(t0, SocketId(0), addr("192.0.2.1:3478"), &err.to_bytes()));
         let ev = c.poll_event().expect("event");
-        assert!(matches!(ev.outcome, Outcome::Error { code: Some(420), .. }));
+        assert!(matches!(
+            ev.outcome,
+            Outcome::Error {
+                code: Some(420),
+                ..
+            }
+        ));
         assert_eq!(c.pending(), 0);
         assert_eq!(c.stats().unmatched, 1);
     }
@@ -415,7 +435,14 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Client::new();
         let req = Message::binding_request(TransactionId::new([2; 12]));
-        c.start(t0, SocketId(0), addr("192.0.2.1:3478"), &req, Timing::default(), true);
+        c.start(
+            t0,
+            SocketId(0),
+            addr("192.0.2.1:3478"),
+            &req,
+            Timing::default(),
+            true,
+        );
         assert!(c.poll_transmit().is_some());
         assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_millis(39_500)));
         c.handle_timeout(t0 + Duration::from_secs(1));
@@ -431,7 +458,14 @@ mod tests {
         c.handle_timeout(t0);
         assert!(c.poll_transmit().is_none());
         let req = Message::binding_request(TransactionId::new([3; 12]));
-        c.start(t0, SocketId(0), addr("192.0.2.1:3478"), &req, Timing::probe(), false);
+        c.start(
+            t0,
+            SocketId(0),
+            addr("192.0.2.1:3478"),
+            &req,
+            Timing::probe(),
+            false,
+        );
         c.poll_transmit();
         // A response "before" the send must not underflow.
         let ok = Message::new(Class::Success, 1, req.transaction);
