@@ -1,1 +1,112 @@
-fn main() {}
+//! The `natpunch` command line. The only crate that uses `anyhow`: library
+//! errors are typed; here they become one line on stderr and an exit code
+//! (2 for misuse, 1 for a failure at run time).
+
+mod bench;
+mod cmd_nat;
+mod cmd_server;
+mod demo;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Connect two computers directly through NATs, or tell you why not.
+#[derive(Debug, Parser)]
+#[command(name = "natpunch", version, about, propagate_version = true)]
+struct Cli {
+    /// More logging on stderr (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the STUN (RFC 8489/5780) server.
+    Server(cmd_server::ServerArgs),
+    /// Report this host's NAT behaviour (RFC 5780) and port allocation.
+    Nat(cmd_nat::NatArgs),
+    /// Ask a STUN server once for this host's public address.
+    Stun(cmd_nat::StunArgs),
+    /// Show natpunch working end to end on this machine.
+    Demo(demo::DemoArgs),
+    /// Measure natpunch against a reference in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                    ExitCode::from(2)
+                } else {
+                    ExitCode::SUCCESS
+                };
+            }
+            // One clear line, not clap's multi-line usage block.
+            let text = e.to_string();
+            let message: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect();
+            let line = message.join(" ");
+            let line = line.strip_prefix("error: ").unwrap_or(&line);
+            eprintln!("natpunch: {line} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Server(a) => cmd_server::run(a),
+        Command::Nat(a) => cmd_nat::run_nat(a),
+        Command::Stun(a) => cmd_nat::run_stun(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Bench(b) => bench::run(b),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("natpunch: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A single-threaded tokio runtime: every command's work is I/O bound and
+/// one thread keeps the servers' per-packet cost lowest.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}

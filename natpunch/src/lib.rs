@@ -1,1 +1,12 @@
+//! natpunch's tokio drivers: they bind the sans-IO machines of
+//! `natpunch-proto` to real sockets and timers.
+//!
+//! - [`stun_server`]: the STUN/RFC 5780 server on UDP and TCP.
+//! - [`nat`]: runs NAT behaviour discovery and returns a report.
+//! - [`net`]: socket and name-resolution helpers.
 
+pub mod nat;
+pub mod net;
+pub mod stun_server;
+
+pub use natpunch_proto as proto;

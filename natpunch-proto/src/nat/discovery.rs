@@ -243,7 +243,7 @@ impl Discovery {
         match i {
             0 => {
                 self.mapped[0] = mapped;
-                self.first_rtt = Some(rtt);
+                self.first_rtt = resp.is_some().then_some(rtt);
                 let Some(resp) = resp else {
                     // UDP blocked (or server down): nothing else can work.
                     self.notes

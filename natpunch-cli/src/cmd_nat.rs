@@ -1,0 +1,134 @@
+//! `natpunch nat` (behaviour report) and `natpunch stun` (one Binding).
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use natpunch::nat::{discover, tcp_binding, udp_binding, NatOptions};
+use natpunch::net::{bind_udp, resolve, route_source};
+use natpunch_proto::nat::discovery::LIFETIME_STEPS;
+use natpunch_proto::nat::{Classic, NatReport};
+use natpunch_proto::stun::transaction::Timing;
+
+use crate::output::{human_report, json_line, json_report};
+
+/// The STUN port (RFC 8489 §18.6).
+const STUN_PORT: u16 = 3478;
+
+#[derive(Debug, Args)]
+pub struct NatArgs {
+    /// STUN server, HOST[:PORT] (an RFC 5780 server for the full report).
+    #[arg(short = 'H', long = "host", value_name = "HOST[:PORT]")]
+    pub host: String,
+    /// Local IP to send from (default: the one routing picks).
+    #[arg(short = 'i', long = "source-ip")]
+    pub source_ip: Option<IpAddr>,
+    /// Local port of the primary socket (default: any).
+    #[arg(short = 'p', long = "source-port")]
+    pub source_port: Option<u16>,
+    /// Print one JSON object instead of the human report.
+    #[arg(long)]
+    pub json: bool,
+    /// Also measure the binding lifetime (slow: up to 5 minutes).
+    #[arg(long)]
+    pub lifetime: bool,
+    /// Extra sockets used to learn the port allocation pattern.
+    #[arg(long, default_value_t = natpunch_proto::nat::discovery::DEFAULT_ALLOCATION_SOCKETS as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub samples: u16,
+    /// Initial retransmission timeout in ms (4 sends, then 8 x RTO wait).
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=5000))]
+    pub rto_ms: u64,
+}
+
+pub async fn nat_report(args: &NatArgs) -> anyhow::Result<NatReport> {
+    let server = resolve(
+        &args.host,
+        STUN_PORT,
+        args.source_ip.is_some_and(|i| i.is_ipv6()),
+    )
+    .await?;
+    let mut opts = NatOptions::new(server);
+    opts.source_ip = args.source_ip;
+    opts.source_port = args.source_port;
+    opts.discovery.allocation_sockets = args.samples as usize;
+    opts.discovery.timing = Timing {
+        rto: Duration::from_millis(args.rto_ms),
+        ..Timing::probe()
+    };
+    if args.lifetime {
+        opts.discovery.lifetime_steps = LIFETIME_STEPS.to_vec();
+    }
+    Ok(discover(opts).await?)
+}
+
+pub fn run_nat(args: NatArgs) -> anyhow::Result<ExitCode> {
+    let report = crate::runtime()?.block_on(nat_report(&args))?;
+    print_report(&report, args.json);
+    if report.classic == Classic::UdpBlocked {
+        eprintln!(
+            "natpunch: no answer from {}: the server is down or UDP is blocked",
+            report.server
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn print_report(report: &NatReport, json: bool) {
+    if json {
+        json_line(&json_report(report));
+    } else {
+        print!("{}", human_report(report));
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct StunArgs {
+    /// STUN server, HOST[:PORT].
+    #[arg(short = 'H', long = "host", value_name = "HOST[:PORT]")]
+    pub host: String,
+    /// Use TCP (RFC 8489 §6.2.2) instead of UDP.
+    #[arg(long)]
+    pub tcp: bool,
+    /// Local IP to send from (UDP).
+    #[arg(short = 'i', long = "source-ip")]
+    pub source_ip: Option<IpAddr>,
+    /// Local port to send from (UDP).
+    #[arg(short = 'p', long = "source-port")]
+    pub source_port: Option<u16>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_stun(args: StunArgs) -> anyhow::Result<ExitCode> {
+    crate::runtime()?.block_on(async {
+        let server = resolve(
+            &args.host,
+            STUN_PORT,
+            args.source_ip.is_some_and(|i| i.is_ipv6()),
+        )
+        .await?;
+        let (local, mapped) = if args.tcp {
+            (None, tcp_binding(server, Timing::default().ti).await?)
+        } else {
+            let ip = match args.source_ip {
+                Some(ip) => ip,
+                None => route_source(server)?,
+            };
+            let sock = bind_udp(SocketAddr::new(ip, args.source_port.unwrap_or(0)), false)?;
+            let local = sock.local_addr().ok();
+            (local, udp_binding(&sock, server, Timing::probe()).await?)
+        };
+        if args.json {
+            json_line(&serde_json::json!({
+                "mapped": mapped, "local": local, "server": server,
+                "transport": if args.tcp { "tcp" } else { "udp" },
+            }));
+        } else {
+            println!("{mapped}");
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}

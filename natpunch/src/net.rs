@@ -1,0 +1,110 @@
+//! Socket helpers shared by the drivers: binding with socket2, finding the
+//! local address the kernel would route from, resolving `HOST[:PORT]`.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+
+/// Errors from resolving or binding.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    #[error("cannot resolve {host}")]
+    Resolve { host: String, source: io::Error },
+    #[error("{host} has no {family} address")]
+    NoAddress { host: String, family: &'static str },
+    #[error("cannot bind {addr}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("no route to {dest}")]
+    NoRoute { dest: SocketAddr, source: io::Error },
+}
+
+/// Resolves `HOST[:PORT]` (a bare IPv6 literal or `[v6]:port` too),
+/// defaulting the port. Prefers IPv4 when the name has both, unless `v6`.
+pub async fn resolve(
+    spec: &str,
+    default_port: u16,
+    prefer_v6: bool,
+) -> Result<SocketAddr, NetError> {
+    if let Ok(a) = spec.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if let Ok(ip) = spec.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, default_port));
+    }
+    let with_port = if spec
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        spec.to_string()
+    } else {
+        format!("{spec}:{default_port}")
+    };
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&with_port)
+        .await
+        .map_err(|source| NetError::Resolve {
+            host: spec.to_string(),
+            source,
+        })?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv6() == prefer_v6)
+        .or(addrs.first())
+        .copied()
+        .ok_or(NetError::NoAddress {
+            host: spec.to_string(),
+            family: if prefer_v6 { "IPv6" } else { "IPv4" },
+        })
+}
+
+/// The local IP the kernel picks to reach `dest` (a connected UDP socket
+/// sends nothing, it only asks the routing table).
+pub fn route_source(dest: SocketAddr) -> Result<IpAddr, NetError> {
+    let any = match dest {
+        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+    };
+    let s =
+        std::net::UdpSocket::bind(any).map_err(|source| NetError::Bind { addr: any, source })?;
+    s.connect(dest)
+        .and_then(|_| s.local_addr())
+        .map(|a| a.ip())
+        .map_err(|source| NetError::NoRoute { dest, source })
+}
+
+/// Binds a non-blocking UDP socket for tokio. `reuse` sets SO_REUSEADDR so
+/// a server restart does not wait for old sockets.
+pub fn bind_udp(addr: SocketAddr, reuse: bool) -> Result<UdpSocket, NetError> {
+    let err = |source| NetError::Bind { addr, source };
+    let s =
+        Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP)).map_err(err)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true).map_err(err)?;
+    }
+    if reuse {
+        s.set_reuse_address(true).map_err(err)?;
+    }
+    s.set_nonblocking(true).map_err(err)?;
+    s.bind(&addr.into()).map_err(err)?;
+    UdpSocket::from_std(s.into()).map_err(err)
+}
+
+/// Binds a listening TCP socket for tokio.
+pub fn bind_tcp_listener(addr: SocketAddr) -> Result<tokio::net::TcpListener, NetError> {
+    let err = |source| NetError::Bind { addr, source };
+    let s =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true).map_err(err)?;
+    }
+    s.set_reuse_address(true).map_err(err)?;
+    s.set_nonblocking(true).map_err(err)?;
+    s.bind(&addr.into()).map_err(err)?;
+    // Backlog: a STUN server's TCP connections are short; 1024 absorbs a
+    // burst of clients without the kernel's SYN queue dropping them.
+    s.listen(1024).map_err(err)?;
+    tokio::net::TcpListener::from_std(s.into()).map_err(err)
+}

@@ -1,0 +1,291 @@
+//! Tokio driver for the sans-IO STUN server: UDP on one to four sockets
+//! (RFC 5780 needs 2 IPs × 2 ports) and TCP with RFC 8489 §6.2.2 framing.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use natpunch_proto::stun::message::{framed_len, HEADER_LEN};
+use natpunch_proto::stun::server::{Server, ServerConfig, ServerStats, Transport};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::net::{bind_tcp_listener, bind_udp, NetError};
+
+/// Concurrent TCP connections at most; each costs a task and a 64 KiB
+/// buffer at worst, so 1024 bounds memory to ~64 MiB.
+pub const MAX_TCP_CONNECTIONS: usize = 1024;
+/// A TCP client that sends nothing for this long is dropped. RFC 8489
+/// §6.2.2 lets servers close idle connections; 10 s covers a slow client's
+/// request and answer several times over.
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Datagrams handled per socket before yielding to the others, so one busy
+/// socket cannot starve the rest.
+const UDP_BATCH: usize = 64;
+/// Largest datagram we read; STUN requests are far smaller, and anything
+/// longer is truncated and then fails to decode (dropped and counted).
+const RECV_BUF: usize = 2048;
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("--alt needs explicit IP addresses on both sides, not {0}")]
+    WildcardWithAlt(SocketAddr),
+    #[error("--alt {alt} must differ from --listen {primary} in both IP and port")]
+    AltNotDistinct {
+        primary: SocketAddr,
+        alt: SocketAddr,
+    },
+}
+
+/// A running server; dropping it does not stop it, call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    core: Arc<Mutex<Server>>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    locals: Vec<SocketAddr>,
+}
+
+fn lock(core: &Mutex<Server>) -> MutexGuard<'_, Server> {
+    // A panic while holding the lock cannot leave the server in a state
+    // worse than a dropped packet, so a poisoned lock is still usable.
+    core.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl RunningServer {
+    /// Binds every address and starts serving.
+    pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
+        if let Some(alt) = config.alternate {
+            let p = config.primary;
+            if p.ip().is_unspecified() || alt.ip().is_unspecified() {
+                return Err(ServerError::WildcardWithAlt(p));
+            }
+            if p.ip() == alt.ip() || p.port() == alt.port() {
+                return Err(ServerError::AltNotDistinct { primary: p, alt });
+            }
+        }
+        let core = Server::new(config);
+        let locals = core.local_addresses();
+        let mut sockets = Vec::new();
+        for a in &locals {
+            sockets.push(Arc::new(bind_udp(*a, true)?));
+        }
+        let mut listeners = Vec::new();
+        for a in &locals {
+            listeners.push((*a, bind_tcp_listener(*a)?));
+        }
+        // With port 0 the kernel picks: report what was bound.
+        let locals: Vec<SocketAddr> = sockets
+            .iter()
+            .zip(&locals)
+            .map(|(s, a)| s.local_addr().unwrap_or(*a))
+            .collect();
+        let core = Arc::new(Mutex::new(core));
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(udp_loop(core.clone(), sockets, stop_rx.clone()));
+        let permits = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+        for (local, l) in listeners {
+            tasks.spawn(tcp_accept_loop(
+                core.clone(),
+                l,
+                local,
+                permits.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        Ok(Self {
+            core,
+            stop,
+            tasks,
+            locals,
+        })
+    }
+
+    /// The UDP addresses served.
+    pub fn local_addresses(&self) -> &[SocketAddr] {
+        &self.locals
+    }
+
+    pub fn stats(&self) -> ServerStats {
+        lock(&self.core).stats()
+    }
+
+    /// Stops every task and returns the final counters.
+    pub async fn shutdown(mut self) -> ServerStats {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        self.stats()
+    }
+}
+
+async fn udp_loop(
+    core: Arc<Mutex<Server>>,
+    sockets: Vec<Arc<UdpSocket>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let locals: Vec<SocketAddr> = sockets.iter().filter_map(|s| s.local_addr().ok()).collect();
+    let mut buf = vec![0u8; RECV_BUF];
+    let mut out = Vec::with_capacity(256);
+    loop {
+        // Wait until any socket is readable (or we are told to stop).
+        let ready = tokio::select! {
+            _ = stop.changed() => return,
+            i = any_readable(&sockets) => i,
+        };
+        let Some(first) = ready else { return };
+        for (i, sock) in sockets
+            .iter()
+            .enumerate()
+            .cycle()
+            .skip(first)
+            .take(sockets.len())
+        {
+            for _ in 0..UDP_BATCH {
+                let (n, from) = match sock.try_recv_from(&mut buf) {
+                    Ok(x) => x,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        // ICMP errors surface here on Linux; they concern a
+                        // past send, not this socket's health.
+                        tracing::trace!(error = %e, "udp receive error");
+                        continue;
+                    }
+                };
+                let reply = lock(&core).handle(
+                    Instant::now(),
+                    Transport::Udp,
+                    locals[i],
+                    from,
+                    &buf[..n],
+                    &mut out,
+                );
+                let Some(reply) = reply else { continue };
+                let Some(j) = locals.iter().position(|l| *l == reply.from) else {
+                    continue;
+                };
+                if let Err(e) = send_now_or_wait(&sockets[j], &out, reply.to).await {
+                    tracing::debug!(to = %reply.to, error = %e, "send failed");
+                }
+            }
+        }
+    }
+}
+
+async fn send_now_or_wait(sock: &UdpSocket, data: &[u8], to: SocketAddr) -> io::Result<usize> {
+    match sock.try_send_to(data, to) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => sock.send_to(data, to).await,
+        r => r,
+    }
+}
+
+/// Index of a socket that is readable.
+async fn any_readable(sockets: &[Arc<UdpSocket>]) -> Option<usize> {
+    std::future::poll_fn(|cx| {
+        let mut failed = 0;
+        for (i, s) in sockets.iter().enumerate() {
+            match s.poll_recv_ready(cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(Some(i)),
+                Poll::Ready(Err(e)) => {
+                    tracing::warn!(error = %e, "udp socket failed");
+                    failed += 1;
+                }
+                Poll::Pending => {}
+            }
+        }
+        if failed == sockets.len() {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+async fn tcp_accept_loop(
+    core: Arc<Mutex<Server>>,
+    listener: tokio::net::TcpListener,
+    local: SocketAddr,
+    permits: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, remote) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%remote, "too many TCP connections, dropping");
+            continue;
+        };
+        let core = core.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            if let Err(e) = serve_tcp(core, stream, local, remote).await {
+                tracing::trace!(%remote, error = %e, "tcp connection ended");
+            }
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    conns.shutdown().await;
+}
+
+async fn serve_tcp(
+    core: Arc<Mutex<Server>>,
+    mut stream: TcpStream,
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(RECV_BUF);
+    let mut out = Vec::with_capacity(256);
+    let mut chunk = [0u8; RECV_BUF];
+    loop {
+        // Serve every complete message already buffered.
+        while let Some(len) = framed_len(&buf) {
+            if buf.len() < len {
+                break;
+            }
+            let msg: Vec<u8> = buf.drain(..len).collect();
+            let reply = lock(&core).handle(
+                Instant::now(),
+                Transport::Tcp,
+                local,
+                remote,
+                &msg,
+                &mut out,
+            );
+            if reply.is_some() {
+                stream.write_all(&out).await?;
+            }
+        }
+        if buf.len() >= 4 && framed_len(&buf).is_none() {
+            // Not STUN framing: nothing sensible can follow.
+            return Ok(());
+        }
+        if buf.len() > HEADER_LEN + u16::MAX as usize {
+            return Ok(());
+        }
+        let n = tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read(&mut chunk))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "idle"))??;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
