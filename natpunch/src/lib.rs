@@ -4,7 +4,9 @@
 //! - [`stun_server`]: the STUN/RFC 5780 server on UDP and TCP.
 //! - [`nat`]: runs NAT behaviour discovery and returns a report.
 //! - [`net`]: socket and name-resolution helpers.
+//! - [`batch`]: batched UDP receive and send (recvmmsg/sendmmsg).
 
+pub mod batch;
 pub mod nat;
 pub mod net;
 pub mod stun_server;

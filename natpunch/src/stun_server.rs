@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use natpunch_proto::stun::message::{framed_len, HEADER_LEN};
 use natpunch_proto::stun::server::{Server, ServerConfig, ServerStats, Transport};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::batch::{RecvBatch, SendBatch};
 use crate::net::{bind_tcp_listener, bind_udp, NetError};
 
 /// Concurrent TCP connections at most; each costs a task and a 64 KiB
@@ -23,9 +24,9 @@ pub const MAX_TCP_CONNECTIONS: usize = 1024;
 /// §6.2.2 lets servers close idle connections; 10 s covers a slow client's
 /// request and answer several times over.
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Datagrams handled per socket before yielding to the others, so one busy
-/// socket cannot starve the rest.
-const UDP_BATCH: usize = 64;
+/// Batches read from one socket before turning to the others, so one busy
+/// socket cannot starve the rest (8 x 32 datagrams).
+const UDP_ROUNDS: usize = 8;
 /// Largest datagram we read; STUN requests are far smaller, and anything
 /// longer is truncated and then fails to decode (dropped and counted).
 const RECV_BUF: usize = 2048;
@@ -132,7 +133,8 @@ async fn udp_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let locals: Vec<SocketAddr> = sockets.iter().filter_map(|s| s.local_addr().ok()).collect();
-    let mut buf = vec![0u8; RECV_BUF];
+    let mut rb = RecvBatch::new();
+    let mut sends: Vec<SendBatch> = sockets.iter().map(|_| SendBatch::new()).collect();
     let mut out = Vec::with_capacity(256);
     loop {
         // Wait until any socket is readable (or we are told to stop).
@@ -148,42 +150,61 @@ async fn udp_loop(
             .skip(first)
             .take(sockets.len())
         {
-            for _ in 0..UDP_BATCH {
-                let (n, from) = match sock.try_recv_from(&mut buf) {
-                    Ok(x) => x,
+            for _ in 0..UDP_ROUNDS {
+                match sock.try_io(Interest::READABLE, || rb.recv(sock.as_ref())) {
+                    Ok(_) => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        // ICMP errors surface here on Linux; they concern a
-                        // past send, not this socket's health.
+                        // ICMP errors from past sends surface here on Linux;
+                        // they say nothing about this socket's health.
                         tracing::trace!(error = %e, "udp receive error");
                         continue;
                     }
-                };
-                let reply = lock(&core).handle(
-                    Instant::now(),
-                    Transport::Udp,
-                    locals[i],
-                    from,
-                    &buf[..n],
-                    &mut out,
-                );
-                let Some(reply) = reply else { continue };
-                let Some(j) = locals.iter().position(|l| *l == reply.from) else {
-                    continue;
-                };
-                if let Err(e) = send_now_or_wait(&sockets[j], &out, reply.to).await {
-                    tracing::debug!(to = %reply.to, error = %e, "send failed");
+                }
+                {
+                    let mut core = lock(&core);
+                    let now = Instant::now();
+                    for k in 0..rb.len() {
+                        let (data, from) = rb.get(k);
+                        let Some(from) = from else { continue };
+                        let Some(reply) =
+                            core.handle(now, Transport::Udp, locals[i], from, data, &mut out)
+                        else {
+                            continue;
+                        };
+                        if let Some(j) = locals.iter().position(|l| *l == reply.from) {
+                            sends[j].push(&out, reply.to);
+                        }
+                    }
+                }
+                for (j, batch) in sends.iter_mut().enumerate() {
+                    flush(&sockets[j], batch).await;
                 }
             }
         }
     }
 }
 
-async fn send_now_or_wait(sock: &UdpSocket, data: &[u8], to: SocketAddr) -> io::Result<usize> {
-    match sock.try_send_to(data, to) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => sock.send_to(data, to).await,
-        r => r,
+/// Sends everything queued, waiting for the socket to drain if needed.
+async fn flush(sock: &UdpSocket, batch: &mut SendBatch) {
+    let mut sent = 0;
+    while sent < batch.len() {
+        match sock.try_io(Interest::WRITABLE, || batch.send(sock, sent)) {
+            Ok(n) => sent += n.max(1),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if sock.writable().await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                // One bad destination (e.g. unroutable) fails the call at
+                // that datagram: count it as lost and go on.
+                tracing::debug!(error = %e, "send failed");
+                sent += 1;
+            }
+        }
     }
+    batch.clear();
 }
 
 /// Index of a socket that is readable.

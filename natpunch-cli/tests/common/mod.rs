@@ -1,0 +1,165 @@
+//! Helpers for the CLI's integration tests: child processes that die with
+//! the test, free port pairs, readiness polling, and loud skipping.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The natpunch binary under test.
+pub fn natpunch() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_natpunch"))
+}
+
+/// A child process killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn(cmd: &mut Command) -> Proc {
+    Proc(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+    )
+}
+
+/// Whether a third-party tool is installed. In CI (CI=true) a missing tool
+/// fails the test; elsewhere the test is skipped with a loud message.
+pub fn require_tool(tool: &str, package: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    if found {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{tool} is missing in CI: .ci/run must `apt-get install -y {package}`");
+    }
+    eprintln!("\n*** SKIPPED: {tool} not installed (apt-get install {package}); this interop test did not run ***\n");
+    false
+}
+
+/// A port P such that P and P+1 are free for UDP and TCP on 127.0.0.1 and
+/// 127.0.0.2.
+pub fn free_port_pair() -> u16 {
+    for _ in 0..200 {
+        let p = 20_000 + (rand_u16() % 30_000);
+        let ok = ["127.0.0.1", "127.0.0.2"].iter().all(|ip| {
+            [p, p + 1].iter().all(|port| {
+                let a: SocketAddr = format!("{ip}:{port}").parse().unwrap();
+                UdpSocket::bind(a).is_ok() && std::net::TcpListener::bind(a).is_ok()
+            })
+        });
+        if ok {
+            return p;
+        }
+    }
+    panic!("no free port pair");
+}
+
+fn rand_u16() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    ((t.subsec_nanos() ^ std::process::id().wrapping_mul(2_654_435_761)) % 65_521) as u16
+}
+
+/// Polls `server` with a STUN Binding request until it answers.
+pub fn wait_stun(server: SocketAddr, within: Duration) {
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let req = [
+        0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+    ];
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 1024];
+    while Instant::now() < deadline {
+        let _ = s.send_to(&req, server);
+        if let Ok((n, _)) = s.recv_from(&mut buf) {
+            if n >= 20 && buf[0] == 0x01 && buf[1] == 0x01 {
+                return;
+            }
+        }
+    }
+    panic!("STUN server {server} not answering after {within:?}");
+}
+
+/// Starts `natpunch server` with RFC 5780 on 127.0.0.1:P / 127.0.0.2:P+1.
+pub fn start_natpunch_server(p: u16) -> Proc {
+    let proc = spawn(natpunch().args([
+        "server",
+        "--listen",
+        &format!("127.0.0.1:{p}"),
+        "--alt",
+        &format!("127.0.0.2:{}", p + 1),
+    ]));
+    wait_stun(
+        format!("127.0.0.1:{p}").parse().unwrap(),
+        Duration::from_secs(10),
+    );
+    proc
+}
+
+/// Starts coturn as an RFC 5780 STUN server on 127.0.0.1/127.0.0.2, ports
+/// P and P+1. `-n` keeps the packaged /etc/turnserver.conf (which disables
+/// RFC 5780) out of it. coturn pairs only its first -L address correctly,
+/// so clients must use 127.0.0.1.
+pub fn start_coturn(p: u16, dir: &std::path::Path) -> Proc {
+    let proc = spawn(Command::new("turnserver").args([
+        "-n",
+        "-S",
+        "-L",
+        "127.0.0.1",
+        "-L",
+        "127.0.0.2",
+        "-p",
+        &p.to_string(),
+        "--alt-listening-port",
+        &(p + 1).to_string(),
+        "--no-tls",
+        "--no-dtls",
+        "--no-cli",
+        "--log-file",
+        "stdout",
+        "--simple-log",
+        "--pidfile",
+        &dir.join("turnserver.pid").to_string_lossy(),
+        "-b",
+        &dir.join("turndb").to_string_lossy(),
+    ]));
+    wait_stun(
+        format!("127.0.0.1:{p}").parse().unwrap(),
+        Duration::from_secs(10),
+    );
+    proc
+}
+
+/// Runs a command with a time limit (the turnutils clients can hang).
+pub fn run_with_timeout(cmd: &mut Command, secs: u64) -> Output {
+    let prog = cmd.get_program().to_owned();
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+    Command::new("timeout")
+        .arg(secs.to_string())
+        .arg(prog)
+        .args(args)
+        .output()
+        .expect("run")
+}
+
+pub fn tempdir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "natpunch-test-{tag}-{}-{}",
+        std::process::id(),
+        rand_u16()
+    ));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
