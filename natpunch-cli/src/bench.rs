@@ -1,12 +1,366 @@
-//! `natpunch bench`: measurements with a reference from the same run.
+//! `natpunch bench`: measurements printed as a ratio against a reference
+//! measured in the same run. Never run as a timed unit test.
+//!
+//! `bench stun`: Binding responses per second of `natpunch server` and of
+//! coturn, each pinned to CPU 0, loaded by the same generator pinned to
+//! CPU 1 (batched sends and receives over many sockets, a fixed window of
+//! requests in flight per socket).
 
-use std::process::ExitCode;
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
 
-use clap::Subcommand;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use natpunch::batch::{RecvBatch, SendBatch};
 
 #[derive(Debug, Subcommand)]
-pub enum BenchCommand {}
+pub enum BenchCommand {
+    /// STUN Binding responses per second: natpunch server vs coturn.
+    Stun(StunBench),
+}
+
+#[derive(Debug, Args)]
+pub struct StunBench {
+    /// Seconds to measure each server.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub duration: u64,
+    /// Generator sockets (distinct source ports).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub sockets: u16,
+    /// Requests in flight per socket.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub window: u16,
+    /// Measure natpunch only (no coturn reference).
+    #[arg(long)]
+    pub no_coturn: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
-    match cmd {}
+    match cmd {
+        BenchCommand::Stun(b) => stun(b),
+    }
+}
+
+/// Warm-up before measuring, so socket buffers and caches settle.
+const WARMUP: Duration = Duration::from_millis(500);
+/// A socket with requests in flight but no answer for this long has lost
+/// them; the window is refilled (loopback loses only on buffer overflow).
+const LOSS_TIMEOUT: Duration = Duration::from_millis(100);
+
+struct Measured {
+    name: &'static str,
+    answered: u64,
+    sent: u64,
+    seconds: f64,
+    cpu_seconds: Option<f64>,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.answered as f64 / self.seconds
+    }
+}
+
+/// A server process, killed on drop.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn stun(b: StunBench) -> anyhow::Result<ExitCode> {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let pin = cpus >= 2 && which("taskset");
+    if !pin {
+        eprintln!("natpunch bench: warning: cannot pin to separate CPUs (need 2 CPUs and taskset); figures are less fair");
+    }
+    let tmp = std::env::temp_dir().join(format!("natpunch-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp)?;
+    let mut results = Vec::new();
+
+    let port = free_port()?;
+    let exe = std::env::current_exe()?;
+    let args = [
+        "server".to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--no-rate-limit".into(),
+    ];
+    let ours = spawn_pinned(pin, exe.as_os_str().to_string_lossy().as_ref(), &args)?;
+    results.push(load("natpunch", ours, port, &b, pin)?);
+
+    if !b.no_coturn {
+        anyhow::ensure!(
+            which("turnserver"),
+            "coturn is not installed (apt-get install coturn), or pass --no-coturn"
+        );
+        let port = free_port()?;
+        let db = tmp.join("turndb");
+        let pidfile = tmp.join("turnserver.pid");
+        let args: Vec<String> = [
+            "-n",
+            "-S",
+            "--no-tls",
+            "--no-dtls",
+            "--no-cli",
+            "--no-tcp",
+            "-L",
+            "127.0.0.1",
+            "-p",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            port.to_string(),
+            "--log-file".into(),
+            "stdout".into(),
+            "-b".into(),
+        ])
+        .chain([
+            db.to_string_lossy().into_owned(),
+            "--pidfile".into(),
+            pidfile.to_string_lossy().into_owned(),
+        ])
+        .collect();
+        let coturn = spawn_pinned(pin, "turnserver", &args)?;
+        results.push(load("coturn", coturn, port, &b, pin)?);
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    report(&results, &b);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report(results: &[Measured], b: &StunBench) {
+    let reference = results
+        .iter()
+        .find(|m| m.name == "coturn")
+        .map(Measured::rate);
+    if b.json {
+        let rows: Vec<_> = results
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "server": m.name, "answered_per_s": m.rate().round(), "sent": m.sent,
+                    "answered": m.answered, "seconds": m.seconds, "cpu_seconds": m.cpu_seconds,
+                })
+            })
+            .collect();
+        crate::output::json_line(&serde_json::json!({
+            "bench": "stun", "results": rows,
+            "ratio_vs_coturn": reference.map(|r| results[0].rate() / r),
+        }));
+        return;
+    }
+    println!("STUN Binding throughput, server pinned to CPU 0, generator on CPU 1 ({} sockets x {} in flight, {} s each)", b.sockets, b.window, b.duration);
+    println!(
+        "  {:<10} {:>14} {:>12} {:>14}",
+        "server", "answers/s", "answered %", "CPU s/M req"
+    );
+    for m in results {
+        let cpu = m
+            .cpu_seconds
+            .map(|c| format!("{:.2}", c / (m.answered as f64 / 1e6)))
+            .unwrap_or_else(|| "-".into());
+        let pct = 100.0 * m.answered as f64 / m.sent.max(1) as f64;
+        println!(
+            "  {:<10} {:>14.0} {:>11.1}% {:>14}",
+            m.name,
+            m.rate(),
+            pct,
+            cpu
+        );
+    }
+    if let Some(r) = reference {
+        println!("  ratio natpunch / coturn: {:.2}x", results[0].rate() / r);
+    }
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let s = UdpSocket::bind("127.0.0.1:0")?;
+    Ok(s.local_addr()?.port())
+}
+
+fn spawn_pinned(pin: bool, program: &str, args: &[String]) -> anyhow::Result<Server> {
+    let mut cmd = if pin {
+        let mut c = Command::new("taskset");
+        c.args(["-c", "0", program]);
+        c
+    } else {
+        Command::new(program)
+    };
+    let child = cmd
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {program}"))?;
+    Ok(Server(child))
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / hz)
+}
+
+fn pin_current_thread(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data, initialised by CPU_ZERO before use.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn load(
+    name: &'static str,
+    server: Server,
+    port: u16,
+    b: &StunBench,
+    pin: bool,
+) -> anyhow::Result<Measured> {
+    let target: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    wait_ready(target).with_context(|| format!("{name} did not start on {target}"))?;
+    // taskset execs the server, so the child pid is the server's pid.
+    let pid = server.0.id();
+    let sockets = b.sockets as usize;
+    let window = b.window as usize;
+    let duration = Duration::from_secs(b.duration);
+    let handle = std::thread::spawn(move || -> anyhow::Result<(u64, u64, f64, Option<f64>)> {
+        if pin {
+            pin_current_thread(1);
+        }
+        generate(target, sockets, window, duration, pid)
+    });
+    let (answered, sent, seconds, cpu) = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
+    drop(server);
+    Ok(Measured {
+        name,
+        answered,
+        sent,
+        seconds,
+        cpu_seconds: cpu,
+    })
+}
+
+fn wait_ready(target: SocketAddr) -> anyhow::Result<()> {
+    let s = UdpSocket::bind("127.0.0.1:0")?;
+    s.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let req = binding_request(0);
+    let mut buf = [0u8; 512];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        s.send_to(&req, target)?;
+        if let Ok((n, _)) = s.recv_from(&mut buf) {
+            if n >= 20 && buf[..2] == [0x01, 0x01] {
+                return Ok(());
+            }
+        }
+    }
+    anyhow::bail!("no STUN answer within 10 s")
+}
+
+fn binding_request(i: usize) -> [u8; 20] {
+    let mut r = [0u8; 20];
+    r[1] = 0x01;
+    r[4..8].copy_from_slice(&0x2112_A442u32.to_be_bytes());
+    r[8..16].copy_from_slice(&(i as u64).to_be_bytes());
+    r
+}
+
+/// Runs the closed-loop generator; returns (answered, sent, seconds, server
+/// CPU seconds) for the measured period.
+fn generate(
+    target: SocketAddr,
+    n: usize,
+    window: usize,
+    duration: Duration,
+    pid: u32,
+) -> anyhow::Result<(u64, u64, f64, Option<f64>)> {
+    let socks: Vec<UdpSocket> = (0..n)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0")?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+        .collect::<std::io::Result<_>>()?;
+    let reqs: Vec<[u8; 20]> = (0..n).map(binding_request).collect();
+    let mut outstanding = vec![0usize; n];
+    let mut last_answer = vec![Instant::now(); n];
+    let mut sb = SendBatch::new();
+    let mut rb = RecvBatch::new();
+    let start = Instant::now();
+    let measure_from = start + WARMUP;
+    let end = measure_from + duration;
+    let (mut answered, mut sent) = (0u64, 0u64);
+    let mut cpu_start = None;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        let measuring = now >= measure_from;
+        if measuring && cpu_start.is_none() {
+            cpu_start = Some(cpu_seconds(pid));
+            answered = 0;
+            sent = 0;
+        }
+        for i in 0..n {
+            if outstanding[i] > 0 && now.duration_since(last_answer[i]) > LOSS_TIMEOUT {
+                outstanding[i] = 0;
+            }
+            let need = window - outstanding[i];
+            if need > 0 {
+                sb.clear();
+                for _ in 0..need.min(natpunch::batch::BATCH) {
+                    sb.push(&reqs[i], target);
+                }
+                if let Ok(k) = sb.send(&socks[i], 0) {
+                    outstanding[i] += k;
+                    sent += k as u64;
+                    if outstanding[i] == k {
+                        last_answer[i] = now;
+                    }
+                }
+            }
+            while let Ok(k) = rb.recv(&socks[i]) {
+                let ok = (0..k)
+                    .filter(|j| rb.get(*j).0.get(..2) == Some(&[0x01, 0x01][..]))
+                    .count();
+                answered += ok as u64;
+                outstanding[i] = outstanding[i].saturating_sub(k);
+                last_answer[i] = now;
+            }
+        }
+    }
+    let seconds = Instant::now().duration_since(measure_from).as_secs_f64();
+    let cpu = match (cpu_start.flatten(), cpu_seconds(pid)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    Ok((answered, sent, seconds, cpu))
 }

@@ -283,23 +283,21 @@ impl Discovery {
                     });
                 }
             }
-            1 => {
-                if mapped.is_some() && self.other.is_some() {
-                    let server = self.config.server;
-                    for change_ip in [true, false] {
-                        let cr = Attribute::ChangeRequest {
-                            change_ip,
-                            change_port: true,
-                        };
-                        self.send(
-                            now,
-                            SocketId(1),
-                            server,
-                            Purpose::Filter { change_ip },
-                            Some(cr),
-                        );
-                        self.filter_pending += 1;
-                    }
+            1 if mapped.is_some() && self.other.is_some() => {
+                let server = self.config.server;
+                for change_ip in [true, false] {
+                    let cr = Attribute::ChangeRequest {
+                        change_ip,
+                        change_port: true,
+                    };
+                    self.send(
+                        now,
+                        SocketId(1),
+                        server,
+                        Purpose::Filter { change_ip },
+                        Some(cr),
+                    );
+                    self.filter_pending += 1;
                 }
             }
             2 => self.mapped[1] = mapped,

@@ -436,7 +436,7 @@ impl Message {
             return Err(DecodeError::NotStun);
         }
         let declared = u16::from_be_bytes([buf[2], buf[3]]) as usize;
-        if declared % 4 != 0 {
+        if !declared.is_multiple_of(4) {
             return Err(DecodeError::UnalignedLength { len: declared });
         }
         if declared + HEADER_LEN != buf.len() {
@@ -478,7 +478,7 @@ impl Message {
                     push(&mut msg, Attribute::Fingerprint(carried))?;
                 }
                 attr::MESSAGE_INTEGRITY_SHA256 if offsets.sha256.is_none() => {
-                    if !(16..=32).contains(&len) || len % 4 != 0 {
+                    if !(16..=32).contains(&len) || !len.is_multiple_of(4) {
                         return Err(DecodeError::BadAttributeLength { kind, len });
                     }
                     offsets.sha256 = Some(pos);
@@ -627,7 +627,7 @@ fn decode_attribute(
             }
         }
         attr::UNKNOWN_ATTRIBUTES => {
-            if len % 2 != 0 {
+            if !len.is_multiple_of(2) {
                 return Err(DecodeError::BadAttributeLength { kind, len });
             }
             Attribute::UnknownAttributes(
