@@ -6,6 +6,7 @@ mod bench;
 mod cmd_nat;
 mod cmd_server;
 mod demo;
+mod lab;
 mod output;
 
 use std::process::ExitCode;
@@ -36,6 +37,9 @@ enum Command {
     /// Measure natpunch against a reference in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// The NAT lab: real Linux NATs in network namespaces (root).
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
 }
 
 fn init_logging(verbose: u8) {
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
         Command::Stun(a) => cmd_nat::run_stun(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(b) => bench::run(b),
+        Command::Lab(l) => lab::run(l),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,777 @@
+//! Builds a lab topology out of network namespaces and veth pairs, loads
+//! each NAT's rule set, shapes access links, and tears it all down.
+//!
+//! Addresses come only from documentation and private ranges, created
+//! inside the namespaces; every veth is created inside a lab namespace with
+//! its peer moved straight into another, so the host's root namespace, its
+//! links and routes are never touched.
+//!
+//! ```text
+//!   server 203.0.113.10 + .11 ── inet ── NAT A 198.51.100.2 ── host A 10.0.1.2
+//!                                  └──── NAT B 198.51.100.18 ── host B 10.0.2.2
+//! ```
+//! A carrier NAT sits between a home NAT and `inet` on 100.64.x.0/24
+//! (RFC 6598); a direct host gets 192.0.2.x.
+//!
+//! Teardown is guaranteed three ways: [`Lab`]'s `Drop` (normal end and
+//! panics), and a reaper process in its own session that holds a pipe from
+//! us and deletes the namespaces when that pipe closes, which happens
+//! however we die (Ctrl-C, SIGKILL). Names carry a per-process, per-lab
+//! prefix, so parallel tests never collide.
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::nft::{ruleset, NatPlacement};
+use crate::spec::{LinkSpec, Links, NatSpec, Side, TopologySpec};
+
+/// The server's two public addresses (RFC 5780 needs two).
+pub const SERVER_IPS: [Ipv4Addr; 2] = [
+    Ipv4Addr::new(203, 0, 113, 10),
+    Ipv4Addr::new(203, 0, 113, 11),
+];
+/// The STUN/rendezvous port the lab server listens on, and its alternate.
+pub const SERVER_PORTS: [u16; 2] = [3478, 3479];
+
+/// Errors building or using a lab.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LabError {
+    #[error("the NAT lab needs root (network namespaces and nftables); run it with sudo")]
+    NotRoot,
+    #[error("the NAT lab needs `{tool}` (apt-get install {package})")]
+    ToolMissing {
+        tool: &'static str,
+        package: &'static str,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    Command { command: String, stderr: String },
+    #[error("cannot run `{command}`")]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the lab server did not answer on {0}")]
+    ServerNotReady(SocketAddr),
+}
+
+/// A node of the lab, by role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Node {
+    Internet,
+    Server,
+    HostA,
+    HostB,
+    /// The NAT nearest to host A (its home NAT), or the shared one.
+    NatA,
+    NatB,
+    /// A carrier NAT above A (or the shared carrier).
+    CarrierA,
+    CarrierB,
+}
+
+/// Lab-wide options.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// The natpunch binary, run inside namespaces (server, delay lines).
+    pub natpunch: PathBuf,
+    pub links: Links,
+}
+
+/// Checks that the lab can run here: root, and the tools it calls.
+pub fn preflight() -> Result<(), LabError> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(LabError::NotRoot);
+    }
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("nft", "nftables"),
+        ("sysctl", "procps"),
+    ] {
+        if !on_path(tool) {
+            return Err(LabError::ToolMissing { tool, package });
+        }
+    }
+    Ok(())
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A running lab. Dropping it tears everything down.
+pub struct Lab {
+    prefix: String,
+    namespaces: Vec<String>,
+    nodes: Vec<(Node, String)>,
+    hosts: Vec<(Node, Ipv4Addr)>,
+    /// Every veth pair: (namespace, interface) at each end.
+    wires: Vec<((String, String), (String, String))>,
+    children: Vec<Child>,
+    reaper: Option<(Child, ChildStdin)>,
+    natpunch: PathBuf,
+    spec: TopologySpec,
+}
+
+/// Runs a command, turning a failure into a [`LabError`] with its stderr.
+pub(crate) fn run(cmd: &mut Command) -> Result<String, LabError> {
+    let command = describe(cmd);
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| LabError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn ip(args: &[&str]) -> Result<(), LabError> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+impl Lab {
+    /// Builds the topology. On any error, what was built is torn down.
+    pub fn build(spec: &TopologySpec, opts: &LabOptions) -> Result<Lab, LabError> {
+        preflight()?;
+        let n = LAB_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("np{}x{n}", std::process::id());
+        let mut lab = Lab {
+            prefix,
+            namespaces: Vec::new(),
+            nodes: Vec::new(),
+            hosts: Vec::new(),
+            wires: Vec::new(),
+            children: Vec::new(),
+            reaper: None,
+            natpunch: opts.natpunch.clone(),
+            spec: spec.clone(),
+        };
+        lab.start_reaper()?;
+        lab.build_all(spec, &opts.links)?;
+        Ok(lab)
+    }
+
+    /// The per-lab name prefix (every namespace starts with it).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn spec(&self) -> &TopologySpec {
+        &self.spec
+    }
+
+    /// The namespace of a node, if the topology has it.
+    pub fn netns(&self, node: Node) -> Option<&str> {
+        self.nodes
+            .iter()
+            .find(|(n, _)| *n == node)
+            .map(|(_, s)| s.as_str())
+    }
+
+    /// A host's own (inside) address.
+    pub fn host_ip(&self, node: Node) -> Option<Ipv4Addr> {
+        self.hosts.iter().find(|(n, _)| *n == node).map(|(_, a)| *a)
+    }
+
+    /// The lab server's primary STUN address.
+    pub fn server_addr(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(SERVER_IPS[0]), SERVER_PORTS[0])
+    }
+
+    /// A command that runs `program` inside `node`'s namespace.
+    pub fn command(&self, node: Node, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let ns = self.netns(node).unwrap_or("missing-node").to_string();
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &ns]).arg(program);
+        c
+    }
+
+    /// `natpunch ARGS` inside `node`.
+    pub fn natpunch(&self, node: Node) -> Command {
+        self.command(node, &self.natpunch)
+    }
+
+    /// Starts a long-running process in `node`, killed at teardown.
+    pub fn spawn(&mut self, mut cmd: Command) -> Result<(), LabError> {
+        let command = describe(&cmd);
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|source| LabError::Spawn { command, source })?;
+        self.children.push(child);
+        Ok(())
+    }
+
+    /// Starts `natpunch server` (RFC 5780, both addresses) on the server
+    /// node and waits until it answers.
+    pub fn start_server(&mut self) -> Result<SocketAddr, LabError> {
+        let primary = self.server_addr();
+        let alt = SocketAddr::new(IpAddr::V4(SERVER_IPS[1]), SERVER_PORTS[1]);
+        let mut cmd = self.natpunch(Node::Server);
+        cmd.args([
+            "server",
+            "--listen",
+            &primary.to_string(),
+            "--alt",
+            &alt.to_string(),
+        ]);
+        self.spawn(cmd)?;
+        // One Binding from inside the server node: it retransmits until
+        // the server is up (about 250 ms), or fails after 3.75 s.
+        let mut probe = self.natpunch(Node::Server);
+        probe.args(["stun", "-H", &primary.to_string()]);
+        run(&mut probe).map_err(|_| LabError::ServerNotReady(primary))?;
+        Ok(primary)
+    }
+
+    fn add_ns(&mut self, node: Node, role: &str) -> Result<String, LabError> {
+        let name = format!("{}-{role}", self.prefix);
+        ip(&["netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        self.tell_reaper(&name);
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        self.nodes.push((node, name.clone()));
+        Ok(name)
+    }
+
+    /// A veth pair between two namespaces, each end addressed, both up.
+    fn wire(&mut self, a: (&str, &str, &str), b: (&str, &str, &str)) -> Result<(), LabError> {
+        let (ns_a, if_a, _) = a;
+        let (ns_b, if_b, _) = b;
+        ip(&[
+            "-n", ns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", ns_b,
+        ])?;
+        for (ns, ifc, addr) in [a, b] {
+            for one in addr.split(' ').filter(|s| !s.is_empty()) {
+                ip(&["-n", ns, "addr", "add", one, "dev", ifc])?;
+            }
+            ip(&["-n", ns, "link", "set", ifc, "up"])?;
+        }
+        self.wires.push((
+            (ns_a.to_string(), if_a.to_string()),
+            (ns_b.to_string(), if_b.to_string()),
+        ));
+        Ok(())
+    }
+
+    fn sysctl(&self, ns: &str, kv: &str) -> Result<(), LabError> {
+        run(Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", kv])).map(|_| ())
+    }
+
+    fn load_nat(&self, ns: &str, spec: &NatSpec, at: &NatPlacement) -> Result<(), LabError> {
+        self.sysctl(ns, "net.ipv4.ip_forward=1")?;
+        let rules = ruleset(spec, at);
+        nft_load(ns, &rules)?;
+        let t = spec.udp_timeout.as_secs().max(1);
+        // Per-namespace conntrack timeouts = the mapping timeout (the
+        // table exists once the NAT rules are loaded).
+        self.sysctl(ns, &format!("net.netfilter.nf_conntrack_udp_timeout={t}"))?;
+        self.sysctl(
+            ns,
+            &format!("net.netfilter.nf_conntrack_udp_timeout_stream={t}"),
+        )?;
+        Ok(())
+    }
+
+    fn build_all(&mut self, spec: &TopologySpec, links: &Links) -> Result<(), LabError> {
+        let inet = self.add_ns(Node::Internet, "inet")?;
+        self.sysctl(&inet, "net.ipv4.ip_forward=1")?;
+        let srv = self.add_ns(Node::Server, "srv")?;
+        self.wire(
+            (&inet, "srv", "203.0.113.1/24"),
+            (&srv, "eth0", "203.0.113.10/24 203.0.113.11/24"),
+        )?;
+        ip(&["-n", &srv, "route", "add", "default", "via", "203.0.113.1"])?;
+        match spec {
+            TopologySpec::Pair { a, b } => {
+                self.build_side(&inet, 1, a)?;
+                self.build_side(&inet, 2, b)?;
+            }
+            TopologySpec::SharedCarrier { a, b, carrier } => {
+                let cgn = self.add_ns(Node::CarrierA, "cgn")?;
+                self.nodes.push((Node::CarrierB, cgn.clone()));
+                self.wire(
+                    (&inet, "cgn", "198.51.100.49/28"),
+                    (&cgn, "wan", "198.51.100.50/28"),
+                )?;
+                ip(&[
+                    "-n",
+                    &cgn,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    "198.51.100.49",
+                ])?;
+                let mut inside = Vec::new();
+                for (i, home) in [(1u8, a), (2u8, b)] {
+                    let (nat_node, host_node) = roles(i);
+                    let nat = self.add_ns(nat_node, &format!("nat{}", side_letter(i)))?;
+                    self.wire(
+                        (&cgn, &format!("lan{i}"), &format!("100.64.{i}.1/24")),
+                        (&nat, "wan", &format!("100.64.{i}.2/24")),
+                    )?;
+                    ip(&[
+                        "-n",
+                        &nat,
+                        "route",
+                        "add",
+                        "default",
+                        "via",
+                        &format!("100.64.{i}.1"),
+                    ])?;
+                    inside.push(format!("100.64.{i}.0/24"));
+                    self.build_home(&nat, i, home, Ipv4Addr::new(100, 64, i, 2), host_node)?;
+                }
+                let at = NatPlacement {
+                    wan: "wan".into(),
+                    public: Ipv4Addr::new(198, 51, 100, 50),
+                    inside,
+                };
+                self.load_nat(&cgn, carrier, &at)?;
+            }
+            TopologySpec::SameNat { nat: spec } => {
+                let nat = self.add_ns(Node::NatA, "nat")?;
+                self.nodes.push((Node::NatB, nat.clone()));
+                self.wire(
+                    (&inet, "nat", "198.51.100.1/28"),
+                    (&nat, "wan", "198.51.100.2/28"),
+                )?;
+                ip(&["-n", &nat, "route", "add", "default", "via", "198.51.100.1"])?;
+                let mut inside = Vec::new();
+                for i in [1u8, 2] {
+                    let (_, host_node) = roles(i);
+                    let host = self.add_ns(host_node, side_letter(i))?;
+                    self.wire(
+                        (&nat, &format!("lan{i}"), &format!("10.0.{i}.1/24")),
+                        (&host, "eth0", &format!("10.0.{i}.2/24")),
+                    )?;
+                    ip(&[
+                        "-n",
+                        &host,
+                        "route",
+                        "add",
+                        "default",
+                        "via",
+                        &format!("10.0.{i}.1"),
+                    ])?;
+                    self.hosts.push((host_node, Ipv4Addr::new(10, 0, i, 2)));
+                    inside.push(format!("10.0.{i}.0/24"));
+                }
+                let at = NatPlacement {
+                    wan: "wan".into(),
+                    public: Ipv4Addr::new(198, 51, 100, 2),
+                    inside,
+                };
+                self.load_nat(&nat, spec, &at)?;
+            }
+        }
+        for (node, link) in [(Node::HostA, links.a), (Node::HostB, links.b)] {
+            self.impair(node, &link)?;
+        }
+        Ok(())
+    }
+
+    /// Side `i` (1 = A, 2 = B) on its own uplink to `inet`.
+    fn build_side(&mut self, inet: &str, i: u8, side: &Side) -> Result<(), LabError> {
+        let (nat_node, host_node) = roles(i);
+        let base = 16 * (i - 1);
+        let (inet_ip, up_ip) = (base + 1, base + 2);
+        match side {
+            Side::Direct => {
+                let host = self.add_ns(host_node, side_letter(i))?;
+                self.wire(
+                    (inet, &format!("h{i}"), &format!("192.0.2.{inet_ip}/28")),
+                    (&host, "eth0", &format!("192.0.2.{up_ip}/28")),
+                )?;
+                ip(&[
+                    "-n",
+                    &host,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("192.0.2.{inet_ip}"),
+                ])?;
+                self.hosts
+                    .push((host_node, Ipv4Addr::new(192, 0, 2, up_ip)));
+            }
+            Side::Nat(spec) => {
+                let nat = self.add_ns(nat_node, &format!("nat{}", side_letter(i)))?;
+                self.uplink(inet, i, &nat, inet_ip, up_ip)?;
+                self.build_home(&nat, i, spec, Ipv4Addr::new(198, 51, 100, up_ip), host_node)?;
+            }
+            Side::DoubleNat { home, carrier } => {
+                let carrier_node = if i == 1 {
+                    Node::CarrierA
+                } else {
+                    Node::CarrierB
+                };
+                let cgn = self.add_ns(carrier_node, &format!("cgn{}", side_letter(i)))?;
+                self.uplink(inet, i, &cgn, inet_ip, up_ip)?;
+                let nat = self.add_ns(nat_node, &format!("nat{}", side_letter(i)))?;
+                self.wire(
+                    (&cgn, "lan0", &format!("100.64.{i}.1/24")),
+                    (&nat, "wan", &format!("100.64.{i}.2/24")),
+                )?;
+                ip(&[
+                    "-n",
+                    &nat,
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &format!("100.64.{i}.1"),
+                ])?;
+                let at = NatPlacement {
+                    wan: "wan".into(),
+                    public: Ipv4Addr::new(198, 51, 100, up_ip),
+                    inside: vec![format!("100.64.{i}.0/24")],
+                };
+                self.load_nat(&cgn, carrier, &at)?;
+                self.build_home(&nat, i, home, Ipv4Addr::new(100, 64, i, 2), host_node)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn uplink(
+        &mut self,
+        inet: &str,
+        i: u8,
+        ns: &str,
+        inet_ip: u8,
+        up_ip: u8,
+    ) -> Result<(), LabError> {
+        self.wire(
+            (inet, &format!("n{i}"), &format!("198.51.100.{inet_ip}/28")),
+            (ns, "wan", &format!("198.51.100.{up_ip}/28")),
+        )?;
+        ip(&[
+            "-n",
+            ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("198.51.100.{inet_ip}"),
+        ])
+    }
+
+    /// Host `i` behind the (already uplinked) NAT namespace `nat`.
+    fn build_home(
+        &mut self,
+        nat: &str,
+        i: u8,
+        spec: &NatSpec,
+        public: Ipv4Addr,
+        host_node: Node,
+    ) -> Result<(), LabError> {
+        let host = self.add_ns(host_node, side_letter(i))?;
+        self.wire(
+            (nat, "lan0", &format!("10.0.{i}.1/24")),
+            (&host, "eth0", &format!("10.0.{i}.2/24")),
+        )?;
+        ip(&[
+            "-n",
+            &host,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("10.0.{i}.1"),
+        ])?;
+        self.hosts.push((host_node, Ipv4Addr::new(10, 0, i, 2)));
+        let at = NatPlacement {
+            wan: "wan".into(),
+            public,
+            inside: vec![format!("10.0.{i}.0/24")],
+        };
+        self.load_nat(nat, spec, &at)
+    }
+
+    /// Rate (tbf), loss (nft numgen) and delay (NFQUEUE delay line) on a
+    /// host's access link, both ways, applied inside the host's namespace.
+    fn impair(&mut self, node: Node, link: &LinkSpec) -> Result<(), LabError> {
+        let Some(ns) = self.netns(node).map(str::to_string) else {
+            return Ok(());
+        };
+        if let Some(kbit) = link.rate_kbit {
+            // Egress of the host; ingress is shaped on the router's side of
+            // the same veth, found as the host's default gateway interface.
+            tbf(&ns, "eth0", kbit)?;
+            if let Some((peer_ns, peer_if)) = self.peer_of(&ns) {
+                tbf(&peer_ns, &peer_if, kbit)?;
+            }
+        }
+        if link.loss > 0.0 {
+            // numgen draws from 0..1_000_000: loss resolution of 1 ppm.
+            let threshold = (link.loss.clamp(0.0, 1.0) * 1_000_000.0).round() as u64;
+            let rules = format!(
+                "table ip natpunch_link {{\n  chain out {{\n    type filter hook output priority -300; policy accept;\n    oifname \"eth0\" numgen random mod 1000000 < {threshold} drop\n  }}\n  chain in {{\n    type filter hook prerouting priority -300; policy accept;\n    iifname \"eth0\" numgen random mod 1000000 < {threshold} drop\n  }}\n}}\n"
+            );
+            nft_load(&ns, &rules)?;
+        }
+        if let Some(delay) = link.delay {
+            if !on_path("iptables") {
+                return Err(LabError::ToolMissing {
+                    tool: "iptables",
+                    package: "iptables",
+                });
+            }
+            // The kernel has no nft `queue` expression: iptables NFQUEUE.
+            for (chain, dir) in [("OUTPUT", "-o"), ("PREROUTING", "-i")] {
+                run(Command::new("ip").args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    "iptables",
+                    "-t",
+                    "mangle",
+                    "-A",
+                    chain,
+                    dir,
+                    "eth0",
+                    "-j",
+                    "NFQUEUE",
+                    "--queue-num",
+                    "1",
+                ]))?;
+            }
+            let mut cmd = self.natpunch(node);
+            cmd.args([
+                "lab",
+                "delay-line",
+                "--queue",
+                "1",
+                "--delay-ms",
+                &delay.as_millis().to_string(),
+            ]);
+            self.spawn(cmd)?;
+            // Give the daemon a moment to bind the queue; until then the
+            // kernel queues (or, with fail-open, passes) packets.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// The namespace and interface on the other end of a host's eth0.
+    fn peer_of(&self, host_ns: &str) -> Option<(String, String)> {
+        self.wires.iter().find_map(|(a, b)| {
+            if a.0 == host_ns && a.1 == "eth0" {
+                Some(b.clone())
+            } else if b.0 == host_ns && b.1 == "eth0" {
+                Some(a.clone())
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Forgets every NAT mapping on a node (conntrack flush and our maps):
+    /// what a NAT reboot or a rebinding looks like to the hosts.
+    pub fn flush_nat(&self, node: Node) -> Result<(), LabError> {
+        let ns = self.netns(node).unwrap_or("missing-node");
+        for set in ["eim", "adm", "rev", "adf"] {
+            let _ = run(Command::new("ip").args([
+                "netns", "exec", ns, "nft", "flush", "set", "ip", "natpunch", set,
+            ]));
+            let _ = run(Command::new("ip").args([
+                "netns", "exec", ns, "nft", "flush", "map", "ip", "natpunch", set,
+            ]));
+        }
+        if on_path("conntrack") {
+            let _ = run(Command::new("ip").args(["netns", "exec", ns, "conntrack", "-F"]));
+        }
+        Ok(())
+    }
+
+    fn start_reaper(&mut self) -> Result<(), LabError> {
+        // `sh` reads namespace names from the pipe until it closes (our
+        // exit, however it happens), then kills what runs in them and
+        // deletes them. setsid keeps Ctrl-C from reaching it.
+        let script = "while read ns; do set -- \"$@\" \"$ns\"; done; \
+                      for ns in \"$@\"; do for p in $(ip netns pids \"$ns\" 2>/dev/null); do kill -9 \"$p\" 2>/dev/null; done; \
+                      ip netns del \"$ns\" 2>/dev/null; done; exit 0";
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: setsid is async-signal-safe and touches no shared state.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| LabError::Spawn {
+            command: "sh (lab reaper)".into(),
+            source,
+        })?;
+        let stdin = child.stdin.take().ok_or_else(|| LabError::Command {
+            command: "sh (lab reaper)".into(),
+            stderr: "no stdin pipe".into(),
+        })?;
+        self.reaper = Some((child, stdin));
+        Ok(())
+    }
+
+    fn tell_reaper(&mut self, ns: &str) {
+        if let Some((_, stdin)) = self.reaper.as_mut() {
+            let _ = writeln!(stdin, "{ns}");
+            let _ = stdin.flush();
+        }
+    }
+
+    /// Tears everything down now (also done on drop).
+    pub fn teardown(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.children.clear();
+        for ns in self.namespaces.drain(..).rev() {
+            if let Ok(pids) = run(Command::new("ip").args(["netns", "pids", &ns])) {
+                for p in pids
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe {
+                        libc::kill(p, libc::SIGKILL);
+                    }
+                }
+            }
+            let _ = ip(&["netns", "del", &ns]);
+        }
+        if let Some((mut child, stdin)) = self.reaper.take() {
+            drop(stdin);
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+fn roles(i: u8) -> (Node, Node) {
+    if i == 1 {
+        (Node::NatA, Node::HostA)
+    } else {
+        (Node::NatB, Node::HostB)
+    }
+}
+
+fn side_letter(i: u8) -> &'static str {
+    if i == 1 {
+        "a"
+    } else {
+        "b"
+    }
+}
+
+fn tbf(ns: &str, ifname: &str, kbit: u64) -> Result<(), LabError> {
+    // Burst: 10 ms worth of data (at least 16 kB) so short bursts pass at
+    // line rate; latency 200 ms bounds the queue like a home router's.
+    let burst = (kbit * 1000 / 8 / 100).max(16_000);
+    run(Command::new("ip")
+        .args([
+            "netns", "exec", ns, "tc", "qdisc", "replace", "dev", ifname, "root", "tbf",
+        ])
+        .args([
+            "rate",
+            &format!("{kbit}kbit"),
+            "burst",
+            &burst.to_string(),
+            "latency",
+            "200ms",
+        ]))
+    .map(|_| ())
+}
+
+/// Loads an nft rule set from our own generated text (never from
+/// `nft list ruleset` output, which for map-based SNAT cannot be reloaded).
+fn nft_load(ns: &str, rules: &str) -> Result<(), LabError> {
+    let command = format!("ip netns exec {ns} nft -f -");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| LabError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(rules.as_bytes());
+    }
+    let out = child.wait_with_output().map_err(|source| LabError::Spawn {
+        command: command.clone(),
+        source,
+    })?;
+    if !out.status.success() {
+        return Err(LabError::Command {
+            command,
+            stderr: format!(
+                "{}\n--- rules ---\n{rules}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Deletes namespaces left by lab runs whose process is gone (a previous
+/// run killed before its reaper could act, e.g. on a crashed machine).
+pub fn sweep_stale() -> Result<Vec<String>, LabError> {
+    let out = run(Command::new("ip").args(["netns", "list"]))?;
+    let mut removed = Vec::new();
+    for line in out.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix("np") else {
+            continue;
+        };
+        let Some(pid) = rest.split('x').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let _ = ip(&["netns", "del", name]);
+        removed.push(name.to_string());
+    }
+    Ok(removed)
+}
