@@ -33,6 +33,9 @@ pub struct NatArgs {
     /// Also measure the binding lifetime (slow: up to 5 minutes).
     #[arg(long)]
     pub lifetime: bool,
+    /// With --lifetime: probe intervals up to this many seconds only.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=300))]
+    pub lifetime_max: u64,
     /// Extra sockets used to learn the port allocation pattern.
     #[arg(long, default_value_t = natpunch_proto::nat::discovery::DEFAULT_ALLOCATION_SOCKETS as u16, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub samples: u16,
@@ -57,7 +60,11 @@ pub async fn nat_report(args: &NatArgs) -> anyhow::Result<NatReport> {
         ..Timing::probe()
     };
     if args.lifetime {
-        opts.discovery.lifetime_steps = LIFETIME_STEPS.to_vec();
+        opts.discovery.lifetime_steps = LIFETIME_STEPS
+            .iter()
+            .copied()
+            .filter(|d| d.as_secs() <= args.lifetime_max)
+            .collect();
     }
     Ok(discover(opts).await?)
 }

@@ -1,6 +1,10 @@
-//! `natpunch demo`: natpunch end to end on this machine. For now: an
-//! RFC 5780 STUN server on two loopback addresses, and the NAT behaviour
-//! report measured against it.
+//! `natpunch demo`: natpunch end to end on this machine.
+//!
+//! As root on Linux (with nftables), it builds a small NAT lab: host A
+//! behind a port-restricted cone NAT, host B behind a sequential symmetric
+//! NAT, the server with two public addresses, and prints the behaviour
+//! report each host measures. Elsewhere it runs an RFC 5780 STUN server on
+//! two loopback addresses and measures this host against it, saying why.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
@@ -15,10 +19,17 @@ use crate::cmd_nat::print_report;
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Print the report as JSON.
+    /// Print the report(s) as JSON, one object per line.
     #[arg(long)]
     pub json: bool,
+    /// Skip the NAT lab even when it could run.
+    #[arg(long)]
+    pub loopback: bool,
 }
+
+/// The lab demo's two NATs: a common home router and the hardest NAT that
+/// port prediction still handles.
+const DEMO_NATS: [&str; 2] = ["port-restricted-cone", "symmetric-sequential"];
 
 /// Two loopback IPs: Linux answers on all of 127.0.0.0/8 without setup.
 const PRIMARY_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
@@ -27,6 +38,16 @@ const ALT_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const PORT_TRIES: u16 = 20;
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    if !args.loopback {
+        match natpunch_lab::topology::preflight() {
+            Ok(()) => return lab_demo(&args),
+            Err(why) => {
+                if !args.json {
+                    println!("natpunch demo: no NAT lab here ({why}); using loopback instead\n");
+                }
+            }
+        }
+    }
     crate::runtime()?.block_on(async move {
         let server = start_loopback_server().await?;
         let primary = server.local_addresses()[0];
@@ -49,7 +70,6 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 stats.change_requests,
                 stats.malformed + stats.rate_limited
             );
-            println!("(run as root on Linux once the NAT lab lands to see real NATs)");
         }
         anyhow::ensure!(report.mapped.is_some(), "the in-process server did not answer");
         Ok(ExitCode::SUCCESS)
@@ -72,4 +92,46 @@ async fn start_loopback_server() -> anyhow::Result<RunningServer> {
         }
     }
     Err(last.context("no port tried")?).context("cannot start the loopback STUN server")
+}
+
+fn lab_demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
+    use natpunch_lab::{Lab, LabOptions, Links, Node, Side, TopologySpec};
+    let topology = TopologySpec::Pair {
+        a: Side::parse(DEMO_NATS[0])?,
+        b: Side::parse(DEMO_NATS[1])?,
+    };
+    let opts = LabOptions {
+        natpunch: std::env::current_exe().context("cannot find the natpunch binary")?,
+        links: Links::default(),
+    };
+    let mut lab = Lab::build(&topology, &opts).context("cannot build the NAT lab")?;
+    let server = lab.start_server()?;
+    if !args.json {
+        println!(
+            "natpunch demo: NAT lab {} (network namespaces + nftables); server {server} and 203.0.113.11:3479",
+            lab.prefix()
+        );
+    }
+    for (node, nat) in [(Node::HostA, DEMO_NATS[0]), (Node::HostB, DEMO_NATS[1])] {
+        let mut cmd = lab.natpunch(node);
+        cmd.args(["nat", "-H", &server.to_string()]);
+        if args.json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().context("cannot run natpunch nat in the lab")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "natpunch nat failed behind {nat}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        if !args.json {
+            println!(
+                "\nhost {} behind a {nat} NAT:",
+                if node == Node::HostA { "A" } else { "B" }
+            );
+        }
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    lab.teardown();
+    Ok(ExitCode::SUCCESS)
 }

@@ -137,7 +137,10 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
     let cases = runner::verify_cases()?;
     let opts = options(Links::default())?;
     if !a.json {
-        println!("{:<40} {:<46} {:<6} measured", "lab", "host behind", "result");
+        println!(
+            "{:<40} {:<46} {:<6} measured",
+            "lab", "host behind", "result"
+        );
     }
     let results = runner::run_verify(&opts, &cases, |r| {
         if a.json {

@@ -12,7 +12,10 @@ use common::*;
 
 #[test]
 fn demo_prints_open_internet_report() {
-    let out = natpunch().args(["demo", "--json"]).output().unwrap();
+    let out = natpunch()
+        .args(["demo", "--json", "--loopback"])
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "{}",

@@ -13,7 +13,7 @@ use common::*;
 /// Whether this machine can run the lab; see the module doc.
 fn lab_available() -> bool {
     // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc_geteuid() } == 0;
+    let root = unsafe { libc::geteuid() } == 0;
     let why = if !root {
         Some("not root".to_string())
     } else {
@@ -45,9 +45,47 @@ fn lab_available() -> bool {
     }
 }
 
-extern "C" {
-    #[link_name = "geteuid"]
-    fn libc_geteuid() -> u32;
+/// Runs `f` on a thread that has entered network namespace `ns`.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).expect("open netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid namespace fd; setns only affects this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// `natpunch lab up` in the background; returns it and the lab prefix.
+fn lab_up(args: &[&str]) -> (std::process::Child, String) {
+    let mut child = natpunch()
+        .args(["lab", "up"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().expect("a line").unwrap();
+    assert!(first.contains("is up"), "{first}");
+    let prefix = first
+        .split_whitespace()
+        .nth(1)
+        .expect("lab NAME is up")
+        .to_string();
+    (child, prefix)
+}
+
+fn lab_down(mut child: std::process::Child, prefix: &str) {
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    wait_gone(prefix);
 }
 
 /// Namespaces whose name starts with `prefix`.
@@ -223,4 +261,153 @@ fn non_root_is_refused_with_one_line() {
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
     assert!(err.contains("needs root"), "{err}");
+}
+
+#[test]
+fn demo_builds_a_lab_and_reports_both_nats() {
+    if !lab_available() {
+        return;
+    }
+    let out = natpunch().args(["demo", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let reports: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(reports.len(), 2, "{text}");
+    assert_eq!(reports[0]["classic"], "port-restricted-cone");
+    assert_eq!(reports[1]["classic"], "symmetric");
+    assert_eq!(reports[1]["allocation"]["kind"], "sequential");
+    assert_eq!(reports[1]["allocation"]["delta"], 1);
+}
+
+#[test]
+fn binding_lifetime_is_bracketed_behind_a_15s_nat() {
+    if !lab_available() {
+        return;
+    }
+    let (child, prefix) = lab_up(&["--a", "full-cone:timeout=15", "--b", "direct"]);
+    let out = Command::new("ip")
+        .args(["netns", "exec", &format!("{prefix}-a")])
+        .arg(env!("CARGO_BIN_EXE_natpunch"))
+        .args([
+            "nat",
+            "-H",
+            "203.0.113.10:3478",
+            "--json",
+            "--lifetime",
+            "--lifetime-max",
+            "30",
+        ])
+        .output()
+        .unwrap();
+    lab_down(child, &prefix);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
+    // Probes at 10, 20 and 30 s: alive after 10 s, gone after 20 s.
+    assert_eq!(v["lifetime"]["alive"], 10, "{v}");
+    assert_eq!(v["lifetime"]["expired"], 20, "{v}");
+}
+
+#[test]
+fn unsolicited_inbound_is_dropped_or_rejected_as_configured() {
+    if !lab_available() {
+        return;
+    }
+    // A answers unsolicited packets (ICMP port unreachable, TCP RST); B,
+    // like most home routers, stays silent.
+    let (child, prefix) = lab_up(&[
+        "--a",
+        "full-cone:inbound-udp=reject,inbound-tcp=reject",
+        "--b",
+        "full-cone",
+    ]);
+    let results = in_netns(&format!("{prefix}-srv"), || {
+        let mut r = Vec::new();
+        for public in ["198.51.100.2", "198.51.100.18"] {
+            let target: std::net::SocketAddr = format!("{public}:4444").parse().unwrap();
+            let udp = std::net::UdpSocket::bind("203.0.113.10:0").unwrap();
+            udp.connect(target).unwrap();
+            udp.set_read_timeout(Some(Duration::from_millis(700)))
+                .unwrap();
+            udp.send(b"unsolicited").unwrap();
+            let udp_kind = udp
+                .recv(&mut [0u8; 64])
+                .map(|_| std::io::ErrorKind::Other)
+                .unwrap_err()
+                .kind();
+            let tcp = std::net::TcpStream::connect_timeout(&target, Duration::from_millis(700));
+            let tcp_kind = tcp.map(|_| std::io::ErrorKind::Other).unwrap_err().kind();
+            r.push((udp_kind, tcp_kind));
+        }
+        r
+    });
+    lab_down(child, &prefix);
+    use std::io::ErrorKind::*;
+    assert_eq!(
+        results[0],
+        (ConnectionRefused, ConnectionRefused),
+        "reject: ICMP and RST"
+    );
+    assert!(
+        matches!(results[1].0, WouldBlock | TimedOut),
+        "drop: silence for UDP, got {:?}",
+        results[1]
+    );
+    assert!(
+        matches!(results[1].1, TimedOut),
+        "drop: silence for TCP, got {:?}",
+        results[1]
+    );
+}
+
+#[test]
+fn access_link_loss_drops_the_configured_share() {
+    if !lab_available() {
+        return;
+    }
+    // 20 % each way on B's (direct) access link; one way is measured.
+    let (child, prefix) = lab_up(&["--a", "direct", "--b", "direct", "--loss", "20"]);
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = received.clone();
+    let receiver = {
+        let ns = format!("{prefix}-b");
+        std::thread::spawn(move || {
+            in_netns(&ns, move || {
+                let s = std::net::UdpSocket::bind("192.0.2.18:5000").unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(800)))
+                    .unwrap();
+                let mut buf = [0u8; 64];
+                while s.recv(&mut buf).is_ok() {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    const SENT: usize = 4000;
+    in_netns(&format!("{prefix}-srv"), || {
+        let s = std::net::UdpSocket::bind("203.0.113.10:0").unwrap();
+        for i in 0..SENT {
+            s.send_to(&(i as u32).to_be_bytes(), "192.0.2.18:5000")
+                .unwrap();
+            if i % 100 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    });
+    receiver.join().unwrap();
+    lab_down(child, &prefix);
+    let got = received.load(std::sync::atomic::Ordering::Relaxed) as f64;
+    let loss = 1.0 - got / SENT as f64;
+    eprintln!(
+        "access-link loss: configured 20 %, measured {:.1} % over {SENT} datagrams",
+        loss * 100.0
+    );
+    // Binomial sd at n=4000, p=0.2 is 0.63 %; ±3 points is ~5 sd.
+    assert!((0.17..=0.23).contains(&loss), "measured loss {loss}");
 }

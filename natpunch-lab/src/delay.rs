@@ -84,9 +84,9 @@ pub mod defaults {
     pub const MAX_CONSECUTIVE_RECV_ERRORS: u32 = 8;
 
     /// Netlink receive buffer asked for: 8 MiB (`SO_RCVBUFFORCE`, root). A
-    /// metadata message occupies ~1 KiB of buffer, so a burst of ~8 000
-    /// packets fits before the kernel fails open; the default ~208 KiB
-    /// holds ~200.
+    /// metadata-only message takes under 1 KiB of buffer (skb truesize), so
+    /// a burst of 8 000+ unread packets fits before the kernel fails open;
+    /// the default ~208 KiB holds a few hundred.
     pub const RCVBUF_BYTES: usize = 8 << 20;
 }
 

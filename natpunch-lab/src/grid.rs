@@ -65,7 +65,7 @@ pub fn table(rows: &[GridRow]) -> String {
     for r in rows {
         let _ = writeln!(
             s,
-            "{:<wa$}  {:<wb$}  {:<6}  {:<wr$}  {:>7.2} s{}",
+            "{:<wa$}  {:<wb$}  {:<7}  {:<wr$}  {:>7.2} s{}",
             r.a,
             r.b,
             r.outcome.as_str(),

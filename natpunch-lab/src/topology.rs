@@ -24,6 +24,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -118,7 +119,7 @@ pub struct Lab {
     /// Every veth pair: (namespace, interface) at each end.
     wires: Vec<((String, String), (String, String))>,
     children: Vec<Child>,
-    reaper: Option<(Child, ChildStdin)>,
+    reaper: Option<Reaper>,
     natpunch: PathBuf,
     spec: TopologySpec,
 }
@@ -168,11 +169,10 @@ impl Lab {
             hosts: Vec::new(),
             wires: Vec::new(),
             children: Vec::new(),
-            reaper: None,
+            reaper: Some(Reaper::start()?),
             natpunch: opts.natpunch.clone(),
             spec: spec.clone(),
         };
-        lab.start_reaper()?;
         lab.build_all(spec, &opts.links)?;
         Ok(lab)
     }
@@ -256,7 +256,9 @@ impl Lab {
         let name = format!("{}-{role}", self.prefix);
         ip(&["netns", "add", &name])?;
         self.namespaces.push(name.clone());
-        self.tell_reaper(&name);
+        if let Some(r) = self.reaper.as_mut() {
+            r.watch(&name);
+        }
         ip(&["-n", &name, "link", "set", "lo", "up"])?;
         self.nodes.push((node, name.clone()));
         Ok(name)
@@ -548,6 +550,8 @@ impl Lab {
                 });
             }
             // The kernel has no nft `queue` expression: iptables NFQUEUE.
+            // --queue-bypass lets packets through (undelayed) rather than
+            // dropping them whenever no daemon is bound to the queue.
             for (chain, dir) in [("OUTPUT", "-o"), ("PREROUTING", "-i")] {
                 run(Command::new("ip").args([
                     "netns",
@@ -564,6 +568,7 @@ impl Lab {
                     "NFQUEUE",
                     "--queue-num",
                     "1",
+                    "--queue-bypass",
                 ]))?;
             }
             let mut cmd = self.natpunch(node);
@@ -576,9 +581,7 @@ impl Lab {
                 &delay.as_millis().to_string(),
             ]);
             self.spawn(cmd)?;
-            // Give the daemon a moment to bind the queue; until then the
-            // kernel queues (or, with fail-open, passes) packets.
-            std::thread::sleep(Duration::from_millis(100));
+            wait_queue_bound(&ns, 1)?;
         }
         Ok(())
     }
@@ -614,44 +617,6 @@ impl Lab {
         Ok(())
     }
 
-    fn start_reaper(&mut self) -> Result<(), LabError> {
-        // `sh` reads namespace names from the pipe until it closes (our
-        // exit, however it happens), then kills what runs in them and
-        // deletes them. setsid keeps Ctrl-C from reaching it.
-        let script = "while read ns; do set -- \"$@\" \"$ns\"; done; \
-                      for ns in \"$@\"; do for p in $(ip netns pids \"$ns\" 2>/dev/null); do kill -9 \"$p\" 2>/dev/null; done; \
-                      ip netns del \"$ns\" 2>/dev/null; done; exit 0";
-        let mut cmd = Command::new("sh");
-        cmd.args(["-c", script])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: setsid is async-signal-safe and touches no shared state.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|source| LabError::Spawn {
-            command: "sh (lab reaper)".into(),
-            source,
-        })?;
-        let stdin = child.stdin.take().ok_or_else(|| LabError::Command {
-            command: "sh (lab reaper)".into(),
-            stderr: "no stdin pipe".into(),
-        })?;
-        self.reaper = Some((child, stdin));
-        Ok(())
-    }
-
-    fn tell_reaper(&mut self, ns: &str) {
-        if let Some((_, stdin)) = self.reaper.as_mut() {
-            let _ = writeln!(stdin, "{ns}");
-            let _ = stdin.flush();
-        }
-    }
-
     /// Tears everything down now (also done on drop).
     pub fn teardown(&mut self) {
         for c in &mut self.children {
@@ -673,9 +638,8 @@ impl Lab {
             }
             let _ = ip(&["netns", "del", &ns]);
         }
-        if let Some((mut child, stdin)) = self.reaper.take() {
-            drop(stdin);
-            let _ = child.wait();
+        if let Some(r) = self.reaper.take() {
+            r.finish();
         }
     }
 }
@@ -700,6 +664,35 @@ fn side_letter(i: u8) -> &'static str {
     } else {
         "b"
     }
+}
+
+/// Polls the namespace's nfnetlink_queue table until `queue` is bound with
+/// metadata-only copy mode (the delay line's last setup step).
+fn wait_queue_bound(ns: &str, queue: u16) -> Result<(), LabError> {
+    // Binding takes a few ms; 5 s covers a loaded CI machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let table = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            ns,
+            "cat",
+            "/proc/net/netfilter/nfnetlink_queue",
+        ]))?;
+        // Columns: queue, portid, queued, copy mode (1 = metadata), ...
+        let bound = table.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.first() == Some(&queue.to_string().as_str()) && f.get(3) == Some(&"1")
+        });
+        if bound {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(LabError::Command {
+        command: format!("natpunch lab delay-line --queue {queue} (in {ns})"),
+        stderr: "the delay line did not bind its queue within 5 s".into(),
+    })
 }
 
 fn tbf(ns: &str, ifname: &str, kbit: u64) -> Result<(), LabError> {
@@ -774,4 +767,58 @@ pub fn sweep_stale() -> Result<Vec<String>, LabError> {
         removed.push(name.to_string());
     }
     Ok(removed)
+}
+
+/// A process in its own session that deletes the namespaces it is told
+/// about once our end of its pipe closes, however this process ends
+/// (return, panic, Ctrl-C, SIGKILL). Anything that creates namespaces for
+/// a test should hold one.
+pub struct Reaper {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+impl Reaper {
+    /// Starts the reaper (`sh`, reading names until end of input).
+    pub fn start() -> Result<Reaper, LabError> {
+        // It kills what runs in each namespace, then deletes it. setsid
+        // keeps the terminal's Ctrl-C from reaching it.
+        let script = "while read ns; do set -- \"$@\" \"$ns\"; done; \
+                      for ns in \"$@\"; do for p in $(ip netns pids \"$ns\" 2>/dev/null); do kill -9 \"$p\" 2>/dev/null; done; \
+                      ip netns del \"$ns\" 2>/dev/null; done; exit 0";
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", script])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: setsid is async-signal-safe and touches no shared state.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| LabError::Spawn {
+            command: "sh (lab reaper)".into(),
+            source,
+        })?;
+        let stdin = child.stdin.take().ok_or_else(|| LabError::Command {
+            command: "sh (lab reaper)".into(),
+            stderr: "no stdin pipe".into(),
+        })?;
+        Ok(Reaper { child, stdin })
+    }
+
+    /// Adds a namespace to delete.
+    pub fn watch(&mut self, ns: &str) {
+        let _ = writeln!(self.stdin, "{ns}");
+        let _ = self.stdin.flush();
+    }
+
+    /// Closes the pipe (the reaper deletes what is left) and waits for it.
+    pub fn finish(self) {
+        let Reaper { mut child, stdin } = self;
+        drop(stdin);
+        let _ = child.wait();
+    }
 }

@@ -38,9 +38,11 @@ const PORT_B: u16 = 7007;
 
 /// Two namespaces joined by a veth pair; both deleted on drop (which also
 /// destroys the veth pair), even when the test panics.
+/// A reaper deletes them too if the test process is interrupted or killed.
 struct Lab {
     a: String,
     b: String,
+    reaper: Option<natpunch_lab::topology::Reaper>,
 }
 
 impl Drop for Lab {
@@ -48,6 +50,9 @@ impl Drop for Lab {
         for ns in [&self.a, &self.b] {
             // A namespace that was never created just fails; ignore that.
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        if let Some(r) = self.reaper.take() {
+            r.finish();
         }
     }
 }
@@ -90,7 +95,14 @@ fn lab(tag: &str) -> Option<Lab> {
         skip(&format!("cannot create a network namespace: {e}"));
         return None;
     }
-    let lab = Lab { a, b };
+    let mut reaper = natpunch_lab::topology::Reaper::start().expect("start the namespace reaper");
+    reaper.watch(&a);
+    reaper.watch(&b);
+    let lab = Lab {
+        a,
+        b,
+        reaper: Some(reaper),
+    };
     let (a, b) = (lab.a.as_str(), lab.b.as_str());
     let steps: [&[&str]; 8] = [
         &["ip", "netns", "add", b],
