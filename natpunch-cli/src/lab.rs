@@ -1,6 +1,7 @@
 //! `natpunch lab`: build NAT topologies from network namespaces (root,
 //! Linux), verify discovery against them, and run pair grids.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -232,17 +233,27 @@ fn up(a: UpArgs) -> anyhow::Result<ExitCode> {
     };
     let mut lab = Lab::build(&topology, &options(a.link.links()?)?)?;
     let server = lab.start_server()?;
-    println!("lab {} is up; natpunch server on {server}", lab.prefix());
+    // A closed stdout must not take the lab down: ignore write errors.
+    let mut out = std::io::stdout();
+    let _ = writeln!(
+        out,
+        "lab {} is up; natpunch server on {server}",
+        lab.prefix()
+    );
     for (node, name) in [
         (Node::HostA, "host A"),
         (Node::HostB, "host B"),
         (Node::Server, "server"),
     ] {
         if let Some(ns) = lab.netns(node) {
-            println!("  {name:<7} ip netns exec {ns} natpunch nat -H {server}");
+            let _ = writeln!(
+                out,
+                "  {name:<7} ip netns exec {ns} natpunch nat -H {server}"
+            );
         }
     }
-    println!("Ctrl-C tears it down.");
+    let _ = writeln!(out, "Ctrl-C tears it down.");
+    let _ = out.flush();
     crate::runtime()?.block_on(crate::cmd_server::wait_for_signal())?;
     lab.teardown();
     Ok(ExitCode::SUCCESS)

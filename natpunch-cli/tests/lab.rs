@@ -77,6 +77,13 @@ fn lab_up(args: &[&str]) -> (std::process::Child, String) {
         .nth(1)
         .expect("lab NAME is up")
         .to_string();
+    // Read to the last line it prints, so that closing the pipe cannot
+    // fail one of its writes.
+    for l in lines.by_ref() {
+        if l.unwrap().contains("Ctrl-C") {
+            break;
+        }
+    }
     (child, prefix)
 }
 
@@ -307,7 +314,8 @@ fn binding_lifetime_is_bracketed_behind_a_15s_nat() {
         .output()
         .unwrap();
     lab_down(child, &prefix);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr)));
     // Probes at 10, 20 and 30 s: alive after 10 s, gone after 20 s.
     assert_eq!(v["lifetime"]["alive"], 10, "{v}");
     assert_eq!(v["lifetime"]["expired"], 20, "{v}");
