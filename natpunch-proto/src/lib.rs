@@ -13,8 +13,11 @@
 //!   pattern, producing a [`nat::NatReport`].
 //! - [`ratelimit`]: bounded per-source token buckets for servers.
 
+pub mod identity;
 pub mod nat;
+pub mod punch;
 pub mod ratelimit;
+pub mod rendezvous;
 pub mod stun;
 
 /// Names one of the caller's sockets. Machines that use several sockets
@@ -22,3 +25,15 @@ pub mod stun;
 /// the caller says which one received each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SocketId(pub usize);
+
+/// A datagram a machine wants sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Which of the caller's sockets sends it.
+    pub socket: SocketId,
+    pub destination: std::net::SocketAddr,
+    pub payload: Vec<u8>,
+    /// Send with this IP TTL instead of the socket's default (limited-TTL
+    /// openers for hole punching).
+    pub ttl: Option<u8>,
+}

@@ -7,6 +7,7 @@
 //! number of (possibly spoofed) sources.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -42,14 +43,15 @@ struct Bucket {
     last: Instant,
 }
 
-/// A table of buckets keyed by source IP.
+/// A table of buckets keyed by source IP (or any other key, such as a
+/// peer ID).
 #[derive(Debug)]
-pub struct RateLimiter {
+pub struct RateLimiter<K = IpAddr> {
     limit: RateLimit,
-    buckets: HashMap<IpAddr, Bucket>,
+    buckets: HashMap<K, Bucket>,
 }
 
-impl RateLimiter {
+impl<K: Hash + Eq + Copy> RateLimiter<K> {
     pub fn new(limit: RateLimit) -> Self {
         Self {
             limit,
@@ -58,7 +60,7 @@ impl RateLimiter {
     }
 
     /// Takes one token for `source`; `false` means drop the packet.
-    pub fn allow(&mut self, now: Instant, source: IpAddr) -> bool {
+    pub fn allow(&mut self, now: Instant, source: K) -> bool {
         if self.limit.is_unlimited() {
             return true;
         }

@@ -7,8 +7,10 @@
 //! - [`batch`]: batched UDP receive and send (recvmmsg/sendmmsg).
 
 pub mod batch;
+pub mod keyfile;
 pub mod nat;
 pub mod net;
 pub mod stun_server;
+pub mod ttl;
 
 pub use natpunch_proto as proto;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::message::{Class, Message, TransactionId};
 use crate::SocketId;
+pub use crate::Transmit;
 
 /// Retransmission timing (RFC 8489 §6.2.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,15 +67,6 @@ impl Timing {
         }
         t + self.rto * self.rm
     }
-}
-
-/// A datagram to send.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transmit {
-    /// Which of the caller's sockets sends it.
-    pub socket: SocketId,
-    pub destination: SocketAddr,
-    pub payload: Vec<u8>,
 }
 
 /// How a transaction ended.
@@ -313,6 +305,7 @@ impl Client {
                 socket: p.socket,
                 destination: p.destination,
                 payload: p.payload.clone(),
+                ttl: None,
             });
             p.next = if p.reliable {
                 now + p.timing.ti

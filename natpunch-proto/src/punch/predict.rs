@@ -1,0 +1,52 @@
+//! Sequential port prediction for a cone and a predictable symmetric NAT.
+//!
+//! The symmetric side sends first to the cone's observed address; that is
+//! the first new mapping its NAT creates after its fresh mapping, so its
+//! port is `fresh + delta` (more if other traffic takes ports in between).
+//! The cone side probes the window `fresh + delta·k`, k = 1..=window.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::cone;
+use super::plan::{port_step, PlanConfig, SideView, Stream};
+use super::wire::Strategy;
+use crate::SocketId;
+
+/// Predicted ports of `peer`'s next mappings, in creation order.
+pub fn predicted(peer: &SideView, window: u16) -> Vec<SocketAddr> {
+    let Some(fresh) = peer.fresh else {
+        return Vec::new();
+    };
+    let delta = peer.nat.delta.unwrap_or(0);
+    if delta == 0 {
+        // Port preserving: the mapping keeps the fresh socket's port.
+        return vec![fresh];
+    }
+    (1..=i32::from(window))
+        .filter_map(|k| port_step(fresh.port(), delta, k))
+        .map(|p| SocketAddr::new(fresh.ip(), p))
+        .collect()
+}
+
+pub fn streams(me: &SideView, peer: &SideView, cfg: &PlanConfig) -> Vec<Stream> {
+    if me.easy() {
+        let targets = predicted(peer, cfg.window);
+        if targets.is_empty() {
+            return Vec::new();
+        }
+        vec![Stream {
+            strategy: Strategy::Predict,
+            socket: SocketId(0),
+            targets,
+            offset: Duration::ZERO,
+            interval: cfg.interval,
+            rounds: u32::MAX,
+            gap: Duration::ZERO,
+            first_ttl: None,
+        }]
+    } else {
+        // The symmetric side: its only new destination is the cone.
+        cone::streams(peer, cfg, Strategy::Predict)
+    }
+}
