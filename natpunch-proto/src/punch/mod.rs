@@ -65,6 +65,9 @@ pub mod defaults {
     pub const MAX_CONFIRMS: u32 = 8;
 }
 
+/// Peer-reflexive paths probed back at most (bounds work per attempt).
+const MAX_REFLEXIVE: usize = 64;
+
 /// Our role: the initiator nominates the path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -166,6 +169,10 @@ pub struct Punch {
     deadline: Instant,
     streams: Vec<Running>,
     planned: bool,
+    /// Peer-reflexive paths already probed back.
+    reflexive: Vec<Path>,
+    /// When prediction streams start (once both fresh mappings exist).
+    prediction_at: Option<Instant>,
     attempted: Vec<Strategy>,
     state: State,
     path: Option<Path>,
@@ -268,6 +275,8 @@ impl Punch {
             deadline,
             streams: Vec::new(),
             planned: false,
+            reflexive: Vec::new(),
+            prediction_at: None,
             attempted: Vec::new(),
             state: State::Waiting,
             path: None,
@@ -325,20 +334,26 @@ impl Punch {
         self.accept_offer(ephemeral, sig);
     }
 
-    /// The peer's fresh mapping arrived (prediction can start).
+    /// Both fresh mappings are taken (the server's `Accepted` for the
+    /// initiator, `Go` for the responder): prediction starts at `start_at`.
+    /// `fresh` is the peer's fresh mapping if this message carries it.
     pub fn set_peer_fresh(&mut self, now: Instant, fresh: Option<SocketAddr>, start_at: Instant) {
         if fresh.is_some() {
             self.peer.fresh = fresh;
         }
-        // Prediction streams start at the newly coordinated moment.
-        if self.planned
-            && plan::needs_peer_fresh(&self.kind, &self.me)
-            && self.state == State::Punching
-        {
-            let extra = plan::streams(&self.kind, &self.me, &self.peer, &self.cfg.plan);
-            self.add_streams(now, start_at, extra);
+        if self.prediction_at.is_some() {
+            return;
         }
-        self.start_at = self.start_at.min(start_at);
+        self.prediction_at = Some(start_at);
+        if self.planned && self.state == State::Punching {
+            self.start_prediction(now);
+        }
+    }
+
+    fn start_prediction(&mut self, now: Instant) {
+        let Some(at) = self.prediction_at else { return };
+        let extra = plan::prediction_streams(&self.kind, &self.me, &self.peer, &self.cfg.plan);
+        self.add_streams(now, at, extra);
     }
 
     fn peer_role(&self) -> Role {
@@ -495,6 +510,17 @@ impl Punch {
                     let ack = self.frame(Kind::Ack, f.strategy);
                     self.send(socket, from, ack, None, false);
                 }
+                // A probe from an address we never aimed at (a mapping the
+                // peer's NAT made just now) is a peer-reflexive candidate:
+                // probe it back, so the initiator gets an ack to nominate.
+                if self.state == State::Punching
+                    && !self.reflexive.contains(&path)
+                    && self.reflexive.len() < MAX_REFLEXIVE
+                {
+                    self.reflexive.push(path);
+                    let probe = self.frame(Kind::Probe, f.strategy);
+                    self.send(socket, from, probe, None, true);
+                }
                 if self.role == Role::Initiator
                     && self.path == Some(path)
                     && self.confirms < defaults::MAX_CONFIRMS
@@ -555,6 +581,7 @@ impl Punch {
                 let streams = plan::streams(&self.kind, &self.me, &self.peer, &self.cfg.plan);
                 let start = self.start_at;
                 self.add_streams(now, start, streams);
+                self.start_prediction(now);
             }
             _ => {}
         }

@@ -169,17 +169,31 @@ pub fn port_step(base: u16, delta: i32, k: i32) -> Option<u16> {
     (1..=65535).contains(&p).then_some(p as u16)
 }
 
-/// The streams `me` sends to `peer` for `kind`. Prediction streams need the
-/// peer's fresh mapping; without it they are left out (the caller re-plans
-/// when it arrives).
+/// The streams `me` sends to `peer` for `kind` from the coordinated start,
+/// except those aimed at predicted ports (see [`prediction_streams`]).
 pub fn streams(kind: &PairKind, me: &SideView, peer: &SideView, cfg: &PlanConfig) -> Vec<Stream> {
     match kind {
         PairKind::Lan => super::lan::streams(me, peer, cfg),
         PairKind::Cone => super::cone::streams(peer, cfg, Strategy::Cone),
-        PairKind::Predict => super::predict::streams(me, peer, cfg),
-        PairKind::Ttl => super::ttl::streams(me, peer, cfg),
+        PairKind::Predict if !me.easy() => super::predict::streams(me, peer, cfg),
         PairKind::Birthday => super::birthday::streams(me, peer, cfg),
-        PairKind::Impossible(_) => Vec::new(),
+        PairKind::Predict | PairKind::Ttl | PairKind::Impossible(_) => Vec::new(),
+    }
+}
+
+/// The streams aimed at the peer's predicted ports. They start when both
+/// sides have taken their fresh mappings: the initiator on the server's
+/// `Accepted`, the responder on `Go`, which the server times together.
+pub fn prediction_streams(
+    kind: &PairKind,
+    me: &SideView,
+    peer: &SideView,
+    cfg: &PlanConfig,
+) -> Vec<Stream> {
+    match kind {
+        PairKind::Predict if me.easy() => super::predict::streams(me, peer, cfg),
+        PairKind::Ttl => super::ttl::streams(me, peer, cfg),
+        _ => Vec::new(),
     }
 }
 
