@@ -4,6 +4,7 @@
 
 mod bench;
 mod cmd_nat;
+mod cmd_peer;
 mod cmd_server;
 mod demo;
 mod lab;
@@ -15,18 +16,31 @@ use clap::{Parser, Subcommand};
 
 /// Connect two computers directly through NATs, or tell you why not.
 #[derive(Debug, Parser)]
-#[command(name = "natpunch", version, about, propagate_version = true)]
+#[command(
+    name = "natpunch",
+    version,
+    about,
+    propagate_version = true,
+    args_conflicts_with_subcommands = true,
+    after_help = "Peer mode (the original tool's flags):\n  natpunch -s SERVER            register, print our peer ID, wait\n  natpunch -s SERVER -d PEER_ID  connect to a peer"
+)]
 struct Cli {
     /// More logging on stderr (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    #[command(flatten)]
+    peer: cmd_peer::PeerArgs,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the STUN (RFC 8489/5780) server.
+    /// Register with a rendezvous server and wait for peers.
+    Listen(cmd_peer::PeerArgs),
+    /// Connect to a peer through a rendezvous server.
+    Connect(ConnectArgs),
+    /// Run the STUN (RFC 8489/5780) and rendezvous server.
     Server(cmd_server::ServerArgs),
     /// Report this host's NAT behaviour (RFC 5780) and port allocation.
     Nat(cmd_nat::NatArgs),
@@ -40,6 +54,14 @@ enum Command {
     /// The NAT lab: real Linux NATs in network namespaces (root).
     #[command(subcommand)]
     Lab(lab::LabCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct ConnectArgs {
+    /// The peer to connect to.
+    peer_id: natpunch_proto::identity::PeerId,
+    #[command(flatten)]
+    peer: cmd_peer::PeerArgs,
 }
 
 fn init_logging(verbose: u8) {
@@ -92,12 +114,12 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     let result = match cli.command {
-        Command::Server(a) => cmd_server::run(a),
-        Command::Nat(a) => cmd_nat::run_nat(a),
-        Command::Stun(a) => cmd_nat::run_stun(a),
-        Command::Demo(a) => demo::run(a),
-        Command::Bench(b) => bench::run(b),
-        Command::Lab(l) => lab::run(l),
+        None if cli.peer.server.is_none() => {
+            eprintln!("natpunch: nothing to do: give a command or -s SERVER (see --help)");
+            return ExitCode::from(2);
+        }
+        None => cmd_peer::run(cli.peer, None),
+        Some(c) => run_command(c),
     };
     match result {
         Ok(code) => code,
@@ -105,6 +127,19 @@ fn main() -> ExitCode {
             eprintln!("natpunch: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn run_command(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Listen(a) => cmd_peer::run(a, None),
+        Command::Connect(a) => cmd_peer::run(a.peer, Some(a.peer_id)),
+        Command::Server(a) => cmd_server::run(a),
+        Command::Nat(a) => cmd_nat::run_nat(a),
+        Command::Stun(a) => cmd_nat::run_stun(a),
+        Command::Demo(a) => demo::run(a),
+        Command::Bench(b) => bench::run(b),
+        Command::Lab(l) => lab::run(l),
     }
 }
 

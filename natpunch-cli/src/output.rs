@@ -12,6 +12,14 @@ pub fn json_line(v: &serde_json::Value) {
     let _ = out.flush();
 }
 
+/// One JSON object per line on stderr (peer events; stdout stays free for
+/// data).
+pub fn json_line_stderr(v: &serde_json::Value) {
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{v}");
+    let _ = err.flush();
+}
+
 fn yes_no(b: Option<bool>, unknown: &str) -> String {
     match b {
         Some(true) => "yes".into(),

@@ -10,6 +10,7 @@ pub mod batch;
 pub mod keyfile;
 pub mod nat;
 pub mod net;
+pub mod peer;
 pub mod stun_server;
 pub mod ttl;
 

@@ -7,6 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use natpunch_proto::rendezvous::server::RendezvousStats;
+use natpunch_proto::rendezvous::wire::is_rendezvous;
+use natpunch_proto::rendezvous::RendezvousServer;
 use natpunch_proto::stun::message::{framed_len, HEADER_LEN};
 use natpunch_proto::stun::server::{Server, ServerConfig, ServerStats, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -48,13 +51,20 @@ pub enum ServerError {
 
 /// A running server; dropping it does not stop it, call [`RunningServer::shutdown`].
 pub struct RunningServer {
-    core: Arc<Mutex<Server>>,
+    core: Arc<Mutex<Cores>>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     locals: Vec<SocketAddr>,
 }
 
-fn lock(core: &Mutex<Server>) -> MutexGuard<'_, Server> {
+/// The sans-IO machines sharing the server's sockets: STUN, and the
+/// rendezvous protocol (first byte 0x2A) on the same port.
+pub(crate) struct Cores {
+    stun: Server,
+    rendezvous: RendezvousServer,
+}
+
+fn lock(core: &Mutex<Cores>) -> MutexGuard<'_, Cores> {
     // A panic while holding the lock cannot leave the server in a state
     // worse than a dropped packet, so a poisoned lock is still usable.
     core.lock().unwrap_or_else(|p| p.into_inner())
@@ -72,8 +82,11 @@ impl RunningServer {
                 return Err(ServerError::AltNotDistinct { primary: p, alt });
             }
         }
-        let core = Server::new(config);
-        let locals = core.local_addresses();
+        let core = Cores {
+            stun: Server::new(config),
+            rendezvous: RendezvousServer::new(rand::random()),
+        };
+        let locals = core.stun.local_addresses();
         let mut sockets = Vec::new();
         for a in &locals {
             sockets.push(Arc::new(bind_udp(*a, true)?));
@@ -116,7 +129,13 @@ impl RunningServer {
     }
 
     pub fn stats(&self) -> ServerStats {
-        lock(&self.core).stats()
+        lock(&self.core).stun.stats()
+    }
+
+    /// Rendezvous counters and the number of registered peers.
+    pub fn rendezvous_stats(&self) -> (RendezvousStats, usize) {
+        let c = lock(&self.core);
+        (c.rendezvous.stats(), c.rendezvous.registered())
     }
 
     /// Stops every task and returns the final counters.
@@ -128,7 +147,7 @@ impl RunningServer {
 }
 
 async fn udp_loop(
-    core: Arc<Mutex<Server>>,
+    core: Arc<Mutex<Cores>>,
     sockets: Vec<Arc<UdpSocket>>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -167,8 +186,18 @@ async fn udp_loop(
                     for k in 0..rb.len() {
                         let (data, from) = rb.get(k);
                         let Some(from) = from else { continue };
+                        if is_rendezvous(data) {
+                            core.rendezvous.handle(now, locals[i], from, data);
+                            while let Some(o) = core.rendezvous.poll_transmit() {
+                                if let Some(j) = locals.iter().position(|l| *l == o.from) {
+                                    sends[j].push(&o.payload, o.to);
+                                }
+                            }
+                            continue;
+                        }
                         let Some(reply) =
-                            core.handle(now, Transport::Udp, locals[i], from, data, &mut out)
+                            core.stun
+                                .handle(now, Transport::Udp, locals[i], from, data, &mut out)
                         else {
                             continue;
                         };
@@ -231,7 +260,7 @@ async fn any_readable(sockets: &[Arc<UdpSocket>]) -> Option<usize> {
 }
 
 async fn tcp_accept_loop(
-    core: Arc<Mutex<Server>>,
+    core: Arc<Mutex<Cores>>,
     listener: tokio::net::TcpListener,
     local: SocketAddr,
     permits: Arc<Semaphore>,
@@ -267,7 +296,7 @@ async fn tcp_accept_loop(
 }
 
 async fn serve_tcp(
-    core: Arc<Mutex<Server>>,
+    core: Arc<Mutex<Cores>>,
     mut stream: TcpStream,
     local: SocketAddr,
     remote: SocketAddr,
@@ -282,7 +311,7 @@ async fn serve_tcp(
                 break;
             }
             let msg: Vec<u8> = buf.drain(..len).collect();
-            let reply = lock(&core).handle(
+            let reply = lock(&core).stun.handle(
                 Instant::now(),
                 Transport::Tcp,
                 local,

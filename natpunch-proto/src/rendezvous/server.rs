@@ -100,6 +100,7 @@ pub struct RendezvousServer {
     targets: RateLimiter<PeerId>,
     out: VecDeque<Outgoing>,
     stats: RendezvousStats,
+    last_sweep: Option<Instant>,
 }
 
 impl std::fmt::Debug for RendezvousServer {
@@ -128,6 +129,7 @@ impl RendezvousServer {
             targets: RateLimiter::new(targets),
             out: VecDeque::new(),
             stats: RendezvousStats::default(),
+            last_sweep: None,
         }
     }
 
@@ -320,7 +322,7 @@ impl RendezvousServer {
                     return self.error(local, from, n, ErrorCode::BadSignature, Some(*session));
                 }
                 self.expire(now);
-                let Some(me) = self.regs.get_mut(peer) else {
+                let Some(me) = self.regs.get_mut(peer).filter(|r| r.expires > now) else {
                     return self.error(local, from, n, ErrorCode::NotRegistered, Some(*session));
                 };
                 // The request's source is the freshest view of our mapping.
@@ -331,7 +333,7 @@ impl RendezvousServer {
                     self.stats.rate_limited += 1;
                     return self.error(local, from, n, ErrorCode::RateLimited, Some(*session));
                 }
-                let Some(them) = self.regs.get(target).cloned() else {
+                let Some(them) = self.regs.get(target).filter(|r| r.expires > now).cloned() else {
                     return self.error(local, from, n, ErrorCode::PeerOffline, Some(*session));
                 };
                 if self.sessions.len() >= MAX_SESSIONS || self.sessions.contains_key(session) {
@@ -427,8 +429,15 @@ impl RendezvousServer {
         }
     }
 
-    /// Drops expired registrations and sessions.
+    /// Drops expired registrations and sessions (a full sweep at most once a
+    /// second, so the cost per request stays constant).
     pub fn expire(&mut self, now: Instant) {
+        if self.last_sweep.is_some_and(|t| {
+            now.checked_duration_since(t).unwrap_or_default() < Duration::from_secs(1)
+        }) {
+            return;
+        }
+        self.last_sweep = Some(now);
         self.regs.retain(|_, r| r.expires > now);
         self.sessions.retain(|_, s| s.expires > now);
     }

@@ -263,7 +263,7 @@ pub struct IntegrityOffsets {
 /// tell STUN from other traffic on a shared socket (RFC 7983 §7: the first
 /// byte of STUN is 0..=3).
 pub fn looks_like_stun(buf: &[u8]) -> bool {
-    buf.len() >= HEADER_LEN && buf[0] & 0xC0 == 0
+    buf.len() >= HEADER_LEN && buf[0] <= 3
 }
 
 /// Total length of the message whose header starts `buf`, for framing STUN
