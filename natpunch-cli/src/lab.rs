@@ -69,10 +69,16 @@ impl LinkArgs {
 
 #[derive(Debug, Args)]
 pub struct GridArgs {
-    /// Pairs `A/B,C/D`; a side is `direct`, `PRESET[:k=v,...]` or
-    /// `HOME+CARRIER`. Default: every preset against every other.
+    /// Pairs `A/B,C/D,same:PRESET`; a side is `direct`,
+    /// `PRESET[:k=v,...]` or `HOME+CARRIER`; `same:` puts both behind one
+    /// NAT. Default: every preset against every other, plus double and
+    /// same NAT.
     #[arg(long)]
     pub pairs: Option<String>,
+    /// What each pair runs: `connect` (B listens, A connects) or `nat`
+    /// (both run `natpunch nat`).
+    #[arg(long, default_value = "connect", value_parser = ["connect", "nat"])]
+    pub scenario: String,
     /// One JSON object per pair, then a summary object.
     #[arg(long)]
     pub json: bool,
@@ -187,7 +193,11 @@ fn grid_cmd(a: GridArgs) -> anyhow::Result<ExitCode> {
     };
     anyhow::ensure!(!pairs.is_empty(), "--pairs names no pair");
     let opts = options(a.link.links()?)?;
-    let rows = runner::run_grid(&opts, &pairs, Scenario::Nat, |row| {
+    let scenario = match a.scenario.as_str() {
+        "connect" => Scenario::Connect,
+        _ => Scenario::Nat,
+    };
+    let rows = runner::run_grid(&opts, &pairs, scenario, |row| {
         if a.json {
             json_line(&serde_json::to_value(row).unwrap_or_default());
         } else {
@@ -201,7 +211,12 @@ fn grid_cmd(a: GridArgs) -> anyhow::Result<ExitCode> {
         }
     });
     let title = format!(
-        "natpunch lab grid: NAT discovery per pair{}",
+        "natpunch lab grid: {} per pair{}",
+        if scenario == Scenario::Connect {
+            "A connects to B"
+        } else {
+            "NAT discovery"
+        },
         if a.link.delay_ms > 0 {
             format!(", {} ms one-way access delay", a.link.delay_ms)
         } else {

@@ -46,6 +46,13 @@ pub struct GridRow {
     pub elapsed_ms: u64,
     /// Why, for failures; empty otherwise.
     pub detail: String,
+    /// What the pair was expected to do, with the reason.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probes_sent: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_sent: Option<u64>,
 }
 
 /// An aligned terminal table.
@@ -59,8 +66,8 @@ pub fn table(rows: &[GridRow]) -> String {
         .unwrap_or(1)
         .max(6);
     let mut s = format!(
-        "{:<wa$}  {:<wb$}  {:<6}  {:<wr$}  {:>9}\n",
-        "A", "B", "result", "detail", "time"
+        "{:<wa$}  {:<wb$}  {:<7}  {:<wr$}  {:>9}\n",
+        "A", "B", "outcome", "result", "time"
     );
     for r in rows {
         let _ = writeln!(
@@ -214,6 +221,9 @@ mod tests {
                 result: "ok".into(),
                 elapsed_ms: 1200,
                 detail: String::new(),
+                expected: None,
+                probes_sent: None,
+                bytes_sent: None,
             },
             GridRow {
                 a: "symmetric-random".into(),
@@ -222,6 +232,9 @@ mod tests {
                 result: "mismatch".into(),
                 elapsed_ms: 900,
                 detail: "a<b".into(),
+                expected: None,
+                probes_sent: None,
+                bytes_sent: None,
             },
         ];
         let t = table(&rows);

@@ -8,6 +8,9 @@ use serde::Serialize;
 
 use crate::expect::{expected, expected_shared, mismatches, Expected};
 use crate::grid::{GridRow, Outcome};
+use natpunch_proto::punch::{classify, PairKind, SideView, Strategy};
+use natpunch_proto::rendezvous::NatSummary;
+
 use crate::spec::{NatSpec, Side, SpecError, TopologySpec, PRESETS};
 use crate::topology::{run, Lab, LabError, LabOptions, Node};
 
@@ -200,29 +203,78 @@ pub fn run_verify(
 pub enum Scenario {
     /// `natpunch nat` on A and B at once, each checked against its NAT.
     Nat,
+    /// B listens, A connects through the rendezvous server; the outcome
+    /// (direct by which technique, or no direct path) is checked against
+    /// [`expected_connect`].
+    Connect,
 }
 
-/// The default pairs: every preset against every other (upper triangle).
-pub fn default_pairs() -> Result<Vec<(Side, Side)>, SpecError> {
+/// One grid entry: a topology and the labels of its two sides.
+#[derive(Debug, Clone)]
+pub struct GridPair {
+    pub topology: TopologySpec,
+    pub a: String,
+    pub b: String,
+}
+
+impl GridPair {
+    pub fn pair(a: Side, b: Side) -> Self {
+        Self {
+            a: a.label(),
+            b: b.label(),
+            topology: TopologySpec::Pair { a, b },
+        }
+    }
+
+    pub fn same_nat(nat: NatSpec) -> Self {
+        let label = format!("same NAT: {nat}");
+        Self {
+            a: label.clone(),
+            b: label,
+            topology: TopologySpec::SameNat { nat },
+        }
+    }
+}
+
+/// The default pairs: every preset against every other (upper triangle),
+/// sequential delta 2, double NATs with a cone outside, and same NAT.
+pub fn default_pairs() -> Result<Vec<GridPair>, SpecError> {
     let mut v = Vec::new();
     for (i, a) in PRESETS.iter().enumerate() {
         for b in &PRESETS[i..] {
-            v.push((Side::parse(a)?, Side::parse(b)?));
+            v.push(GridPair::pair(Side::parse(a)?, Side::parse(b)?));
         }
     }
+    v.push(GridPair::pair(
+        Side::parse("symmetric-sequential:delta=2")?,
+        Side::parse("symmetric-sequential:delta=2")?,
+    ));
+    v.push(GridPair::pair(
+        Side::parse("port-restricted-cone+full-cone")?,
+        Side::parse("port-restricted-cone")?,
+    ));
+    v.push(GridPair::pair(
+        Side::parse("symmetric-sequential+full-cone")?,
+        Side::parse("full-cone")?,
+    ));
+    v.push(GridPair::same_nat(NatSpec::parse("port-restricted-cone")?));
     Ok(v)
 }
 
-/// Parses `A/B,C/D` where each side is `direct`, `PRESET[:params]` or
-/// `HOME+CARRIER`.
-pub fn parse_pairs(s: &str) -> Result<Vec<(Side, Side)>, SpecError> {
+/// Parses `A/B,C/D,same:PRESET` where each side is `direct`,
+/// `PRESET[:params]` or `HOME+CARRIER`, and `same:PRESET` puts both hosts
+/// behind one NAT.
+pub fn parse_pairs(s: &str) -> Result<Vec<GridPair>, SpecError> {
     s.split(',')
         .filter(|p| !p.is_empty())
         .map(|p| {
+            if let Some(nat) = p.strip_prefix("same:") {
+                return Ok(GridPair::same_nat(NatSpec::parse(nat)?));
+            }
             let (a, b) = p
                 .split_once('/')
                 .ok_or_else(|| SpecError::BadParameter(p.to_string()))?;
-            Ok((Side::parse(a)?, Side::parse(b)?))
+            Ok(GridPair::pair(Side::parse(a)?, Side::parse(b)?))
         })
         .collect()
 }
@@ -230,81 +282,301 @@ pub fn parse_pairs(s: &str) -> Result<Vec<(Side, Side)>, SpecError> {
 /// Runs the scenario for every pair, one lab per pair.
 pub fn run_grid(
     opts: &LabOptions,
-    pairs: &[(Side, Side)],
+    pairs: &[GridPair],
     scenario: Scenario,
     mut progress: impl FnMut(&GridRow),
 ) -> Vec<GridRow> {
     let mut rows = Vec::new();
-    for (a, b) in pairs {
+    for pair in pairs {
         let t = Instant::now();
-        let row = match grid_pair(opts, a, b, scenario) {
-            Ok((outcome, result, detail)) => GridRow {
-                a: a.label(),
-                b: b.label(),
-                outcome,
-                result,
-                elapsed_ms: t.elapsed().as_millis() as u64,
-                detail,
-            },
-            Err(e) => GridRow {
-                a: a.label(),
-                b: b.label(),
-                outcome: Outcome::Error,
-                result: "error".into(),
-                elapsed_ms: t.elapsed().as_millis() as u64,
-                detail: e.to_string(),
-            },
+        let mut row = GridRow {
+            a: pair.a.clone(),
+            b: pair.b.clone(),
+            outcome: Outcome::Error,
+            result: "error".into(),
+            elapsed_ms: 0,
+            detail: String::new(),
+            expected: None,
+            probes_sent: None,
+            bytes_sent: None,
         };
+        let r = match scenario {
+            Scenario::Nat => grid_nat(opts, pair, &mut row),
+            Scenario::Connect => grid_connect(opts, pair, &mut row),
+        };
+        if let Err(e) = r {
+            row.outcome = Outcome::Error;
+            row.detail = e.to_string();
+        }
+        if row.elapsed_ms == 0 {
+            row.elapsed_ms = t.elapsed().as_millis() as u64;
+        }
         progress(&row);
         rows.push(row);
     }
     rows
 }
 
-fn grid_pair(
-    opts: &LabOptions,
-    a: &Side,
-    b: &Side,
-    scenario: Scenario,
-) -> Result<(Outcome, String, String), LabError> {
-    let topology = TopologySpec::Pair {
-        a: a.clone(),
-        b: b.clone(),
-    };
-    let mut lab = Lab::build(&topology, opts)?;
+fn expected_side(t: &TopologySpec, host: Node) -> Option<Side> {
+    match t {
+        TopologySpec::Pair { a, b } => Some(if host == Node::HostA {
+            a.clone()
+        } else {
+            b.clone()
+        }),
+        TopologySpec::SameNat { nat } => Some(Side::Nat(nat.clone())),
+        TopologySpec::SharedCarrier { .. } => None,
+    }
+}
+
+fn grid_nat(opts: &LabOptions, pair: &GridPair, row: &mut GridRow) -> Result<(), LabError> {
+    let mut lab = Lab::build(&pair.topology, opts)?;
     lab.start_server()?;
-    match scenario {
-        Scenario::Nat => {
-            let (ra, rb) = std::thread::scope(|s| {
-                let ha = s.spawn(|| nat_report(&lab, Node::HostA));
-                let rb = nat_report(&lab, Node::HostB);
-                let ra = ha.join().unwrap_or_else(|_| {
-                    Err(LabError::Command {
-                        command: "natpunch nat".into(),
-                        stderr: "runner thread panicked".into(),
-                    })
-                });
-                (ra, rb)
-            });
-            let (ra, rb) = (ra?, rb?);
-            let mut detail = mismatches(&expected(a), &ra)
-                .into_iter()
-                .map(|m| format!("A {m}"))
-                .collect::<Vec<_>>();
+    let (ra, rb) = std::thread::scope(|s| {
+        let ha = s.spawn(|| nat_report(&lab, Node::HostA));
+        let rb = nat_report(&lab, Node::HostB);
+        let ra = ha.join().unwrap_or_else(|_| {
+            Err(LabError::Command {
+                command: "natpunch nat".into(),
+                stderr: "runner thread panicked".into(),
+            })
+        });
+        (ra, rb)
+    });
+    let (ra, rb) = (ra?, rb?);
+    let mut detail = Vec::new();
+    for (host, r, tag) in [(Node::HostA, &ra, "A"), (Node::HostB, &rb, "B")] {
+        if let Some(side) = expected_side(&pair.topology, host) {
             detail.extend(
-                mismatches(&expected(b), &rb)
+                mismatches(&expected(&side), r)
                     .into_iter()
-                    .map(|m| format!("B {m}")),
+                    .map(|m| format!("{tag} {m}")),
             );
-            let outcome = if detail.is_empty() {
+        }
+    }
+    row.outcome = if detail.is_empty() {
+        Outcome::Pass
+    } else {
+        Outcome::Fail
+    };
+    row.result = format!("{} · {}", short(&ra), short(&rb));
+    row.detail = detail.join("; ");
+    Ok(())
+}
+
+/// Spawns a command and streams its stderr lines into a channel.
+fn spawn_lines(
+    mut cmd: std::process::Command,
+) -> Result<(std::process::Child, std::sync::mpsc::Receiver<String>), LabError> {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|source| LabError::Spawn {
+            command: "natpunch".into(),
+            source,
+        })?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(err) = child.stderr.take() {
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    Ok((child, rx))
+}
+
+/// Waits for a JSON event line of one of `kinds`.
+fn wait_event(
+    rx: &std::sync::mpsc::Receiver<String>,
+    kinds: &[&str],
+    within: std::time::Duration,
+) -> Option<serde_json::Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.checked_duration_since(Instant::now())?;
+        let line = rx.recv_timeout(left).ok()?;
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if v["event"].as_str().is_some_and(|e| kinds.contains(&e)) {
+                return Some(v);
+            }
+        }
+    }
+}
+
+/// Per-step limits for the connect scenario: setup (discovery + register)
+/// takes ~2 s in the lab; punching gives up after 10 s by itself.
+const SETUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+const PUNCH_LIMIT: std::time::Duration = std::time::Duration::from_secs(40);
+
+fn grid_connect(opts: &LabOptions, pair: &GridPair, row: &mut GridRow) -> Result<(), LabError> {
+    let (want, reason) = expected_connect(&pair.topology);
+    row.expected = Some(match want {
+        Some(s) => format!("direct by {} ({reason})", s.as_str()),
+        None => format!("no direct path ({reason})"),
+    });
+    let mut lab = Lab::build(&pair.topology, opts)?;
+    let server = lab.start_server()?.to_string();
+    let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
+    let _ = std::fs::create_dir_all(&keys);
+    let key = |n: &str| keys.join(n).to_string_lossy().into_owned();
+    let common = |c: &mut std::process::Command, k: String| {
+        c.args([
+            "-s", &server, "--json", "--once", "--rto-ms", "100", "--key", &k,
+        ]);
+    };
+    let mut listen = lab.natpunch(Node::HostB);
+    listen.arg("listen");
+    common(&mut listen, key("b"));
+    let (mut lchild, lrx) = spawn_lines(listen)?;
+    let registered = wait_event(&lrx, &["registered"], SETUP_LIMIT);
+    let Some(id) = registered
+        .as_ref()
+        .and_then(|v| v["peer_id"].as_str())
+        .map(str::to_string)
+    else {
+        let _ = lchild.kill();
+        let _ = std::fs::remove_dir_all(&keys);
+        return Err(LabError::Command {
+            command: "natpunch listen".into(),
+            stderr: "did not register".into(),
+        });
+    };
+    let mut connect = lab.natpunch(Node::HostA);
+    connect.args(["connect", &id]);
+    common(&mut connect, key("a"));
+    let (mut cchild, crx) = spawn_lines(connect)?;
+    let a = wait_event(&crx, &["connected", "failed"], PUNCH_LIMIT);
+    let b = wait_event(
+        &lrx,
+        &["connected", "failed"],
+        std::time::Duration::from_secs(3),
+    );
+    for c in [&mut cchild, &mut lchild] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = std::fs::remove_dir_all(&keys);
+    let ev = |v: &Option<serde_json::Value>| {
+        v.as_ref()
+            .and_then(|v| v["event"].as_str().map(str::to_string))
+    };
+    let strategy = |v: &Option<serde_json::Value>| {
+        v.as_ref()
+            .and_then(|v| v["strategy"].as_str().map(str::to_string))
+    };
+    match (ev(&a).as_deref(), want) {
+        (Some("connected"), Some(s)) => {
+            let v = a.as_ref().map(|v| v.clone()).unwrap_or_default();
+            row.elapsed_ms = v["elapsed_ms"].as_u64().unwrap_or(0);
+            row.probes_sent = v["probes_sent"].as_u64();
+            row.bytes_sent = v["bytes_sent"].as_u64();
+            let got = strategy(&a).unwrap_or_default();
+            row.result = got.clone();
+            let b_ok = ev(&b).as_deref() == Some("connected");
+            row.outcome = if got == s.as_str() && b_ok {
                 Outcome::Pass
             } else {
                 Outcome::Fail
             };
-            let result = format!("{} · {}", short(&ra), short(&rb));
-            Ok((outcome, result, detail.join("; ")))
+            if !b_ok {
+                row.detail = format!("B did not report connected ({:?})", b);
+            } else if got != s.as_str() {
+                row.detail = format!("expected {}, connected by {got}", s.as_str());
+            }
+        }
+        (Some("failed"), None) => {
+            let r = a
+                .as_ref()
+                .and_then(|v| v["reason"].as_str())
+                .unwrap_or_default()
+                .to_string();
+            row.result = "no path".into();
+            row.outcome = if r.contains("no direct path possible") {
+                Outcome::Pass
+            } else {
+                Outcome::Fail
+            };
+            row.detail = r;
+        }
+        (Some("connected"), None) => {
+            row.result = strategy(&a).unwrap_or_default();
+            row.outcome = Outcome::Fail;
+            row.detail = "connected where no direct path was expected".into();
+        }
+        (Some("failed"), Some(_)) | (_, _) => {
+            row.result = "failed".into();
+            row.outcome = Outcome::Fail;
+            row.detail = a
+                .as_ref()
+                .and_then(|v| v["reason"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "no result from natpunch connect".into());
         }
     }
+    Ok(())
+}
+
+/// The outcome a pair must reach, and why: computed from the configured
+/// NATs with the same classification the peers apply to their measured
+/// reports, so a wrong measurement or a broken technique fails the grid.
+pub fn expected_connect(t: &TopologySpec) -> (Option<Strategy>, String) {
+    let view = |side: &Side, ip: &str| {
+        let e = expected(side);
+        SideView {
+            nat: NatSummary {
+                mapping: Some(e.mapping),
+                filtering: Some(e.filtering),
+                allocation: Some(e.allocation),
+                delta: e.delta,
+                opener_ttl: None,
+                nat: Some(e.nat),
+            },
+            observed: format!("{ip}:3478")
+                .parse()
+                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+            fresh: None,
+            candidates: Vec::new(),
+        }
+    };
+    let (a, b) = match t {
+        TopologySpec::Pair { a, b } => (view(a, "198.51.100.2"), view(b, "198.51.100.18")),
+        TopologySpec::SameNat { nat } => {
+            let s = Side::Nat(nat.clone());
+            (view(&s, "198.51.100.2"), view(&s, "198.51.100.2"))
+        }
+        TopologySpec::SharedCarrier { .. } => {
+            return (
+                None,
+                "shared carrier NAT: not part of the connect grid".into(),
+            )
+        }
+    };
+    let kind = classify(&a, &b);
+    let reason = match &kind {
+        PairKind::Lan => "same NAT: LAN addresses reach each other".to_string(),
+        PairKind::Cone => {
+            "each side's own send opens its filter for the other's mapping".to_string()
+        }
+        PairKind::Predict => {
+            "the symmetric side allocates predictably; the cone side probes its next ports"
+                .to_string()
+        }
+        PairKind::Ttl => {
+            "both symmetric but sequential: matched prediction with limited-TTL openers".to_string()
+        }
+        PairKind::Birthday => {
+            "random symmetric against a port-restricted cone: many mappings meet many probes"
+                .to_string()
+        }
+        PairKind::Impossible(r) => r.clone(),
+    };
+    // The lab measures the opener TTL, so a Ttl pair is labelled ttl.
+    (kind.strategy(), reason)
 }
 
 fn short(r: &NatReport) -> String {

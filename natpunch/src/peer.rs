@@ -111,6 +111,9 @@ struct Attempt {
     peer: PeerId,
     punch: Punch,
     role: Role,
+    /// When the attempt began: our Connect (initiator) or the server's
+    /// Incoming (responder).
+    started: Instant,
 }
 
 /// What waits for a fresh mapping before it can go out.
@@ -142,6 +145,8 @@ struct Driver {
     attempt: Option<Attempt>,
     /// Introduction waiting for the punch machine (initiator).
     connect_sent: Option<(u64, Ephemeral, Offer, Option<SocketAddr>)>,
+    /// When the current connect began (before the fresh mapping).
+    connect_started: Option<Instant>,
     readers: Vec<tokio::task::JoinHandle<()>>,
     events: mpsc::Sender<PeerEvent>,
     done: bool,
@@ -221,6 +226,7 @@ pub async fn run(
         fresh_pending: None,
         attempt: None,
         connect_sent: None,
+        connect_started: None,
         readers: Vec::new(),
         events,
         done: false,
@@ -411,6 +417,7 @@ impl Driver {
                         })
                         .await;
                         if let Some(t) = target.take() {
+                            self.connect_started = Some(now);
                             let session: u64 = rand::random();
                             let eph = Ephemeral::from_secret(rand::random());
                             let offer =
@@ -459,7 +466,9 @@ impl Driver {
                         now,
                         start_at,
                     );
-                    self.start_attempt(peer, punch, Role::Initiator).await;
+                    let started = self.connect_started.take().unwrap_or(now);
+                    self.start_attempt(peer, punch, Role::Initiator, started)
+                        .await;
                 }
                 ClientEvent::Incoming {
                     session,
@@ -501,7 +510,7 @@ impl Driver {
                         start_at,
                     );
                     punch.set_peer_offer(&offer.ephemeral, &offer.sig);
-                    self.start_attempt(from, punch, Role::Responder).await;
+                    self.start_attempt(from, punch, Role::Responder, now).await;
                     self.with_fresh(
                         now,
                         AfterFresh::Accept {
@@ -568,7 +577,7 @@ impl Driver {
         c
     }
 
-    async fn start_attempt(&mut self, peer: PeerId, punch: Punch, role: Role) {
+    async fn start_attempt(&mut self, peer: PeerId, punch: Punch, role: Role, started: Instant) {
         let need = punch.sockets_needed();
         while self.sockets.len() < need {
             match bind_udp(SocketAddr::new(self.local.ip(), 0), false) {
@@ -579,7 +588,12 @@ impl Driver {
                 }
             }
         }
-        self.attempt = Some(Attempt { peer, punch, role });
+        self.attempt = Some(Attempt {
+            peer,
+            punch,
+            role,
+            started,
+        });
     }
 
     async fn drain_punch(&mut self) {
@@ -592,6 +606,7 @@ impl Driver {
             evs.push(ev);
         }
         let role = a.role;
+        let started = a.started;
         for ev in evs {
             match ev {
                 PunchEvent::Attempt { strategy } => {
@@ -604,10 +619,12 @@ impl Driver {
                 PunchEvent::Connected {
                     path,
                     strategy,
-                    elapsed,
                     probes_sent,
                     bytes_sent,
+                    ..
                 } => {
+                    // From the start of the whole attempt, not of punching.
+                    let elapsed = started.elapsed();
                     self.close_spare_sockets(path);
                     self.emit(PeerEvent::Connected {
                         peer_id: peer,
