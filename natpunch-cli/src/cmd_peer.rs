@@ -57,6 +57,26 @@ pub struct PeerArgs {
     pub rto_ms: u64,
 }
 
+fn key_path(key: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match key {
+        Some(p) => Ok(p.clone()),
+        None => {
+            keyfile::default_key_path().context("no key file path: set --key, NATPUNCH_KEY or HOME")
+        }
+    }
+}
+
+/// `natpunch id`: prints our peer ID.
+pub fn print_id(key: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let path = key_path(&key)?;
+    let (identity, created) = keyfile::load_or_create(&path)?;
+    if created {
+        eprintln!("natpunch: created a new identity key in {}", path.display());
+    }
+    println!("{}", identity.peer_id());
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(args: PeerArgs, target: Option<PeerId>) -> anyhow::Result<ExitCode> {
     let Some(server) = args.server.clone() else {
         eprintln!("natpunch: a rendezvous server is needed: -s SERVER[:PORT] (see --help)");

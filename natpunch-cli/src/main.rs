@@ -40,6 +40,8 @@ enum Command {
     Listen(cmd_peer::PeerArgs),
     /// Connect to a peer through a rendezvous server.
     Connect(ConnectArgs),
+    /// Print this host's peer ID (creating the key file if needed).
+    Id(IdArgs),
     /// Run the STUN (RFC 8489/5780) and rendezvous server.
     Server(cmd_server::ServerArgs),
     /// Report this host's NAT behaviour (RFC 5780) and port allocation.
@@ -54,6 +56,13 @@ enum Command {
     /// The NAT lab: real Linux NATs in network namespaces (root).
     #[command(subcommand)]
     Lab(lab::LabCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct IdArgs {
+    /// Identity key file (created with mode 0600 if missing).
+    #[arg(long, value_name = "FILE")]
+    key: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -133,6 +142,7 @@ fn main() -> ExitCode {
 fn run_command(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Listen(a) => cmd_peer::run(a, None),
+        Command::Id(a) => cmd_peer::print_id(a.key),
         Command::Connect(a) => cmd_peer::run(a.peer, Some(a.peer_id)),
         Command::Server(a) => cmd_server::run(a),
         Command::Nat(a) => cmd_nat::run_nat(a),

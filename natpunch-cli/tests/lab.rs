@@ -419,3 +419,77 @@ fn access_link_loss_drops_the_configured_share() {
     // Binomial sd at n=4000, p=0.2 is 0.63 %; ±3 points is ~5 sd.
     assert!((0.17..=0.23).contains(&loss), "measured loss {loss}");
 }
+
+/// The hole-punching grid: every preset against every other, double NAT
+/// with a cone outside and same NAT, over 20 ms access links; every pair's
+/// expected outcome (direct by which technique, or no direct path with the
+/// reason) is asserted.
+#[test]
+fn connect_grid_meets_every_expectation() {
+    if !lab_available() {
+        return;
+    }
+    let dir = tempdir("connect-grid");
+    let svg = dir.join("grid.svg");
+    let out = natpunch()
+        .args(["lab", "grid", "--json", "--delay-ms", "20", "--svg"])
+        .arg(&svg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let pairs: Vec<&serde_json::Value> =
+        rows.iter().filter(|r| r.get("outcome").is_some()).collect();
+    for r in &pairs {
+        assert_eq!(r["outcome"], "pass", "{r}");
+    }
+    let result = |a: &str, b: &str| {
+        pairs
+            .iter()
+            .find(|r| r["a"] == a && r["b"] == b)
+            .map(|r| r["result"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_else(|| panic!("pair {a} / {b} missing"))
+    };
+    // The list of pairs that must go direct, and how.
+    assert_eq!(result("full-cone", "port-restricted-cone"), "cone");
+    assert_eq!(result("port-restricted-cone", "linux"), "cone");
+    assert_eq!(
+        result("port-restricted-cone", "symmetric-sequential"),
+        "predict"
+    );
+    assert_eq!(
+        result("symmetric-sequential", "symmetric-sequential"),
+        "ttl"
+    );
+    assert_eq!(
+        result(
+            "symmetric-sequential:delta=2",
+            "symmetric-sequential:delta=2"
+        ),
+        "ttl"
+    );
+    assert_eq!(result("full-cone", "symmetric-random"), "cone");
+    assert_eq!(result("restricted-cone", "symmetric-random"), "cone");
+    assert_eq!(
+        result("port-restricted-cone", "symmetric-random"),
+        "birthday"
+    );
+    assert_eq!(
+        result("port-restricted-cone+full-cone", "port-restricted-cone"),
+        "cone"
+    );
+    assert_eq!(
+        result(
+            "same NAT: port-restricted-cone",
+            "same NAT: port-restricted-cone"
+        ),
+        "lan"
+    );
+    assert_eq!(result("symmetric-random", "symmetric-random"), "no path");
+    assert!(pairs.len() >= 32, "{}", pairs.len());
+    assert!(out.status.success());
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -549,6 +549,11 @@ impl Driver {
                         return Err(PeerError::Refused(code.describe()));
                     }
                     if session.is_some() || !self.client.is_registered() {
+                        // Our own introduction was refused: the connect is over.
+                        if session.is_some() && session == self.connect_sent.as_ref().map(|c| c.0) {
+                            self.connect_sent = None;
+                            self.done = true;
+                        }
                         self.emit(PeerEvent::Failed {
                             peer_id: peer,
                             reason: code.describe().to_string(),

@@ -175,7 +175,6 @@ pub fn streams(kind: &PairKind, me: &SideView, peer: &SideView, cfg: &PlanConfig
     match kind {
         PairKind::Lan => super::lan::streams(me, peer, cfg),
         PairKind::Cone => super::cone::streams(peer, cfg, Strategy::Cone),
-        PairKind::Predict if !me.easy() => super::predict::streams(me, peer, cfg),
         PairKind::Birthday => super::birthday::streams(me, peer, cfg),
         PairKind::Predict | PairKind::Ttl | PairKind::Impossible(_) => Vec::new(),
     }
@@ -191,7 +190,10 @@ pub fn prediction_streams(
     cfg: &PlanConfig,
 ) -> Vec<Stream> {
     match kind {
-        PairKind::Predict if me.easy() => super::predict::streams(me, peer, cfg),
+        // Both sides: the symmetric side's first new mapping (toward the
+        // cone) must not reach the cone's NAT before the cone's probes to it
+        // leave, so it starts with them, behind openers.
+        PairKind::Predict => super::predict::streams(me, peer, cfg),
         PairKind::Ttl => super::ttl::streams(me, peer, cfg),
         _ => Vec::new(),
     }

@@ -35,16 +35,19 @@ pub fn streams(me: &SideView, peer: &SideView, cfg: &PlanConfig) -> Vec<Stream> 
         if targets.is_empty() {
             return Vec::new();
         }
-        vec![Stream {
-            strategy: Strategy::Predict,
-            socket: SocketId(0),
-            targets,
-            offset: Duration::ZERO,
-            interval: cfg.interval,
-            rounds: u32::MAX,
-            gap: Duration::ZERO,
-            first_ttl: None,
-        }]
+        super::ttl::with_openers(
+            Stream {
+                strategy: Strategy::Predict,
+                socket: SocketId(0),
+                targets,
+                offset: Duration::ZERO,
+                interval: cfg.interval,
+                rounds: u32::MAX,
+                gap: Duration::ZERO,
+                first_ttl: None,
+            },
+            cfg.ttl,
+        )
     } else {
         // The symmetric side: its only new destination is the cone.
         cone::streams(peer, cfg, Strategy::Predict)

@@ -60,3 +60,27 @@ pub fn streams(me: &SideView, peer: &SideView, cfg: &PlanConfig) -> Vec<Stream> 
     });
     v
 }
+
+/// Puts a limited-TTL opener round in front of `stream` (when a TTL is
+/// known): the first packet to each target opens our NAT without reaching
+/// the peer's, and real probes follow [`OPENER_LEAD`] later. This also
+/// protects cone pairs: a probe that reaches the peer's NAT before the
+/// peer's own mapping exists can leave a conntrack entry there that makes
+/// Linux pick another port for the peer's mapping (a "conntrack clash").
+pub fn with_openers(stream: Stream, ttl: Option<u8>) -> Vec<Stream> {
+    match ttl {
+        None => vec![stream],
+        Some(t) => {
+            let opener = Stream {
+                rounds: 1,
+                first_ttl: Some(t),
+                ..stream.clone()
+            };
+            let normal = Stream {
+                offset: stream.offset + OPENER_LEAD,
+                ..stream
+            };
+            vec![opener, normal]
+        }
+    }
+}
