@@ -18,6 +18,28 @@ use natpunch::batch::{RecvBatch, SendBatch};
 pub enum BenchCommand {
     /// STUN Binding responses per second: natpunch server vs coturn.
     Stun(StunBench),
+    /// Time to a direct path per NAT pair in the lab, vs the physical floor
+    /// (root, Linux).
+    Punch(PunchBench),
+}
+
+#[derive(Debug, Args)]
+pub struct PunchBench {
+    /// Attempts per pair.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+    /// Pairs, as for `natpunch lab grid --pairs`.
+    #[arg(
+        long,
+        default_value = "port-restricted-cone/port-restricted-cone,full-cone/linux,port-restricted-cone/symmetric-sequential,symmetric-sequential/symmetric-sequential,port-restricted-cone/symmetric-random"
+    )]
+    pub pairs: String,
+    /// One-way delay on each access link (ms).
+    #[arg(long, default_value_t = 20)]
+    pub delay_ms: u64,
+    /// Print one JSON object per pair.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -42,6 +64,7 @@ pub struct StunBench {
 pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Stun(b) => stun(b),
+        BenchCommand::Punch(b) => punch(b),
     }
 }
 
@@ -363,4 +386,52 @@ fn generate(
         _ => None,
     };
     Ok((answered, sent, seconds, cpu))
+}
+
+fn punch(b: PunchBench) -> anyhow::Result<ExitCode> {
+    use natpunch_lab::runner;
+    natpunch_lab::topology::preflight()?;
+    let pairs = runner::parse_pairs(&b.pairs)?;
+    let link = natpunch_lab::LinkSpec {
+        delay: (b.delay_ms > 0).then(|| Duration::from_millis(b.delay_ms)),
+        ..Default::default()
+    };
+    let opts = natpunch_lab::LabOptions {
+        natpunch: std::env::current_exe()?,
+        links: natpunch_lab::Links { a: link, b: link },
+    };
+    if !b.json {
+        println!(
+            "time to a direct path, {} runs per pair, {} ms one-way on each access link",
+            b.runs, b.delay_ms
+        );
+        println!(
+            "  {:<44} {:<9} {:>7} {:>7} {:>9} {:>8} {:>7} {:>7} {:>8}",
+            "pair", "strategy", "direct", "<=5 s", "median", "floor", "ratio", "probes", "bytes"
+        );
+    }
+    runner::run_punch_bench(&opts, &pairs, b.runs, |r| {
+        if b.json {
+            crate::output::json_line(&serde_json::to_value(r).unwrap_or_default());
+        } else {
+            let opt = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+            println!(
+                "  {:<44} {:<9} {:>4}/{:<2} {:>4}/{:<2} {:>6} ms {:>5} ms {:>7} {:>7} {:>8}",
+                format!("{} / {}", r.a, r.b),
+                r.strategy.as_deref().unwrap_or("-"),
+                r.direct,
+                r.runs,
+                r.within_5s,
+                r.runs,
+                opt(r.median_ms),
+                r.floor_ms,
+                r.ratio
+                    .map(|x| format!("{x:.2}x"))
+                    .unwrap_or_else(|| "-".into()),
+                opt(r.median_probes),
+                opt(r.median_bytes)
+            );
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
 }

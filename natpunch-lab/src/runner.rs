@@ -414,16 +414,42 @@ fn wait_event(
 const SETUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
 const PUNCH_LIMIT: std::time::Duration = std::time::Duration::from_secs(40);
 
-fn grid_connect(opts: &LabOptions, pair: &GridPair, row: &mut GridRow) -> Result<(), LabError> {
-    let (want, reason) = expected_connect(&pair.topology);
-    row.expected = Some(match want {
-        Some(s) => format!("direct by {} ({reason})", s.as_str()),
-        None => format!("no direct path ({reason})"),
-    });
-    let mut lab = Lab::build(&pair.topology, opts)?;
-    let server = lab.start_server()?.to_string();
-    let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
-    let _ = std::fs::create_dir_all(&keys);
+/// What one connect attempt in a lab produced: A's and B's final events.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectRun {
+    pub a: Option<serde_json::Value>,
+    pub b: Option<serde_json::Value>,
+}
+
+impl ConnectRun {
+    fn event(v: &Option<serde_json::Value>) -> Option<&str> {
+        v.as_ref().and_then(|v| v["event"].as_str())
+    }
+
+    pub fn connected(&self) -> bool {
+        Self::event(&self.a) == Some("connected") && Self::event(&self.b) == Some("connected")
+    }
+
+    pub fn strategy(&self) -> Option<&str> {
+        self.a.as_ref().and_then(|v| v["strategy"].as_str())
+    }
+
+    pub fn field(&self, k: &str) -> Option<u64> {
+        self.a.as_ref().and_then(|v| v[k].as_u64())
+    }
+
+    pub fn reason(&self) -> String {
+        self.a
+            .as_ref()
+            .and_then(|v| v["reason"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "no result from natpunch connect".into())
+    }
+}
+
+/// B listens, A connects, in a lab whose server is up. Keys live in
+/// `keys` so that runs can reuse them.
+pub fn connect_once(lab: &Lab, keys: &std::path::Path) -> Result<ConnectRun, LabError> {
+    let server = lab.server_addr().to_string();
     let key = |n: &str| keys.join(n).to_string_lossy().into_owned();
     let common = |c: &mut std::process::Command, k: String| {
         c.args([
@@ -441,7 +467,7 @@ fn grid_connect(opts: &LabOptions, pair: &GridPair, row: &mut GridRow) -> Result
         .map(str::to_string)
     else {
         let _ = lchild.kill();
-        let _ = std::fs::remove_dir_all(&keys);
+        let _ = lchild.wait();
         return Err(LabError::Command {
             command: "natpunch listen".into(),
             stderr: "did not register".into(),
@@ -461,41 +487,42 @@ fn grid_connect(opts: &LabOptions, pair: &GridPair, row: &mut GridRow) -> Result
         let _ = c.kill();
         let _ = c.wait();
     }
+    Ok(ConnectRun { a, b })
+}
+
+fn grid_connect(opts: &LabOptions, pair: &GridPair, row: &mut GridRow) -> Result<(), LabError> {
+    let (want, reason) = expected_connect(&pair.topology);
+    row.expected = Some(match want {
+        Some(s) => format!("direct by {} ({reason})", s.as_str()),
+        None => format!("no direct path ({reason})"),
+    });
+    let mut lab = Lab::build(&pair.topology, opts)?;
+    lab.start_server()?;
+    let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
+    let _ = std::fs::create_dir_all(&keys);
+    let run = connect_once(&lab, &keys);
     let _ = std::fs::remove_dir_all(&keys);
-    let ev = |v: &Option<serde_json::Value>| {
-        v.as_ref()
-            .and_then(|v| v["event"].as_str().map(str::to_string))
-    };
-    let strategy = |v: &Option<serde_json::Value>| {
-        v.as_ref()
-            .and_then(|v| v["strategy"].as_str().map(str::to_string))
-    };
-    match (ev(&a).as_deref(), want) {
+    let run = run?;
+    match (ConnectRun::event(&run.a), want) {
         (Some("connected"), Some(s)) => {
-            let v = a.as_ref().map(|v| v.clone()).unwrap_or_default();
-            row.elapsed_ms = v["elapsed_ms"].as_u64().unwrap_or(0);
-            row.probes_sent = v["probes_sent"].as_u64();
-            row.bytes_sent = v["bytes_sent"].as_u64();
-            let got = strategy(&a).unwrap_or_default();
+            row.elapsed_ms = run.field("elapsed_ms").unwrap_or(0);
+            row.probes_sent = run.field("probes_sent");
+            row.bytes_sent = run.field("bytes_sent");
+            let got = run.strategy().unwrap_or_default().to_string();
             row.result = got.clone();
-            let b_ok = ev(&b).as_deref() == Some("connected");
-            row.outcome = if got == s.as_str() && b_ok {
+            row.outcome = if got == s.as_str() && run.connected() {
                 Outcome::Pass
             } else {
                 Outcome::Fail
             };
-            if !b_ok {
-                row.detail = format!("B did not report connected ({:?})", b);
+            if !run.connected() {
+                row.detail = format!("B did not report connected ({:?})", run.b);
             } else if got != s.as_str() {
                 row.detail = format!("expected {}, connected by {got}", s.as_str());
             }
         }
         (Some("failed"), None) => {
-            let r = a
-                .as_ref()
-                .and_then(|v| v["reason"].as_str())
-                .unwrap_or_default()
-                .to_string();
+            let r = run.reason();
             row.result = "no path".into();
             row.outcome = if r.contains("no direct path possible") {
                 Outcome::Pass
@@ -505,20 +532,102 @@ fn grid_connect(opts: &LabOptions, pair: &GridPair, row: &mut GridRow) -> Result
             row.detail = r;
         }
         (Some("connected"), None) => {
-            row.result = strategy(&a).unwrap_or_default();
+            row.result = run.strategy().unwrap_or_default().to_string();
             row.outcome = Outcome::Fail;
             row.detail = "connected where no direct path was expected".into();
         }
-        (Some("failed"), Some(_)) | (_, _) => {
+        _ => {
             row.result = "failed".into();
             row.outcome = Outcome::Fail;
-            row.detail = a
-                .as_ref()
-                .and_then(|v| v["reason"].as_str().map(str::to_string))
-                .unwrap_or_else(|| "no result from natpunch connect".into());
+            row.detail = run.reason();
         }
     }
     Ok(())
+}
+
+/// One pair's benchmark figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRow {
+    pub a: String,
+    pub b: String,
+    pub strategy: Option<String>,
+    pub runs: u32,
+    pub direct: u32,
+    /// Connected within 5 s.
+    pub within_5s: u32,
+    pub median_ms: Option<u64>,
+    /// The physical floor measured in the same lab: when B can first learn
+    /// of the attempt (A→server→B) plus one A↔B round trip.
+    pub floor_ms: u64,
+    pub ratio: Option<f64>,
+    pub median_probes: Option<u64>,
+    pub median_bytes: Option<u64>,
+}
+
+fn median(mut v: Vec<u64>) -> Option<u64> {
+    v.sort_unstable();
+    v.get(v.len() / 2).copied()
+}
+
+/// Time to direct per pair over `runs` attempts, against the floor.
+///
+/// The floor uses each host's measured RTT to the server (its `natpunch
+/// nat` first transaction): B learns of the attempt after rtt_A/2 +
+/// rtt_B/2, and the A↔B round trip is rtt_A + rtt_B (every path crosses
+/// the two access links, which carry all the lab's delay; the hop through
+/// the internet router and server is sub-millisecond).
+pub fn run_punch_bench(
+    opts: &LabOptions,
+    pairs: &[GridPair],
+    runs: u32,
+    mut progress: impl FnMut(&BenchRow),
+) -> Result<Vec<BenchRow>, LabError> {
+    let mut out = Vec::new();
+    for pair in pairs {
+        let mut lab = Lab::build(&pair.topology, opts)?;
+        lab.start_server()?;
+        let rtt = |n| nat_report(&lab, n).ok().and_then(|r| r.rtt_ms).unwrap_or(0);
+        let (ra, rb) = (rtt(Node::HostA), rtt(Node::HostB));
+        let floor_ms = (ra + rb) / 2 + (ra + rb);
+        let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
+        let _ = std::fs::create_dir_all(&keys);
+        let (mut times, mut probes, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+        let mut strategy = None;
+        let mut direct = 0;
+        for _ in 0..runs {
+            let Ok(run) = connect_once(&lab, &keys) else {
+                continue;
+            };
+            if run.connected() {
+                direct += 1;
+                strategy = run.strategy().map(str::to_string);
+                times.extend(run.field("elapsed_ms"));
+                probes.extend(run.field("probes_sent"));
+                bytes.extend(run.field("bytes_sent"));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&keys);
+        let within_5s = times.iter().filter(|t| **t <= 5000).count() as u32;
+        let median_ms = median(times);
+        let row = BenchRow {
+            a: pair.a.clone(),
+            b: pair.b.clone(),
+            strategy,
+            runs,
+            direct,
+            within_5s,
+            median_ms,
+            floor_ms,
+            ratio: median_ms
+                .filter(|_| floor_ms > 0)
+                .map(|m| m as f64 / floor_ms as f64),
+            median_probes: median(probes),
+            median_bytes: median(bytes),
+        };
+        progress(&row);
+        out.push(row);
+    }
+    Ok(out)
 }
 
 /// The outcome a pair must reach, and why: computed from the configured
