@@ -113,11 +113,14 @@ impl Host {
     }
 }
 
+/// A datagram in flight: (arrival, tie-break, destination, src, dst, payload).
+type InFlight = (Instant, u64, usize, SocketAddr, SocketAddr, Vec<u8>);
+
 struct World {
     now: Instant,
     server: RendezvousServer,
     hosts: [Host; 2],
-    queue: BinaryHeap<Reverse<(Instant, u64, usize, SocketAddr, SocketAddr, Vec<u8>)>>,
+    queue: BinaryHeap<Reverse<InFlight>>,
     counter: u64,
 }
 
