@@ -371,21 +371,7 @@ impl Lab {
                 let mut inside = Vec::new();
                 for i in [1u8, 2] {
                     let (_, host_node) = roles(i);
-                    let host = self.add_ns(host_node, side_letter(i))?;
-                    self.wire(
-                        (&nat, &format!("lan{i}"), &format!("10.0.{i}.1/24")),
-                        (&host, "eth0", &format!("10.0.{i}.2/24")),
-                    )?;
-                    ip(&[
-                        "-n",
-                        &host,
-                        "route",
-                        "add",
-                        "default",
-                        "via",
-                        &format!("10.0.{i}.1"),
-                    ])?;
-                    self.hosts.push((host_node, Ipv4Addr::new(10, 0, i, 2)));
+                    self.add_host(&nat, &format!("lan{i}"), i, host_node)?;
                     inside.push(format!("10.0.{i}.0/24"));
                 }
                 let at = NatPlacement {
@@ -497,9 +483,20 @@ impl Lab {
         public: Ipv4Addr,
         host_node: Node,
     ) -> Result<(), LabError> {
+        self.add_host(nat, "lan0", i, host_node)?;
+        let at = NatPlacement {
+            wan: "wan".into(),
+            public,
+            inside: vec![format!("10.0.{i}.0/24")],
+        };
+        self.load_nat(nat, spec, &at)
+    }
+
+    /// Host `i` (10.0.i.2) on the NAT namespace's inside interface `lan`.
+    fn add_host(&mut self, nat: &str, lan: &str, i: u8, host_node: Node) -> Result<(), LabError> {
         let host = self.add_ns(host_node, side_letter(i))?;
         self.wire(
-            (nat, "lan0", &format!("10.0.{i}.1/24")),
+            (nat, lan, &format!("10.0.{i}.1/24")),
             (&host, "eth0", &format!("10.0.{i}.2/24")),
         )?;
         ip(&[
@@ -512,12 +509,7 @@ impl Lab {
             &format!("10.0.{i}.1"),
         ])?;
         self.hosts.push((host_node, Ipv4Addr::new(10, 0, i, 2)));
-        let at = NatPlacement {
-            wan: "wan".into(),
-            public,
-            inside: vec![format!("10.0.{i}.0/24")],
-        };
-        self.load_nat(nat, spec, &at)
+        Ok(())
     }
 
     /// Rate (tbf), loss (nft numgen) and delay (NFQUEUE delay line) on a

@@ -220,6 +220,26 @@ impl RendezvousServer {
         self.reply_unverified(local, to, request_len, &Frame::Error { code, session });
     }
 
+    /// Checks a request's address cookie and signature.
+    fn authenticate(
+        &mut self,
+        now: Instant,
+        frame: &Frame,
+        from: SocketAddr,
+        peer: &PeerId,
+        cookie: &Cookie,
+        sig: &[u8],
+    ) -> Result<Duration, ErrorCode> {
+        let Some(age) = self.check_cookie(now, cookie, from, peer) else {
+            self.stats.bad_cookie += 1;
+            return Err(ErrorCode::BadCookie);
+        };
+        if !self.verify(frame, peer, sig) {
+            return Err(ErrorCode::BadSignature);
+        }
+        Ok(age)
+    }
+
     fn verify(&mut self, frame: &Frame, peer: &PeerId, sig: &[u8]) -> bool {
         let Ok(sig) = <[u8; 64]>::try_from(sig) else {
             self.stats.bad_signature += 1;
@@ -273,13 +293,10 @@ impl RendezvousServer {
                 info,
                 sig,
             } => {
-                let Some(rtt) = self.check_cookie(now, cookie, from, peer) else {
-                    self.stats.bad_cookie += 1;
-                    return self.error(local, from, n, ErrorCode::BadCookie, None);
+                let rtt = match self.authenticate(now, &frame, from, peer, cookie, sig) {
+                    Ok(age) => age,
+                    Err(code) => return self.error(local, from, n, code, None),
                 };
-                if !self.verify(&frame, peer, sig) {
-                    return self.error(local, from, n, ErrorCode::BadSignature, None);
-                }
                 self.expire(now);
                 if !self.regs.contains_key(peer) && self.regs.len() >= MAX_REGISTRATIONS {
                     return self.error(local, from, n, ErrorCode::RateLimited, None);
@@ -314,12 +331,8 @@ impl RendezvousServer {
                 fresh,
                 sig,
             } => {
-                if self.check_cookie(now, cookie, from, peer).is_none() {
-                    self.stats.bad_cookie += 1;
-                    return self.error(local, from, n, ErrorCode::BadCookie, Some(*session));
-                }
-                if !self.verify(&frame, peer, sig) {
-                    return self.error(local, from, n, ErrorCode::BadSignature, Some(*session));
+                if let Err(code) = self.authenticate(now, &frame, from, peer, cookie, sig) {
+                    return self.error(local, from, n, code, Some(*session));
                 }
                 self.expire(now);
                 let Some(me) = self.regs.get_mut(peer).filter(|r| r.expires > now) else {
@@ -382,12 +395,8 @@ impl RendezvousServer {
                 fresh,
                 sig,
             } => {
-                if self.check_cookie(now, cookie, from, peer).is_none() {
-                    self.stats.bad_cookie += 1;
-                    return self.error(local, from, n, ErrorCode::BadCookie, Some(*session));
-                }
-                if !self.verify(&frame, peer, sig) {
-                    return self.error(local, from, n, ErrorCode::BadSignature, Some(*session));
+                if let Err(code) = self.authenticate(now, &frame, from, peer, cookie, sig) {
+                    return self.error(local, from, n, code, Some(*session));
                 }
                 self.expire(now);
                 let Some(s) = self
