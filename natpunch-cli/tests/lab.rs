@@ -171,6 +171,8 @@ fn grid_over_eight_pairs_with_delay_writes_json_and_picture() {
         .args([
             "lab",
             "grid",
+            "--scenario",
+            "nat",
             "--json",
             "--delay-ms",
             "20",

@@ -53,6 +53,11 @@ pub fn streams(me: &SideView, peer: &SideView, cfg: &PlanConfig) -> Vec<Stream> 
     } else {
         let mut v = cone::streams(peer, cfg, Strategy::Birthday);
         for k in 1..=cfg.birthday_sockets as usize {
+            // With a known limited TTL, each socket only opens its mapping
+            // and never reaches the cone's NAT: a probe arriving there would
+            // leave a conntrack entry that makes a Linux NAT re-map the very
+            // spray probe that hits this mapping (a "clash"). The hit is
+            // answered by our ack. Without a TTL, probe the cone directly.
             v.push(Stream {
                 strategy: Strategy::Birthday,
                 socket: SocketId(k),
@@ -60,9 +65,9 @@ pub fn streams(me: &SideView, peer: &SideView, cfg: &PlanConfig) -> Vec<Stream> 
                 // Spread the burst over ~50 ms so the NAT is not flooded.
                 offset: Duration::from_micros(200 * k as u64),
                 interval: HARD_INTERVAL,
-                rounds: u32::MAX,
+                rounds: if cfg.ttl.is_some() { 1 } else { u32::MAX },
                 gap: Duration::ZERO,
-                first_ttl: None,
+                first_ttl: cfg.ttl,
             });
         }
         v
