@@ -119,10 +119,7 @@ fn verify_passes_for_every_preset_double_shared_and_same_nat() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = json_lines(&out.stdout);
     let checks: Vec<&serde_json::Value> =
         lines.iter().filter(|v| v.get("host").is_some()).collect();
     for c in &checks {
@@ -184,10 +181,7 @@ fn grid_over_eight_pairs_with_delay_writes_json_and_picture() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let rows: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(&out.stdout);
     let pairs_run: Vec<&serde_json::Value> =
         rows.iter().filter(|r| r.get("outcome").is_some()).collect();
     assert_eq!(pairs_run.len(), 8, "{text}");
@@ -284,10 +278,7 @@ fn demo_builds_a_lab_and_reports_both_nats() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    let reports: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let reports = json_lines(&out.stdout);
     assert_eq!(reports.len(), 2, "{text}");
     assert_eq!(reports[0]["classic"], "port-restricted-cone");
     assert_eq!(reports[1]["classic"], "symmetric");
@@ -438,11 +429,7 @@ fn connect_grid_meets_every_expectation() {
         .arg(&svg)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let rows: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_lines(&out.stdout);
     let pairs: Vec<&serde_json::Value> =
         rows.iter().filter(|r| r.get("outcome").is_some()).collect();
     for r in &pairs {
