@@ -336,20 +336,7 @@ impl Lab {
                 let mut inside = Vec::new();
                 for (i, home) in [(1u8, a), (2u8, b)] {
                     let (nat_node, host_node) = roles(i);
-                    let nat = self.add_ns(nat_node, &format!("nat{}", side_letter(i)))?;
-                    self.wire(
-                        (&cgn, &format!("lan{i}"), &format!("100.64.{i}.1/24")),
-                        (&nat, "wan", &format!("100.64.{i}.2/24")),
-                    )?;
-                    ip(&[
-                        "-n",
-                        &nat,
-                        "route",
-                        "add",
-                        "default",
-                        "via",
-                        &format!("100.64.{i}.1"),
-                    ])?;
+                    let nat = self.add_home_nat(&cgn, &format!("lan{i}"), i, nat_node)?;
                     inside.push(format!("100.64.{i}.0/24"));
                     self.build_home(&nat, i, home, Ipv4Addr::new(100, 64, i, 2), host_node)?;
                 }
@@ -425,20 +412,7 @@ impl Lab {
                 };
                 let cgn = self.add_ns(carrier_node, &format!("cgn{}", side_letter(i)))?;
                 self.uplink(inet, i, &cgn, inet_ip, up_ip)?;
-                let nat = self.add_ns(nat_node, &format!("nat{}", side_letter(i)))?;
-                self.wire(
-                    (&cgn, "lan0", &format!("100.64.{i}.1/24")),
-                    (&nat, "wan", &format!("100.64.{i}.2/24")),
-                )?;
-                ip(&[
-                    "-n",
-                    &nat,
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &format!("100.64.{i}.1"),
-                ])?;
+                let nat = self.add_home_nat(&cgn, "lan0", i, nat_node)?;
                 let at = NatPlacement {
                     wan: "wan".into(),
                     public: Ipv4Addr::new(198, 51, 100, up_ip),
@@ -490,6 +464,32 @@ impl Lab {
             inside: vec![format!("10.0.{i}.0/24")],
         };
         self.load_nat(nat, spec, &at)
+    }
+
+    /// Home NAT `i` (100.64.i.2) on the carrier namespace's inside
+    /// interface `lan`; returns its namespace.
+    fn add_home_nat(
+        &mut self,
+        carrier: &str,
+        lan: &str,
+        i: u8,
+        nat_node: Node,
+    ) -> Result<String, LabError> {
+        let nat = self.add_ns(nat_node, &format!("nat{}", side_letter(i)))?;
+        self.wire(
+            (carrier, lan, &format!("100.64.{i}.1/24")),
+            (&nat, "wan", &format!("100.64.{i}.2/24")),
+        )?;
+        ip(&[
+            "-n",
+            &nat,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("100.64.{i}.1"),
+        ])?;
+        Ok(nat)
     }
 
     /// Host `i` (10.0.i.2) on the NAT namespace's inside interface `lan`.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use natpunch_proto::identity::{Ephemeral, Identity, PeerId};
-use natpunch_proto::nat::{Behaviour, DiscoveryConfig, NatReport};
+use natpunch_proto::nat::{DiscoveryConfig, NatReport};
 use natpunch_proto::punch::{
     make_offer, Path, Punch, PunchConfig, PunchEvent, Role, SideView, Strategy,
 };
@@ -150,10 +150,6 @@ struct Driver {
     readers: Vec<tokio::task::JoinHandle<()>>,
     events: mpsc::Sender<PeerEvent>,
     done: bool,
-}
-
-fn uses_fresh(nat: &NatSummary) -> bool {
-    nat.nat == Some(true) && !matches!(nat.mapping, Some(Behaviour::EndpointIndependent) | None)
 }
 
 /// Runs a peer until `once` is satisfied or the event receiver is dropped.
@@ -358,7 +354,8 @@ impl Driver {
 
     /// Starts a fresh-mapping Binding, or runs `then` at once if not needed.
     fn with_fresh(&mut self, now: Instant, then: AfterFresh) {
-        match self.fresh_target.filter(|_| uses_fresh(&self.nat)) {
+        // A cone's next mapping is the one it has; only others need a fresh one.
+        match self.fresh_target.filter(|_| !self.me(None).easy()) {
             Some(dest) => {
                 let req = Message::binding_request(TransactionId::new(rand::random()));
                 let tid = self

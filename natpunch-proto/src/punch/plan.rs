@@ -4,7 +4,7 @@
 //! relies on: the first *new* destination each side sends to must be the
 //! one the other side predicts.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::nat::{AllocationKind, Behaviour};
@@ -199,21 +199,6 @@ pub fn prediction_streams(
     }
 }
 
-/// Whether the plan needs the peer's fresh mapping before it can start.
-pub fn needs_peer_fresh(kind: &PairKind, me: &SideView) -> bool {
-    match kind {
-        PairKind::Predict => me.easy(),
-        PairKind::Ttl => true,
-        _ => false,
-    }
-}
-
-/// Whether `me` must take a fresh mapping before punching (the peer will
-/// predict our next port from it).
-pub fn needs_own_fresh(kind: &PairKind, me: &SideView) -> bool {
-    matches!(kind, PairKind::Predict | PairKind::Ttl) && !me.easy()
-}
-
 /// Extra sockets `me` needs (birthday: the hard side's many mappings).
 pub fn extra_sockets(kind: &PairKind, me: &SideView, cfg: &PlanConfig) -> usize {
     if *kind == PairKind::Birthday && !me.easy() {
@@ -221,11 +206,6 @@ pub fn extra_sockets(kind: &PairKind, me: &SideView, cfg: &PlanConfig) -> usize 
     } else {
         0
     }
-}
-
-/// The public IP a side is seen with.
-pub fn public_ip(s: &SideView) -> IpAddr {
-    s.observed.ip()
 }
 
 #[cfg(test)]
