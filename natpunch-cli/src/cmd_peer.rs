@@ -7,14 +7,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
 use anyhow::Context;
 use clap::Args;
 use natpunch::keyfile;
 use natpunch::net::resolve;
-use natpunch::peer::{self, Mode, PeerConfig, PeerEvent};
+use natpunch::peer::PeerEvent;
+use natpunch::session::service::Services;
+use natpunch::session::{Endpoint, EndpointConfig};
 use natpunch_proto::identity::PeerId;
-use natpunch_proto::punch::PunchConfig;
-use tokio::sync::mpsc;
 
 /// The STUN/rendezvous port (RFC 8489 §18.6).
 const DEFAULT_PORT: u16 = 3478;
@@ -45,10 +48,35 @@ pub struct PeerArgs {
     /// Identity key file (created with mode 0600 if missing).
     #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
-    /// Exit after the first connection (or failure) instead of keeping it
-    /// alive until Ctrl-C.
+    /// Punch only: report the first punched path (or failure) and exit,
+    /// without a session or data.
     #[arg(long)]
     pub once: bool,
+    /// Listener: keep accepting sessions after the first one ends.
+    #[arg(long)]
+    pub keep_open: bool,
+    /// Listener: offer the local TCP service HOST:PORT to peers under NAME
+    /// (repeatable; implies --keep-open). Nothing else is reachable.
+    #[arg(long, value_name = "NAME=HOST:PORT")]
+    pub expose: Vec<String>,
+    /// Listener: accept sessions only from this peer (repeatable).
+    #[arg(long, value_name = "PEER_ID")]
+    pub allow: Vec<PeerId>,
+    /// Connector: listen on LOCAL_ADDR:PORT and carry each TCP connection to
+    /// the peer's service NAME (repeatable).
+    #[arg(long, value_name = "LOCAL_ADDR:PORT=NAME")]
+    pub forward: Vec<String>,
+    /// Connector: join stdin/stdout to the peer's service NAME (for ssh's
+    /// ProxyCommand).
+    #[arg(long, value_name = "NAME")]
+    pub to: Option<String>,
+    /// Connector: the peer has a public or forwarded port here; dial it
+    /// directly instead of punching.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub direct: Option<String>,
+    /// End a session whose path stays silent this many seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    pub idle_timeout: u64,
     /// Give up punching after this many seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub timeout: u64,
@@ -77,87 +105,162 @@ pub fn print_id(key: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Checks the flag combinations; `Err` is the one line for exit code 2.
+fn check_usage(args: &PeerArgs, connecting: bool) -> Result<(), String> {
+    if args.server.is_none() {
+        return Err("a rendezvous server is needed: -s SERVER[:PORT] (see --help)".into());
+    }
+    if connecting {
+        for (set, flag) in [
+            (!args.expose.is_empty(), "--expose"),
+            (!args.allow.is_empty(), "--allow"),
+            (args.keep_open, "--keep-open"),
+        ] {
+            if set {
+                return Err(format!("{flag} is for the listening side (without -d)"));
+            }
+        }
+        if args.to.is_some() && !args.forward.is_empty() {
+            return Err("--to and --forward do not go together".into());
+        }
+    } else {
+        for (set, flag) in [
+            (!args.forward.is_empty(), "--forward"),
+            (args.to.is_some(), "--to"),
+            (args.direct.is_some(), "--direct"),
+        ] {
+            if set {
+                return Err(format!("{flag} needs -d PEER_ID"));
+            }
+        }
+    }
+    if args.once && (args.to.is_some() || !args.forward.is_empty() || !args.expose.is_empty()) {
+        return Err("--once only punches; it carries no data".into());
+    }
+    Ok(())
+}
+
 pub fn run(args: PeerArgs, target: Option<PeerId>) -> anyhow::Result<ExitCode> {
-    let Some(server) = args.server.clone() else {
-        eprintln!("natpunch: a rendezvous server is needed: -s SERVER[:PORT] (see --help)");
+    let target = target.or(args.dest);
+    if let Err(line) = check_usage(&args, target.is_some()) {
+        eprintln!("natpunch: {line}");
         return Ok(ExitCode::from(2));
-    };
-    let path = match &args.key {
-        Some(p) => p.clone(),
-        None => keyfile::default_key_path()
-            .context("no key file path: set --key, NATPUNCH_KEY or HOME")?,
-    };
+    }
+    let mut services = Services::default();
+    for spec in &args.expose {
+        if let Err(line) = services.add(spec) {
+            eprintln!("natpunch: {line}");
+            return Ok(ExitCode::from(2));
+        }
+    }
+    let mut forwards = Vec::new();
+    for spec in &args.forward {
+        match crate::cmd_session::parse_forward(spec) {
+            Ok(f) => forwards.push(f),
+            Err(line) => {
+                eprintln!("natpunch: {line}");
+                return Ok(ExitCode::from(2));
+            }
+        }
+    }
+    let path = key_path(&args.key)?;
     let (identity, created) = keyfile::load_or_create(&path)?;
     if created && !args.json {
         eprintln!("natpunch: created a new identity key in {}", path.display());
     }
-    let target = target.or(args.dest);
     crate::runtime()?.block_on(async move {
-        let server = resolve(
-            &server,
-            DEFAULT_PORT,
-            args.source_ip.is_some_and(|i| i.is_ipv6()),
-        )
-        .await?;
+        let v6 = args.source_ip.is_some_and(|i| i.is_ipv6());
+        let direct = match &args.direct {
+            Some(d) => Some(resolve(d, DEFAULT_PORT, v6).await?),
+            None => None,
+        };
+        let server = resolve(args.server.as_deref().unwrap_or_default(), DEFAULT_PORT, v6).await?;
         let stun = match &args.stun {
             Some(h) => Some(resolve(h, DEFAULT_PORT, server.is_ipv6()).await?),
             None => None,
         };
-        let mut punch = PunchConfig::new(0);
-        punch.timeout = Duration::from_secs(args.timeout);
-        let cfg = PeerConfig {
-            identity,
-            server,
-            stun,
-            source_ip: args.source_ip,
-            source_port: args.source_port,
-            ttl: args.ttl,
-            punch,
-            rto: Duration::from_millis(args.rto_ms),
-            once: args.once,
-        };
-        let mode = match target {
-            Some(t) => Mode::Connect(t),
-            None => Mode::Listen,
-        };
-        let (tx, mut rx) = mpsc::channel(256);
-        let json = args.json;
-        let driver = tokio::spawn(peer::run(cfg, mode, tx));
-        let mut failed = false;
-        let mut connected = false;
-        let printer = async {
-            while let Some(ev) = rx.recv().await {
-                match &ev {
-                    PeerEvent::Connected { .. } => connected = true,
-                    PeerEvent::Failed { .. } => failed = true,
-                    _ => {}
+        let mut cfg = EndpointConfig::new(identity, server);
+        cfg.peer.stun = stun;
+        cfg.peer.source_ip = args.source_ip;
+        cfg.peer.source_port = args.source_port;
+        cfg.peer.ttl = args.ttl;
+        cfg.peer.punch.timeout = Duration::from_secs(args.timeout);
+        cfg.peer.rto = Duration::from_millis(args.rto_ms);
+        cfg.peer.once = args.once;
+        cfg.accept = target.is_none();
+        cfg.idle_timeout = Duration::from_secs(args.idle_timeout);
+        if !args.allow.is_empty() {
+            cfg.allow = Some(args.allow.iter().copied().collect::<HashSet<_>>());
+        }
+        let endpoint = Endpoint::bind(cfg)?;
+        let status = Arc::new(Mutex::new(Seen::default()));
+        let printer = {
+            let (json, status) = (args.json, status.clone());
+            let events = endpoint.events();
+            tokio::spawn(async move {
+                let Some(mut rx) = events else { return };
+                while let Some(ev) = rx.recv().await {
+                    if let Ok(mut s) = status.lock() {
+                        s.note(&ev);
+                    }
+                    print_event(&ev, json);
                 }
-                print_event(&ev, json);
+            })
+        };
+        let session = crate::cmd_session::Session {
+            endpoint: &endpoint,
+            json: args.json,
+            idle_secs: args.idle_timeout,
+        };
+        let work = async {
+            if args.once {
+                if let Some(t) = target {
+                    // The driver stops after the punch; the reply never comes.
+                    let _ = tokio::join!(endpoint.connect(t), endpoint.finished());
+                }
+                endpoint.finished().await.map_err(anyhow::Error::msg)?;
+                let s = status.lock().map(|s| *s).unwrap_or_default();
+                return Ok(if s.failed && !s.connected {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                });
+            }
+            match target {
+                Some(t) => session.connect(t, direct, args.to.clone(), forwards).await,
+                None => session.listen(services, args.keep_open).await,
             }
         };
-        tokio::select! {
-            _ = printer => {}
-            r = crate::cmd_server::wait_for_signal() => r?,
-        }
-        let result = match tokio::time::timeout(Duration::from_millis(100), driver).await {
-            Ok(Ok(r)) => r,
-            // Still running (Ctrl-C): that's a normal stop.
-            _ => Ok(()),
-        };
-        if let Err(e) = result {
-            if json {
-                crate::output::json_line_stderr(
-                    &serde_json::json!({"event": "failed", "reason": e.to_string()}),
-                );
+        let code = tokio::select! {
+            r = work => r,
+            r = crate::cmd_server::wait_for_signal() => {
+                r?;
+                session.interrupt().await;
+                Ok(ExitCode::from(130))
             }
-            return Err(anyhow::Error::new(e));
-        }
-        Ok(if failed && !connected {
-            ExitCode::FAILURE
-        } else {
-            ExitCode::SUCCESS
-        })
+        };
+        // Let the last events reach the terminal.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        printer.abort();
+        code
     })
+}
+
+/// What the events said, for the exit code of punch-only runs.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    connected: bool,
+    failed: bool,
+}
+
+impl Seen {
+    fn note(&mut self, ev: &PeerEvent) {
+        match ev {
+            PeerEvent::Connected { .. } => self.connected = true,
+            PeerEvent::Failed { .. } => self.failed = true,
+            _ => {}
+        }
+    }
 }
 
 fn print_event(ev: &PeerEvent, json: bool) {
@@ -195,8 +298,8 @@ fn print_event(ev: &PeerEvent, json: bool) {
                     &serde_json::json!({"event": "registered", "peer_id": peer_id.to_string(), "observed": observed}),
                 );
             } else {
-                println!("{peer_id}");
-                eprintln!("natpunch: registered as {peer_id} (seen as {observed}); waiting");
+                // stdout is for the peer's data; the ID goes to stderr.
+                eprintln!("natpunch: registered as {peer_id} (seen as {observed})");
             }
         }
         PeerEvent::Incoming { from } => {
@@ -254,6 +357,39 @@ fn print_event(ev: &PeerEvent, json: bool) {
                 j(&serde_json::json!({"event": "path-lost", "peer_id": peer_id.to_string()}));
             } else {
                 eprintln!("natpunch: path to {peer_id} lost");
+            }
+        }
+        PeerEvent::SessionStarted { peer_id, remote } => {
+            if json {
+                j(&serde_json::json!({"event": "session", "peer_id": peer_id.to_string(), "remote": remote}));
+            } else {
+                eprintln!("natpunch: encrypted session with {peer_id} at {remote}");
+            }
+        }
+        PeerEvent::PathChanged { peer_id, remote } => {
+            if json {
+                j(&serde_json::json!({"event": "path-changed", "peer_id": peer_id.to_string(), "remote": remote}));
+            } else {
+                eprintln!("natpunch: path to {peer_id} moved to {remote}");
+            }
+        }
+        PeerEvent::Stalled { peer_id } => {
+            if json {
+                j(&serde_json::json!({"event": "stalled", "peer_id": peer_id.to_string()}));
+            } else {
+                eprintln!("natpunch: path to {peer_id} stopped answering; punching again");
+            }
+        }
+        PeerEvent::SessionEnded { peer_id } => {
+            if json {
+                j(&serde_json::json!({"event": "session-ended", "peer_id": peer_id.to_string()}));
+            }
+        }
+        PeerEvent::Refused { peer_id, reason } => {
+            if json {
+                j(&serde_json::json!({"event": "refused", "peer_id": peer_id.to_string(), "reason": reason}));
+            } else {
+                eprintln!("natpunch: refused a session: {reason}");
             }
         }
         other => tracing::debug!(?other, "unprinted peer event"),

@@ -6,6 +6,7 @@ mod bench;
 mod cmd_nat;
 mod cmd_peer;
 mod cmd_server;
+mod cmd_session;
 mod demo;
 mod lab;
 mod output;

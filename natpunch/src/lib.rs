@@ -5,12 +5,16 @@
 //! - [`nat`]: runs NAT behaviour discovery and returns a report.
 //! - [`net`]: socket and name-resolution helpers.
 //! - [`batch`]: batched UDP receive and send (recvmmsg/sendmmsg).
+//! - [`peer`]: the peer driver: discovery, rendezvous, punching.
+//! - [`session`]: QUIC sessions on the punched path, and the library API
+//!   ([`session::Endpoint`]).
 
 pub mod batch;
 pub mod keyfile;
 pub mod nat;
 pub mod net;
 pub mod peer;
+pub mod session;
 pub mod stun_server;
 pub mod ttl;
 

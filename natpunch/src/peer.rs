@@ -1,8 +1,13 @@
-//! The peer driver: one main UDP socket carrying STUN, rendezvous and punch
-//! traffic (demultiplexed by first byte), plus the extra sockets birthday
-//! probing needs. It measures the NAT, registers, and then listens for or
-//! makes introductions, running the sans-IO punching ladder for each.
+//! The peer driver: one main UDP socket carrying STUN, rendezvous, punch
+//! and QUIC traffic (demultiplexed by first byte in
+//! [`crate::session::socket`]), plus the extra sockets birthday probing
+//! needs. It measures the NAT, registers, and then makes or answers
+//! introductions, running the sans-IO punching ladder for each. Once a
+//! hole is punched, the session layer's QUIC handshake runs through it, on
+//! the winning socket; when a session's path stalls it punches again and
+//! points the session at the new address.
 
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,20 +23,14 @@ use natpunch_proto::stun::message::{looks_like_stun, Message, TransactionId};
 use natpunch_proto::stun::transaction::{Client as StunClient, Outcome, Timing};
 use natpunch_proto::{SocketId, Transmit};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::nat::{discover, NatError, NatOptions};
 use crate::net::{bind_udp, route_source, NetError};
+use crate::session::endpoint::{Shared, UserCommand};
+use crate::session::socket::{Datagram, MuxSocket};
+use crate::session::{Connection, Internal, SessionError};
 use crate::ttl;
-
-/// What the peer should do once registered.
-#[derive(Debug, Clone)]
-pub enum Mode {
-    /// Wait for introductions.
-    Listen,
-    /// Connect to this peer.
-    Connect(PeerId),
-}
 
 /// Settings.
 #[derive(Debug, Clone)]
@@ -48,7 +47,8 @@ pub struct PeerConfig {
     pub punch: PunchConfig,
     /// Discovery retransmission timeout (shorter in the lab).
     pub rto: Duration,
-    /// Stop after the first connection (or failure).
+    /// Punch only: stop after the first punched path (or failure),
+    /// without a QUIC session.
     pub once: bool,
 }
 
@@ -86,6 +86,28 @@ pub enum PeerEvent {
     PathLost {
         peer_id: PeerId,
     },
+    /// A QUIC session is up (authenticated).
+    SessionStarted {
+        peer_id: PeerId,
+        remote: SocketAddr,
+    },
+    /// A session's path moved to a new address (NAT rebinding, re-punch).
+    PathChanged {
+        peer_id: PeerId,
+        remote: SocketAddr,
+    },
+    /// A session's path stopped answering; punching again.
+    Stalled {
+        peer_id: PeerId,
+    },
+    SessionEnded {
+        peer_id: PeerId,
+    },
+    /// A peer finished the handshake but is not welcome here.
+    Refused {
+        peer_id: PeerId,
+        reason: String,
+    },
 }
 
 /// Errors that stop the peer.
@@ -102,9 +124,19 @@ pub enum PeerError {
     ServerUnreachable(SocketAddr),
     #[error("the rendezvous server refused: {0}")]
     Refused(&'static str),
+    #[error(transparent)]
+    Session(#[from] SessionError),
 }
 
-type Datagram = (usize, SocketAddr, Vec<u8>);
+/// A live session, as the driver tracks it.
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    socket: usize,
+    /// The address quinn knows the peer by.
+    remote: SocketAddr,
+    /// We started it (and so re-punch it when it stalls).
+    client: bool,
+}
 
 /// The attempt in progress.
 struct Attempt {
@@ -132,7 +164,17 @@ enum AfterFresh {
 
 struct Driver {
     cfg: PeerConfig,
+    shared: Arc<Shared>,
     sockets: Vec<Arc<UdpSocket>>,
+    /// The QUIC side of a socket, once it carries (or may carry) sessions.
+    quic: Vec<Option<(Arc<MuxSocket>, quinn::Endpoint)>>,
+    /// Connects asked for before we were registered.
+    queued: VecDeque<(PeerId, Option<oneshot::Sender<Result<Connection, SessionError>>>)>,
+    /// Who waits for the connect in progress.
+    waiting: Option<(PeerId, oneshot::Sender<Result<Connection, SessionError>>)>,
+    sessions: HashMap<PeerId, Live>,
+    /// Drop the finished punch machine after the next flush.
+    retire_attempt: bool,
     tx: mpsc::Sender<Datagram>,
     client: RendezvousClient,
     stun: StunClient,
@@ -147,16 +189,17 @@ struct Driver {
     connect_sent: Option<(u64, Ephemeral, Offer, Option<SocketAddr>)>,
     /// When the current connect began (before the fresh mapping).
     connect_started: Option<Instant>,
-    readers: Vec<tokio::task::JoinHandle<()>>,
-    events: mpsc::Sender<PeerEvent>,
+    readers: Vec<Option<tokio::task::JoinHandle<()>>>,
     done: bool,
 }
 
-/// Runs a peer until `once` is satisfied or the event receiver is dropped.
-pub async fn run(
+/// Runs a peer until its [`crate::session::Endpoint`] is dropped, a
+/// fatal error, or (punch-only mode) the first result.
+pub(crate) async fn run(
     cfg: PeerConfig,
-    mode: Mode,
-    events: mpsc::Sender<PeerEvent>,
+    shared: Arc<Shared>,
+    mut commands: mpsc::Receiver<UserCommand>,
+    mut internal: mpsc::Receiver<Internal>,
 ) -> Result<(), PeerError> {
     let stun = cfg.stun.unwrap_or(cfg.server);
     let ip = match cfg.source_ip {
@@ -185,12 +228,10 @@ pub async fn run(
         return Err(PeerError::StunUnreachable(stun));
     }
     let opener_ttl = cfg.ttl.or_else(|| hops.ok().and_then(|h| h.opener_ttl));
-    let _ = events
-        .send(PeerEvent::NatMeasured {
-            report: Box::new(report.clone()),
-            opener_ttl,
-        })
-        .await;
+    let _ = shared.events.try_send(PeerEvent::NatMeasured {
+        report: Box::new(report.clone()),
+        opener_ttl,
+    });
     let nat = NatSummary::from_report(&report, opener_ttl);
 
     let main = bind_udp(SocketAddr::new(ip, cfg.source_port.unwrap_or(0)), false)?;
@@ -213,7 +254,13 @@ pub async fn run(
             .other_address
             .map(|o| SocketAddr::new(o.ip(), stun.port())),
         cfg,
+        shared,
         sockets: Vec::new(),
+        quic: Vec::new(),
+        queued: VecDeque::new(),
+        waiting: None,
+        sessions: HashMap::new(),
+        retire_attempt: false,
         tx,
         stun: StunClient::new(),
         nat,
@@ -224,20 +271,23 @@ pub async fn run(
         connect_sent: None,
         connect_started: None,
         readers: Vec::new(),
-        events,
         done: false,
     };
     d.add_socket(main);
+    // The main socket carries QUIC from the start (unless punch-only).
+    if !d.cfg.once {
+        d.ensure_quic(0).map_err(PeerError::Session)?;
+    }
     d.client.start(Instant::now());
-    let mut target = match mode {
-        Mode::Connect(t) => Some(t),
-        Mode::Listen => None,
-    };
     loop {
         d.flush().await;
-        d.drain_events(&mut target).await?;
+        d.drain_events().await?;
         d.flush().await;
-        if d.done || d.events.is_closed() {
+        if d.retire_attempt {
+            d.retire_attempt = false;
+            d.attempt = None;
+        }
+        if d.done {
             return Ok(());
         }
         let deadline = [
@@ -258,6 +308,13 @@ pub async fn run(
                     d.input(Instant::now(), i, from, &data);
                 }
             }
+            cmd = commands.recv() => match cmd {
+                Some(UserCommand::Connect { peer, reply }) => d.want_connect(Instant::now(), peer, Some(reply)),
+                Some(UserCommand::Dial { peer, addr, reply }) => d.dial(peer, addr, reply),
+                // The endpoint is gone: nobody can use what we would do.
+                None => return Ok(()),
+            },
+            Some(msg) = internal.recv() => d.internal(msg),
             _ = tokio::time::sleep_until(deadline.into()) => {
                 let now = Instant::now();
                 d.client.handle_timeout(now);
@@ -274,11 +331,18 @@ impl Driver {
     fn add_socket(&mut self, s: UdpSocket) {
         let s = Arc::new(s);
         let i = self.sockets.len();
-        let (sock, tx) = (s.clone(), self.tx.clone());
+        self.sockets.push(s.clone());
+        self.quic.push(None);
+        if i == 0 && !self.cfg.once {
+            // quinn reads the main socket and hands us what is not QUIC.
+            self.readers.push(None);
+            return;
+        }
+        let tx = self.tx.clone();
         let reader = tokio::spawn(async move {
             let mut buf = vec![0u8; 2048];
             loop {
-                match sock.recv_from(&mut buf).await {
+                match s.recv_from(&mut buf).await {
                     Ok((n, from)) => {
                         if tx.send((i, from, buf[..n].to_vec())).await.is_err() {
                             return;
@@ -293,8 +357,158 @@ impl Driver {
                 }
             }
         });
-        self.readers.push(reader);
-        self.sockets.push(s);
+        self.readers.push(Some(reader));
+    }
+
+    /// Puts QUIC on socket `i` (the main one, or a birthday winner).
+    fn ensure_quic(&mut self, i: usize) -> Result<(Arc<MuxSocket>, quinn::Endpoint), SessionError> {
+        if let Some(q) = self.quic.get(i).and_then(|q| q.clone()) {
+            return Ok(q);
+        }
+        let Some(sock) = self.sockets.get(i).cloned() else {
+            return Err(SessionError::Stopped(format!("no socket {i}")));
+        };
+        if let Some(r) = self.readers.get_mut(i).and_then(Option::take) {
+            r.abort();
+        }
+        let mux = Arc::new(MuxSocket::new(sock, i, self.tx.clone()).map_err(SessionError::Socket)?);
+        let ep = self.shared.quic_endpoint(mux.clone(), i)?;
+        self.quic[i] = Some((mux.clone(), ep.clone()));
+        Ok((mux, ep))
+    }
+
+    /// A connect from the user (with a reply) or a re-punch (without).
+    fn want_connect(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        reply: Option<oneshot::Sender<Result<Connection, SessionError>>>,
+    ) {
+        let busy = self.connect_sent.is_some()
+            || self.fresh_pending.is_some()
+            || self.attempt.as_ref().is_some_and(|a| a.punch.path().is_none());
+        if self.observed.is_none() || busy {
+            match reply {
+                Some(r) => self.queued.push_back((peer, Some(r))),
+                // A re-punch that cannot start now is retried on the next stall.
+                None => tracing::debug!(%peer, "busy; re-punch skipped"),
+            }
+            return;
+        }
+        if let Some(r) = reply {
+            self.waiting = Some((peer, r));
+        }
+        self.connect_started = Some(now);
+        let session: u64 = rand::random();
+        let eph = Ephemeral::from_secret(rand::random());
+        let offer = make_offer(&self.cfg.identity, session, Role::Initiator, &eph);
+        self.with_fresh(
+            now,
+            AfterFresh::Connect {
+                target: peer,
+                session,
+                eph,
+                offer,
+            },
+        );
+    }
+
+    /// A QUIC handshake straight to a known address, on the main socket.
+    fn dial(
+        &mut self,
+        peer: PeerId,
+        addr: SocketAddr,
+        reply: oneshot::Sender<Result<Connection, SessionError>>,
+    ) {
+        match self.ensure_quic(0) {
+            Ok((mux, ep)) => {
+                let shared = self.shared.clone();
+                tokio::spawn(async move {
+                    let _ = reply.send(shared.dial(ep, mux, 0, addr, peer).await);
+                });
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// The next queued connect, once the previous one is over.
+    fn next_connect(&mut self, now: Instant) {
+        if self.waiting.is_none() && self.connect_sent.is_none() {
+            if let Some((peer, reply)) = self.queued.pop_front() {
+                self.want_connect(now, peer, reply);
+            }
+        }
+    }
+
+    /// Tells whoever waits for the connect to `peer` how it ended.
+    fn answer(&mut self, peer: PeerId, r: Result<Connection, SessionError>) {
+        if self.waiting.as_ref().is_some_and(|(p, _)| *p == peer) {
+            if let Some((_, reply)) = self.waiting.take() {
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    fn internal(&mut self, msg: Internal) {
+        let now = Instant::now();
+        match msg {
+            Internal::Up {
+                peer,
+                socket,
+                remote,
+                client,
+            } => {
+                self.sessions.insert(
+                    peer,
+                    Live {
+                        socket,
+                        remote,
+                        client,
+                    },
+                );
+                // The punch machine's work is done; QUIC keeps the path.
+                if self.attempt.as_ref().is_some_and(|a| a.peer == peer) {
+                    self.attempt = None;
+                }
+                self.emit(PeerEvent::SessionStarted {
+                    peer_id: peer,
+                    remote,
+                });
+            }
+            Internal::Moved { peer, remote } => {
+                if let Some(l) = self.sessions.get_mut(&peer) {
+                    l.remote = remote;
+                }
+                self.emit(PeerEvent::PathChanged {
+                    peer_id: peer,
+                    remote,
+                });
+            }
+            Internal::Down { peer } => {
+                if self.sessions.remove(&peer).is_some() {
+                    self.emit(PeerEvent::SessionEnded { peer_id: peer });
+                }
+            }
+            Internal::Stalled { peer } => {
+                let Some(live) = self.sessions.get(&peer).copied() else {
+                    return;
+                };
+                self.emit(PeerEvent::Stalled { peer_id: peer });
+                if live.client {
+                    // Our mapping may have changed: a Connect from the new
+                    // address makes the server re-check it (BadCookie) and
+                    // introduces us afresh.
+                    self.want_connect(now, peer, None);
+                } else {
+                    // Be reachable at our current address for the peer's
+                    // re-punch.
+                    self.client.refresh(now);
+                }
+            }
+        }
+        self.next_connect(now);
     }
 
     fn input(&mut self, now: Instant, i: usize, from: SocketAddr, data: &[u8]) {
@@ -383,11 +597,20 @@ impl Driver {
         }
     }
 
-    async fn emit(&self, e: PeerEvent) {
-        let _ = self.events.send(e).await;
+    fn emit(&self, e: PeerEvent) {
+        if self.shared.events.try_send(e).is_err() {
+            tracing::trace!("event dropped: nobody reads events");
+        }
     }
 
-    async fn drain_events(&mut self, target: &mut Option<PeerId>) -> Result<(), PeerError> {
+    /// The connect in progress failed before a path existed.
+    fn fail_connect(&mut self, reason: String) {
+        if let Some((peer, reply)) = self.waiting.take() {
+            let _ = reply.send(Err(SessionError::Punch { peer, reason }));
+        }
+    }
+
+    async fn drain_events(&mut self) -> Result<(), PeerError> {
         let now = Instant::now();
         while let Some(ev) = self.stun.poll_event() {
             if let Some((tid, ..)) = &self.fresh_pending {
@@ -411,24 +634,8 @@ impl Driver {
                         self.emit(PeerEvent::Registered {
                             peer_id: self.client.peer_id(),
                             observed,
-                        })
-                        .await;
-                        if let Some(t) = target.take() {
-                            self.connect_started = Some(now);
-                            let session: u64 = rand::random();
-                            let eph = Ephemeral::from_secret(rand::random());
-                            let offer =
-                                make_offer(&self.cfg.identity, session, Role::Initiator, &eph);
-                            self.with_fresh(
-                                now,
-                                AfterFresh::Connect {
-                                    target: t,
-                                    session,
-                                    eph,
-                                    offer,
-                                },
-                            );
-                        }
+                        });
+                        self.next_connect(now);
                     }
                 }
                 ClientEvent::Peer {
@@ -464,8 +671,7 @@ impl Driver {
                         start_at,
                     );
                     let started = self.connect_started.take().unwrap_or(now);
-                    self.start_attempt(peer, punch, Role::Initiator, started)
-                        .await;
+                    self.start_attempt(peer, punch, Role::Initiator, started);
                 }
                 ClientEvent::Incoming {
                     session,
@@ -484,7 +690,7 @@ impl Driver {
                         tracing::debug!("busy with another attempt; ignoring an introduction");
                         continue;
                     }
-                    self.emit(PeerEvent::Incoming { from }).await;
+                    self.emit(PeerEvent::Incoming { from });
                     let eph = Ephemeral::from_secret(rand::random());
                     let my_offer = make_offer(&self.cfg.identity, session, Role::Responder, &eph);
                     let view = SideView {
@@ -507,7 +713,7 @@ impl Driver {
                         start_at,
                     );
                     punch.set_peer_offer(&offer.ephemeral, &offer.sig);
-                    self.start_attempt(from, punch, Role::Responder, now).await;
+                    self.start_attempt(from, punch, Role::Responder, now);
                     self.with_fresh(
                         now,
                         AfterFresh::Accept {
@@ -547,28 +753,34 @@ impl Driver {
                     }
                     if session.is_some() || !self.client.is_registered() {
                         // Our own introduction was refused: the connect is over.
-                        if session.is_some() && session == self.connect_sent.as_ref().map(|c| c.0) {
+                        let ours = session.is_some()
+                            && session == self.connect_sent.as_ref().map(|c| c.0);
+                        let peer = peer.or(self.waiting.as_ref().map(|w| w.0));
+                        if ours {
                             self.connect_sent = None;
-                            self.done = true;
+                            self.fail_connect(code.describe().to_string());
                         }
                         self.emit(PeerEvent::Failed {
                             peer_id: peer,
                             reason: code.describe().to_string(),
-                        })
-                        .await;
+                        });
                         if self.cfg.once {
                             self.done = true;
                         }
                     }
                 }
                 ClientEvent::ServerUnreachable { server } => {
-                    if self.observed.is_none() || self.connect_sent.is_some() {
+                    if self.observed.is_none() || (self.cfg.once && self.connect_sent.is_some()) {
                         return Err(PeerError::ServerUnreachable(server));
+                    }
+                    if self.connect_sent.take().is_some() {
+                        self.fail_connect(PeerError::ServerUnreachable(server).to_string());
                     }
                 }
             }
         }
-        self.drain_punch().await;
+        self.drain_punch();
+        self.next_connect(now);
         Ok(())
     }
 
@@ -579,7 +791,7 @@ impl Driver {
         c
     }
 
-    async fn start_attempt(&mut self, peer: PeerId, punch: Punch, role: Role, started: Instant) {
+    fn start_attempt(&mut self, peer: PeerId, punch: Punch, role: Role, started: Instant) {
         let need = punch.sockets_needed();
         while self.sockets.len() < need {
             match bind_udp(SocketAddr::new(self.local.ip(), 0), false) {
@@ -598,7 +810,7 @@ impl Driver {
         });
     }
 
-    async fn drain_punch(&mut self) {
+    fn drain_punch(&mut self) {
         let Some(a) = self.attempt.as_mut() else {
             return;
         };
@@ -611,13 +823,10 @@ impl Driver {
         let started = a.started;
         for ev in evs {
             match ev {
-                PunchEvent::Attempt { strategy } => {
-                    self.emit(PeerEvent::Attempt {
-                        peer_id: peer,
-                        strategy,
-                    })
-                    .await
-                }
+                PunchEvent::Attempt { strategy } => self.emit(PeerEvent::Attempt {
+                    peer_id: peer,
+                    strategy,
+                }),
                 PunchEvent::Connected {
                     path,
                     strategy,
@@ -627,6 +836,7 @@ impl Driver {
                 } => {
                     // From the start of the whole attempt, not of punching.
                     let elapsed = started.elapsed();
+                    self.connect_sent = None;
                     self.close_spare_sockets(path);
                     self.emit(PeerEvent::Connected {
                         peer_id: peer,
@@ -635,33 +845,82 @@ impl Driver {
                         elapsed,
                         probes_sent,
                         bytes_sent,
-                    })
-                    .await;
+                    });
                     if self.cfg.once {
                         self.done = true;
+                        continue;
                     }
+                    self.on_punched(peer, path, role);
                 }
                 PunchEvent::Failed { reason } => {
                     self.emit(PeerEvent::Failed {
                         peer_id: Some(peer),
-                        reason,
-                    })
-                    .await;
+                        reason: reason.clone(),
+                    });
                     self.attempt = None;
-                    // A failed connect ends the run; a listener keeps
-                    // waiting for the next introduction unless --once.
-                    if self.cfg.once || role == Role::Initiator {
+                    self.connect_sent = None;
+                    if role == Role::Initiator {
+                        self.fail_connect(reason);
+                    }
+                    // A failed punch-only connect ends the run; a listener
+                    // keeps waiting for the next introduction unless --once.
+                    if self.cfg.once {
                         self.done = true;
                     }
                     return;
                 }
                 PunchEvent::PathLost { .. } => {
-                    self.emit(PeerEvent::PathLost { peer_id: peer }).await;
+                    self.emit(PeerEvent::PathLost { peer_id: peer });
                     self.attempt = None;
                     return;
                 }
             }
         }
+    }
+
+    /// A hole is punched: start the QUIC session through it, or point an
+    /// existing session at it.
+    fn on_punched(&mut self, peer: PeerId, path: Path, role: Role) {
+        if let Some(live) = self.sessions.get(&peer).copied() {
+            // A re-punch for a live session: same socket, new address.
+            if let Some((mux, _)) = self.quic.get(live.socket).and_then(|q| q.as_ref()) {
+                if live.socket == path.socket.0 {
+                    mux.set_alias(live.remote, path.remote);
+                    self.emit(PeerEvent::PathChanged {
+                        peer_id: peer,
+                        remote: path.remote,
+                    });
+                } else {
+                    tracing::warn!(%peer, "re-punch found a path on another socket; session keeps waiting");
+                }
+            }
+            self.retire_attempt = true;
+            return;
+        }
+        let (mux, ep) = match self.ensure_quic(path.socket.0) {
+            Ok(q) => q,
+            Err(e) => {
+                self.answer(peer, Err(e));
+                return;
+            }
+        };
+        if role != Role::Initiator {
+            // The peer's QUIC handshake arrives at our accept loop.
+            return;
+        }
+        if self.waiting.as_ref().is_none_or(|(p, _)| *p != peer) {
+            return;
+        }
+        let Some((_, reply)) = self.waiting.take() else {
+            return;
+        };
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let r = shared
+                .dial(ep, mux, path.socket.0, path.remote, peer)
+                .await;
+            let _ = reply.send(r);
+        });
     }
 
     /// Birthday sockets other than the winner are closed at once.
@@ -679,7 +938,9 @@ impl Driver {
         // indices stable by pointing the slots at the main socket.
         for i in 1..self.sockets.len() {
             if i != keep {
-                self.readers[i].abort();
+                if let Some(r) = self.readers[i].take() {
+                    r.abort();
+                }
                 self.sockets[i] = self.sockets[0].clone();
             }
         }

@@ -160,6 +160,12 @@ impl RendezvousClient {
         self.hello(now);
     }
 
+    /// Registers again now (our address may have changed, e.g. a NAT
+    /// dropped our mapping), without waiting for the periodic refresh.
+    pub fn refresh(&mut self, now: Instant) {
+        self.hello(now);
+    }
+
     fn hello(&mut self, now: Instant) {
         self.pending.retain(|p| p.kind != Kind::Hello);
         let payload = wire::encode(&Frame::Hello { peer: self.peer });

@@ -1,0 +1,226 @@
+//! What the peer command does with a session: the netcat-style pipe,
+//! `--forward`, `--to` and, on the listener, `--expose`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use natpunch::session::service::{self, describe_end, Request, Services, Status};
+use natpunch::session::{close, Connection, Endpoint};
+use natpunch_proto::identity::PeerId;
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+
+/// `LOCAL_ADDR:PORT=NAME`.
+pub fn parse_forward(spec: &str) -> Result<(SocketAddr, String), String> {
+    let (local, name) = spec
+        .rsplit_once('=')
+        .ok_or_else(|| format!("--forward wants LOCAL_ADDR:PORT=NAME, got {spec:?}"))?;
+    let local: SocketAddr = local
+        .parse()
+        .map_err(|_| format!("--forward: {local:?} is not LOCAL_ADDR:PORT (like 127.0.0.1:8022)"))?;
+    if !service::valid_name(name) {
+        return Err(format!("--forward: bad service name {name:?} (A-Z a-z 0-9 . _ -)"));
+    }
+    Ok((local, name.to_string()))
+}
+
+pub struct Session<'a> {
+    pub endpoint: &'a Endpoint,
+    pub json: bool,
+    pub idle_secs: u64,
+}
+
+impl Session<'_> {
+    fn fail(&self, what: &str) -> ExitCode {
+        if self.json {
+            crate::output::json_line_stderr(&serde_json::json!({"event": "failed", "reason": what}));
+        }
+        eprintln!("natpunch: {what}");
+        ExitCode::FAILURE
+    }
+
+    fn done(&self, peer: PeerId, moved: service::Moved) -> ExitCode {
+        if self.json {
+            crate::output::json_line_stderr(&serde_json::json!({"event": "done",
+                "peer_id": peer.to_string(), "sent": moved.sent, "received": moved.received}));
+        }
+        ExitCode::SUCCESS
+    }
+
+    /// Why a stream failed, in terms of the session when it ended.
+    fn explain(&self, conn: &Connection, e: &service::ServiceError) -> String {
+        match (conn.quic().close_reason(), e) {
+            (Some(_), service::ServiceError::Connection(_) | service::ServiceError::Io(_)) => {
+                describe_end(conn, self.idle_secs)
+            }
+            _ => e.to_string(),
+        }
+    }
+
+    /// Ctrl-C: tell the peer, briefly.
+    pub async fn interrupt(&self) {
+        tracing::info!("interrupted");
+    }
+
+    pub async fn connect(
+        &self,
+        peer: PeerId,
+        direct: Option<SocketAddr>,
+        to: Option<String>,
+        forwards: Vec<(SocketAddr, String)>,
+    ) -> anyhow::Result<ExitCode> {
+        let conn = match direct {
+            Some(addr) => self.endpoint.connect_addr(peer, addr).await,
+            None => self.endpoint.connect(peer).await,
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => return Ok(self.fail(&e.to_string())),
+        };
+        if !forwards.is_empty() {
+            return self.forward(conn, forwards).await;
+        }
+        let req = match to {
+            Some(name) => Request::Service(name),
+            None => Request::Pipe,
+        };
+        let code = match service::open(&conn, &req).await {
+            Ok((send, recv)) => {
+                match service::splice(tokio::io::stdin(), tokio::io::stdout(), send, recv).await {
+                    Ok(moved) => {
+                        conn.close_and_wait(close::DONE, "done").await;
+                        return Ok(self.done(peer, moved));
+                    }
+                    Err(e) => self.fail(&self.explain(&conn, &e)),
+                }
+            }
+            Err(e) => self.fail(&self.explain(&conn, &e)),
+        };
+        conn.close_and_wait(close::ERROR, "error").await;
+        Ok(code)
+    }
+
+    async fn forward(&self, conn: Connection, forwards: Vec<(SocketAddr, String)>) -> anyhow::Result<ExitCode> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (local, name) in forwards {
+            let listener = match TcpListener::bind(local).await {
+                Ok(l) => l,
+                Err(e) => {
+                    conn.close_and_wait(close::ERROR, "local error").await;
+                    return Ok(self.fail(&format!("--forward: cannot listen on {local}: {e}")));
+                }
+            };
+            if self.json {
+                crate::output::json_line_stderr(&serde_json::json!({"event": "forwarding",
+                    "local": local, "service": name}));
+            } else {
+                eprintln!("natpunch: forwarding {local} to {}'s {name}", conn.peer_id());
+            }
+            let conn = conn.clone();
+            tasks.spawn(async move {
+                loop {
+                    let Ok((tcp, from)) = listener.accept().await else { continue };
+                    let _ = tcp.set_nodelay(true);
+                    let (conn, name) = (conn.clone(), name.clone());
+                    tokio::spawn(async move {
+                        let r = match service::open(&conn, &Request::Service(name.clone())).await {
+                            Ok((send, recv)) => service::splice_tcp(tcp, send, recv).await,
+                            Err(e) => Err(e),
+                        };
+                        match r {
+                            Ok(m) => tracing::info!(%from, sent = m.sent, received = m.received, "forwarded connection done"),
+                            Err(e) => tracing::warn!(%from, service = %name, error = %e, "forwarded connection failed"),
+                        }
+                    });
+                }
+            });
+        }
+        conn.closed().await;
+        tasks.abort_all();
+        Ok(self.fail(&describe_end(&conn, self.idle_secs)))
+    }
+
+    pub async fn listen(&self, services: Services, keep_open: bool) -> anyhow::Result<ExitCode> {
+        let keep_open = keep_open || !services.is_empty();
+        let services = Arc::new(services);
+        // The pipe's stdin can be read by one session only.
+        let stdin = Arc::new(Mutex::new(Some(tokio::io::stdin())));
+        loop {
+            let Some(conn) = self.endpoint.accept().await else {
+                return Ok(match self.endpoint.finished().await {
+                    Err(e) => self.fail(&e),
+                    Ok(()) => ExitCode::SUCCESS,
+                });
+            };
+            let job = serve(conn.clone(), services.clone(), stdin.clone(), self.idle_secs);
+            if keep_open {
+                tokio::spawn(job);
+                continue;
+            }
+            return Ok(match job.await {
+                Ok(moved) => self.done(conn.peer_id(), moved),
+                Err(e) => self.fail(&e),
+            });
+        }
+    }
+}
+
+/// Serves one accepted session: each stream is a pipe or a service. Ends
+/// when the pipe finished (or, with services only, when the session ends).
+async fn serve(
+    conn: Connection,
+    services: Arc<Services>,
+    stdin: Arc<Mutex<Option<tokio::io::Stdin>>>,
+    idle_secs: u64,
+) -> Result<service::Moved, String> {
+    let peer = conn.peer_id();
+    loop {
+        let (mut send, mut recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(_) => return Err(describe_end(&conn, idle_secs)),
+        };
+        let req = match service::read_request(&mut recv).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(%peer, error = %e, "bad stream request");
+                continue;
+            }
+        };
+        match req {
+            Request::Service(name) => {
+                let services = services.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = services.serve(&name, send, recv).await {
+                        tracing::info!(%peer, service = %name, error = %e, "service stream ended");
+                    }
+                });
+            }
+            Request::Pipe if !services.is_empty() => {
+                let _ = service::respond(&mut send, Status::Refused, "this peer only offers named services (--to NAME)").await;
+            }
+            Request::Pipe => {
+                let input = stdin.lock().await.take();
+                let _ = service::respond(&mut send, Status::Ok, "").await;
+                let r = match input {
+                    Some(i) => service::splice(i, tokio::io::stdout(), send, recv).await,
+                    None => service::splice(tokio::io::empty(), tokio::io::stdout(), send, recv).await,
+                };
+                return match r {
+                    Ok(m) => {
+                        conn.close_and_wait(close::DONE, "done").await;
+                        Ok(m)
+                    }
+                    Err(e) => {
+                        let why = match conn.quic().close_reason() {
+                            Some(_) => describe_end(&conn, idle_secs),
+                            None => e.to_string(),
+                        };
+                        conn.close_and_wait(close::ERROR, "error").await;
+                        Err(why)
+                    }
+                };
+            }
+        }
+    }
+}

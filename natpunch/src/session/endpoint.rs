@@ -1,0 +1,336 @@
+//! The library API.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use natpunch::session::{Endpoint, EndpointConfig};
+//! use natpunch::proto::identity::{Identity, PeerId};
+//!
+//! let me = Identity::from_seed(rand::random());
+//! let server = "203.0.113.10:3478".parse()?;
+//! let endpoint = Endpoint::bind(EndpointConfig::new(me, server))?;
+//! let peer: PeerId = "…the other side's peer ID…".parse()?;
+//! let conn = endpoint.connect(peer).await?;
+//! let (mut send, mut recv) = conn.open_bi().await?;
+//! send.write_all(b"hello").await?;
+//! send.finish()?;
+//! let reply = recv.read_to_end(1 << 20).await?;
+//! # let _ = reply; Ok(()) }
+//! ```
+//!
+//! One [`Endpoint`] is one peer process: one identity, one registration
+//! with a rendezvous server, one main UDP socket. `connect` punches a hole
+//! to a peer and runs a QUIC handshake through it; `accept` yields the
+//! sessions other peers started (when [`EndpointConfig::accept`] is set).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use natpunch_proto::identity::{Identity, PeerId};
+use natpunch_proto::punch::PunchConfig;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::socket::MuxSocket;
+use super::{close, tls, transport, Connection, Internal, SessionError, HANDSHAKE_TIMEOUT};
+use crate::peer::{self, PeerConfig, PeerEvent};
+
+/// Settings of an [`Endpoint`].
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    /// Identity, rendezvous server, punching settings.
+    pub peer: PeerConfig,
+    /// Accept sessions that other peers start.
+    pub accept: bool,
+    /// If set, only these peers may start sessions with us.
+    pub allow: Option<HashSet<PeerId>>,
+    /// A session whose path is silent this long ends.
+    pub idle_timeout: Duration,
+}
+
+impl EndpointConfig {
+    /// Defaults: accept sessions from anyone, STUN on the rendezvous server.
+    pub fn new(identity: Identity, server: SocketAddr) -> Self {
+        Self {
+            peer: PeerConfig {
+                identity,
+                server,
+                stun: None,
+                source_ip: None,
+                source_port: None,
+                ttl: None,
+                punch: PunchConfig::new(0),
+                rto: Duration::from_millis(250),
+                once: false,
+            },
+            accept: true,
+            allow: None,
+            idle_timeout: super::DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// Requests from the [`Endpoint`] to its driver.
+#[derive(Debug)]
+pub(crate) enum UserCommand {
+    Connect {
+        peer: PeerId,
+        reply: oneshot::Sender<Result<Connection, SessionError>>,
+    },
+    /// No punching: the peer has a public or forwarded port.
+    Dial {
+        peer: PeerId,
+        addr: SocketAddr,
+        reply: oneshot::Sender<Result<Connection, SessionError>>,
+    },
+}
+
+/// What the driver and the session tasks share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub identity: Identity,
+    pub allow: Option<HashSet<PeerId>>,
+    pub transport: Arc<quinn::TransportConfig>,
+    pub server: Option<quinn::ServerConfig>,
+    pub incoming: mpsc::Sender<Connection>,
+    pub internal: mpsc::Sender<Internal>,
+    pub events: mpsc::Sender<PeerEvent>,
+}
+
+impl Shared {
+    /// A quinn endpoint on socket `index` (accepting, if we accept).
+    pub fn quic_endpoint(
+        self: &Arc<Self>,
+        mux: Arc<MuxSocket>,
+        index: usize,
+    ) -> Result<quinn::Endpoint, SessionError> {
+        let mut ec = quinn::EndpointConfig::default();
+        // Every QUIC packet keeps its fixed bit, so the first byte tells it
+        // from STUN and our frames (RFC 9287 greasing would blur that).
+        ec.grease_quic_bit(false);
+        let ep = quinn::Endpoint::new_with_abstract_socket(
+            ec,
+            self.server.clone(),
+            mux.clone(),
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(SessionError::Socket)?;
+        if self.server.is_some() {
+            tokio::spawn(accept_loop(ep.clone(), mux, index, self.clone()));
+        }
+        Ok(ep)
+    }
+
+    /// Runs the QUIC handshake to `peer` at `remote` over socket `index`.
+    pub async fn dial(
+        self: Arc<Self>,
+        ep: quinn::Endpoint,
+        mux: Arc<MuxSocket>,
+        index: usize,
+        remote: SocketAddr,
+        peer: PeerId,
+    ) -> Result<Connection, SessionError> {
+        let (crypto, mismatch) = tls::client_crypto(&self.identity, peer)?;
+        let mut cc = quinn::ClientConfig::new(crypto);
+        cc.transport_config(self.transport.clone());
+        let connecting = ep.connect_with(cc, remote, "natpunch")?;
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => Ok(Connection::start(
+                ep,
+                conn,
+                peer,
+                mux,
+                index,
+                true,
+                self.internal.clone(),
+            )),
+            Ok(Err(source)) => Err(match mismatch.seen() {
+                Some(got) => SessionError::WrongKey {
+                    expected: peer,
+                    got,
+                    remote,
+                },
+                None => SessionError::Handshake {
+                    peer,
+                    remote,
+                    source,
+                },
+            }),
+            Err(_) => Err(SessionError::HandshakeTimeout {
+                peer,
+                remote,
+                secs: HANDSHAKE_TIMEOUT.as_secs(),
+            }),
+        }
+    }
+}
+
+async fn accept_loop(ep: quinn::Endpoint, mux: Arc<MuxSocket>, index: usize, shared: Arc<Shared>) {
+    while let Some(incoming) = ep.accept().await {
+        let (mux, shared, ep) = (mux.clone(), shared.clone(), ep.clone());
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
+                    tracing::info!(%remote, error = %e, "incoming handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%remote, "incoming handshake timed out");
+                    return;
+                }
+            };
+            let Some(peer) = tls::peer_id_of(&conn) else {
+                conn.close(close::ERROR.into(), b"no Ed25519 key presented");
+                return;
+            };
+            if shared.allow.as_ref().is_some_and(|a| !a.contains(&peer)) {
+                let reason = format!(
+                    "{peer} is not allowed by {} (--allow)",
+                    shared.identity.peer_id()
+                );
+                conn.close(close::NOT_ALLOWED.into(), reason.as_bytes());
+                let _ = shared.events.try_send(PeerEvent::Refused {
+                    peer_id: peer,
+                    reason,
+                });
+                return;
+            }
+            let c = Connection::start(ep, conn, peer, mux, index, false, shared.internal.clone());
+            if shared.incoming.send(c.clone()).await.is_err() {
+                c.close(close::INTERRUPTED, "not accepting sessions");
+            }
+        });
+    }
+}
+
+/// One peer process; see the module documentation.
+#[derive(Debug)]
+pub struct Endpoint {
+    peer_id: PeerId,
+    commands: mpsc::Sender<UserCommand>,
+    incoming: tokio::sync::Mutex<mpsc::Receiver<Connection>>,
+    events: Mutex<Option<mpsc::Receiver<PeerEvent>>>,
+    finished: watch::Receiver<Option<Result<(), String>>>,
+}
+
+impl Endpoint {
+    /// Starts the endpoint: NAT discovery, then registration, in the
+    /// background. Must be called inside a tokio runtime.
+    pub fn bind(config: EndpointConfig) -> Result<Self, SessionError> {
+        let peer_id = config.peer.identity.peer_id();
+        let transport = transport(config.idle_timeout);
+        let server = if config.accept {
+            let mut s = quinn::ServerConfig::with_crypto(tls::server_crypto(&config.peer.identity)?);
+            s.transport_config(transport.clone());
+            Some(s)
+        } else {
+            None
+        };
+        // Checks our key loads before anything goes on the wire.
+        tls::client_crypto(&config.peer.identity, peer_id)?;
+        let (events_tx, events_rx) = mpsc::channel(1024);
+        let (incoming_tx, incoming_rx) = mpsc::channel(64);
+        let (internal_tx, internal_rx) = mpsc::channel(256);
+        let (commands_tx, commands_rx) = mpsc::channel(16);
+        let (finished_tx, finished_rx) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            identity: config.peer.identity.clone(),
+            allow: config.allow,
+            transport,
+            server,
+            incoming: incoming_tx,
+            internal: internal_tx,
+            events: events_tx,
+        });
+        tokio::spawn(async move {
+            let r = peer::run(config.peer, shared, commands_rx, internal_rx).await;
+            let _ = finished_tx.send(Some(r.map_err(|e| e.to_string())));
+        });
+        Ok(Self {
+            peer_id,
+            commands: commands_tx,
+            incoming: tokio::sync::Mutex::new(incoming_rx),
+            events: Mutex::new(Some(events_rx)),
+            finished: finished_rx,
+        })
+    }
+
+    /// Our peer ID.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// Progress events (NAT measured, registered, punching, sessions), for
+    /// a UI or `--json`. Can be taken once; untaken events are dropped.
+    pub fn events(&self) -> Option<mpsc::Receiver<PeerEvent>> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Punches through to `peer` and runs the QUIC handshake. The
+    /// connection is authenticated: the other side proved it holds the key
+    /// of `peer`.
+    pub async fn connect(&self, peer: PeerId) -> Result<Connection, SessionError> {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(UserCommand::Connect { peer, reply })
+            .await
+            .is_err()
+        {
+            return Err(SessionError::Stopped(self.stop_reason().await));
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(SessionError::Stopped(self.stop_reason().await)),
+        }
+    }
+
+    /// Connects to `peer` at a known address (a public or forwarded port),
+    /// without the rendezvous server. The peer must still prove its key.
+    pub async fn connect_addr(&self, peer: PeerId, addr: SocketAddr) -> Result<Connection, SessionError> {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(UserCommand::Dial { peer, addr, reply })
+            .await
+            .is_err()
+        {
+            return Err(SessionError::Stopped(self.stop_reason().await));
+        }
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(SessionError::Stopped(self.stop_reason().await)),
+        }
+    }
+
+    /// The next session another peer started; `None` once the endpoint
+    /// has stopped.
+    pub async fn accept(&self) -> Option<Connection> {
+        let mut incoming = self.incoming.lock().await;
+        let mut finished = self.finished.clone();
+        tokio::select! {
+            c = incoming.recv() => c,
+            _ = finished.wait_for(|f| f.is_some()) => None,
+        }
+    }
+
+    /// Waits until the endpoint stops (only on a fatal error, or when
+    /// punch-only mode is done) and returns why.
+    pub async fn finished(&self) -> Result<(), String> {
+        let mut finished = self.finished.clone();
+        let r = match finished.wait_for(|f| f.is_some()).await {
+            Ok(f) => f.clone().unwrap_or(Ok(())),
+            Err(_) => Err("the endpoint's task ended".into()),
+        };
+        r
+    }
+
+    async fn stop_reason(&self) -> String {
+        match self.finished().await {
+            Ok(()) => "stopped".into(),
+            Err(e) => e,
+        }
+    }
+}
