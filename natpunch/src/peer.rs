@@ -136,6 +136,9 @@ struct Live {
     remote: SocketAddr,
     /// We started it (and so re-punch it when it stalls).
     client: bool,
+    /// When its path last stalled: a punch with this peer from then on
+    /// is taken as the re-punch that repairs it.
+    stalled: Option<Instant>,
 }
 
 /// The attempt in progress.
@@ -172,7 +175,9 @@ struct Driver {
     queued: VecDeque<(PeerId, Option<oneshot::Sender<Result<Connection, SessionError>>>)>,
     /// Who waits for the connect in progress.
     waiting: Option<(PeerId, oneshot::Sender<Result<Connection, SessionError>>)>,
-    sessions: HashMap<PeerId, Live>,
+    /// Live sessions by peer and the address quinn knows it by (one peer
+    /// may run several sessions, e.g. two processes with one key).
+    sessions: HashMap<(PeerId, SocketAddr), Live>,
     /// Drop the finished punch machine after the next flush.
     retire_attempt: bool,
     tx: mpsc::Sender<Datagram>,
@@ -461,11 +466,12 @@ impl Driver {
                 client,
             } => {
                 self.sessions.insert(
-                    peer,
+                    (peer, remote),
                     Live {
                         socket,
                         remote,
                         client,
+                        stalled: None,
                     },
                 );
                 // The punch machine's work is done; QUIC keeps the path.
@@ -477,24 +483,27 @@ impl Driver {
                     remote,
                 });
             }
-            Internal::Moved { peer, remote } => {
-                if let Some(l) = self.sessions.get_mut(&peer) {
+            Internal::Moved { peer, from, remote } => {
+                if let Some(mut l) = self.sessions.remove(&(peer, from)) {
                     l.remote = remote;
+                    self.sessions.insert((peer, remote), l);
                 }
                 self.emit(PeerEvent::PathChanged {
                     peer_id: peer,
                     remote,
                 });
             }
-            Internal::Down { peer } => {
-                if self.sessions.remove(&peer).is_some() {
+            Internal::Down { peer, remote } => {
+                if self.sessions.remove(&(peer, remote)).is_some() {
                     self.emit(PeerEvent::SessionEnded { peer_id: peer });
                 }
             }
-            Internal::Stalled { peer } => {
-                let Some(live) = self.sessions.get(&peer).copied() else {
+            Internal::Stalled { peer, remote } => {
+                let Some(live) = self.sessions.get_mut(&(peer, remote)) else {
                     return;
                 };
+                live.stalled = Some(now);
+                let live = *live;
                 self.emit(PeerEvent::Stalled { peer_id: peer });
                 if live.client {
                     // Our mapping may have changed: a Connect from the new
@@ -881,8 +890,22 @@ impl Driver {
     /// A hole is punched: start the QUIC session through it, or point an
     /// existing session at it.
     fn on_punched(&mut self, peer: PeerId, path: Path, role: Role) {
-        if let Some(live) = self.sessions.get(&peer).copied() {
-            // A re-punch for a live session: same socket, new address.
+        // Staleness bound on "stalled": a stall older than a session's
+        // default idle timeout has ended that session anyway.
+        let repairs = self
+            .sessions
+            .iter_mut()
+            .find(|((p, _), l)| {
+                *p == peer
+                    && l.stalled
+                        .is_some_and(|t| t.elapsed() < crate::session::DEFAULT_IDLE_TIMEOUT)
+            })
+            .map(|(_, l)| {
+                l.stalled = None;
+                *l
+            });
+        if let Some(live) = repairs {
+            // A re-punch for a stalled session: same socket, new address.
             if let Some((mux, _)) = self.quic.get(live.socket).and_then(|q| q.as_ref()) {
                 if live.socket == path.socket.0 {
                     mux.set_alias(live.remote, path.remote);

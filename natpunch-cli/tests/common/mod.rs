@@ -171,3 +171,94 @@ pub fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect()
 }
+
+/// A natpunch listener (already spawned with `--json` and a piped stderr)
+/// and its peer ID, once it registered. Its other events stay readable in
+/// `events`.
+pub struct Listener {
+    pub proc: Proc,
+    pub id: String,
+    /// The address the server saw it at (its session socket, on loopback).
+    pub observed: String,
+    pub events: std::sync::mpsc::Receiver<serde_json::Value>,
+}
+
+/// Waits for the `registered` event of a listener spawned from `cmd`
+/// (which must have `--json`; stderr is piped here).
+pub fn start_listener(cmd: &mut Command) -> Listener {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd.stderr(Stdio::piped()).spawn().expect("spawn listener");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            match serde_json::from_str::<serde_json::Value>(&l) {
+                Ok(v) => {
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                }
+                Err(_) => eprintln!("listener: {l}"),
+            }
+        }
+    });
+    let proc = Proc(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(v) if v["event"] == "registered" => {
+                let id = v["peer_id"].as_str().expect("peer_id").to_string();
+                let observed = v["observed"].as_str().unwrap_or_default().to_string();
+                return Listener {
+                    proc,
+                    id,
+                    observed,
+                    events: rx,
+                };
+            }
+            Ok(_) => {}
+            Err(_) => panic!("the listener did not register within 20 s"),
+        }
+    }
+}
+
+impl Listener {
+    /// The remaining events until the listener exits (or `within`).
+    pub fn drain(&self, within: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + within;
+        let mut v = Vec::new();
+        while let Ok(e) = self
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            v.push(e);
+        }
+        v
+    }
+
+    /// Waits for the listener to exit; its status.
+    pub fn wait(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.proc.0.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a failure reproduces.
+pub fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -136,10 +136,14 @@ pub(crate) enum Internal {
     },
     /// quinn moved the session to another address (the peer rebound and
     /// its NAT let the new address through).
-    Moved { peer: PeerId, remote: SocketAddr },
-    Down { peer: PeerId },
+    Moved {
+        peer: PeerId,
+        from: SocketAddr,
+        remote: SocketAddr,
+    },
+    Down { peer: PeerId, remote: SocketAddr },
     /// The path stopped answering.
-    Stalled { peer: PeerId },
+    Stalled { peer: PeerId, remote: SocketAddr },
 }
 
 /// An authenticated, encrypted session with one peer.
@@ -236,8 +240,12 @@ async fn monitor(
         if now != remote {
             mux.unwatch(remote);
             mux.watch(now);
+            let _ = internal.try_send(Internal::Moved {
+                peer,
+                from: remote,
+                remote: now,
+            });
             remote = now;
-            let _ = internal.try_send(Internal::Moved { peer, remote });
         }
         let Some(l) = mux.liveness(remote) else {
             continue;
@@ -249,11 +257,11 @@ async fn monitor(
         if stalled && last_report.is_none_or(|t| t.elapsed() >= REPUNCH_EVERY) {
             tracing::info!(%peer, silent_ms = l.last_rx.elapsed().as_millis() as u64, "path stalled");
             last_report = Some(tokio::time::Instant::now());
-            let _ = internal.try_send(Internal::Stalled { peer });
+            let _ = internal.try_send(Internal::Stalled { peer, remote });
         } else if !stalled {
             last_report = None;
         }
     }
     mux.unwatch(remote);
-    let _ = internal.try_send(Internal::Down { peer });
+    let _ = internal.try_send(Internal::Down { peer, remote });
 }

@@ -1,0 +1,275 @@
+//! Sessions on loopback: the netcat-style pipe both ways, `--to`,
+//! `--forward`/`--expose` with many connections, half-close and reset,
+//! refusals (`--allow`, a wrong key) and a peer that dies mid-transfer.
+//! The NAT versions of these live in `lab_session.rs`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Setup {
+    _server: Proc,
+    server: String,
+    dir: std::path::PathBuf,
+}
+
+fn setup(tag: &str) -> Setup {
+    let p = free_port_pair();
+    let server = start_natpunch_server(p);
+    Setup {
+        _server: server,
+        server: format!("127.0.0.1:{p}"),
+        dir: tempdir(tag),
+    }
+}
+
+impl Setup {
+    fn peer(&self, key: &str) -> std::process::Command {
+        let mut c = natpunch();
+        c.args(["-s", &self.server, "--json", "--rto-ms", "50", "--key"])
+            .arg(self.dir.join(key));
+        c
+    }
+
+    fn listener(&self, args: &[&str], stdin: Stdio, stdout: Stdio) -> Listener {
+        start_listener(self.peer("b").args(args).stdin(stdin).stdout(stdout))
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn pipe_carries_bytes_both_ways_and_exits_zero() {
+    let s = setup("pipe");
+    let to_b = test_bytes(2_000_000, 1);
+    let to_a = test_bytes(300_000, 2);
+    std::fs::write(s.dir.join("to_a"), &to_a).unwrap();
+    let b_in = std::fs::File::open(s.dir.join("to_a")).unwrap();
+    let b_out = std::fs::File::create(s.dir.join("got_b")).unwrap();
+    let mut l = s.listener(&[], b_in.into(), b_out.into());
+    let mut a = s
+        .peer("a")
+        .args(["-d", &l.id])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = a.stdin.take().unwrap();
+    let data = to_b.clone();
+    let writer = std::thread::spawn(move || stdin.write_all(&data));
+    let out = a.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(out.stdout == to_a, "A got {} bytes, want {}", out.stdout.len(), to_a.len());
+    let st = l.wait(Duration::from_secs(10)).expect("listener exits after the pipe");
+    assert!(st.success());
+    assert!(std::fs::read(s.dir.join("got_b")).unwrap() == to_b);
+    let ev = json_lines(&out.stderr);
+    let session = ev.iter().find(|e| e["event"] == "session").expect("session event");
+    assert_eq!(session["peer_id"], l.id.as_str());
+    let done = ev.iter().find(|e| e["event"] == "done").expect("done event");
+    assert_eq!(done["sent"], to_b.len() as u64);
+    assert_eq!(done["received"], to_a.len() as u64);
+}
+
+/// A tiny HTTP-ish server: answers each request line with `size` bytes
+/// then closes; returns its port.
+fn serve_bytes(size: usize) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { continue };
+            std::thread::spawn(move || {
+                let mut req = [0u8; 1024];
+                let n = c.read(&mut req).unwrap_or(0);
+                let seed = req[..n].iter().map(|&b| u64::from(b)).sum::<u64>();
+                let _ = c.write_all(&test_bytes(size, seed));
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn forward_carries_many_concurrent_connections_and_only_named_services() {
+    let s = setup("forward");
+    let port = serve_bytes(500_000);
+    let expose = format!("data=127.0.0.1:{port}");
+    let _l0 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let l = s.listener(&["--expose", &expose], Stdio::null(), Stdio::null());
+    let local = TcpListener::bind("127.0.0.1:0").unwrap();
+    let lport = local.local_addr().unwrap().port();
+    drop(local);
+    let fwd = format!("127.0.0.1:{lport}=data");
+    let _a = Proc(
+        s.peer("a")
+            .args(["-d", &l.id, "--forward", &fwd])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let connect = || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match TcpStream::connect(("127.0.0.1", lport)) {
+                Ok(c) => return c,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) => panic!("forward never listened: {e}"),
+            }
+        }
+    };
+    drop(connect());
+    let clients: Vec<_> = (0..16u8)
+        .map(|i| {
+            let mut c = connect();
+            std::thread::spawn(move || {
+                let req = [b'a' + i; 10];
+                c.write_all(&req).unwrap();
+                // Half-close: the server still answers in full.
+                c.shutdown(std::net::Shutdown::Write).unwrap();
+                let mut got = Vec::new();
+                c.read_to_end(&mut got).unwrap();
+                let seed = req.iter().map(|&b| u64::from(b)).sum::<u64>();
+                got == test_bytes(500_000, seed)
+            })
+        })
+        .collect();
+    for c in clients {
+        assert!(c.join().unwrap(), "a forwarded connection got wrong bytes");
+    }
+    // The pipe and unknown names are refused with a reason.
+    let out = s.peer("c").args(["-d", &l.id]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only offers named services"));
+    let out = s
+        .peer("c")
+        .args(["-d", &l.id, "--to", "ssh"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no service named \\\"ssh\\\""));
+}
+
+#[test]
+fn forwarded_reset_reaches_the_other_side_as_a_reset() {
+    let s = setup("reset");
+    // A service that resets every connection once it has read a request.
+    let svc = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = svc.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in svc.incoming().map_while(Result::ok) {
+            let mut c = c;
+            let mut b = [0u8; 4];
+            let _ = c.read(&mut b);
+            let _ = socket2::SockRef::from(&c).set_linger(Some(Duration::ZERO));
+        }
+    });
+    let expose = format!("rst=127.0.0.1:{port}");
+    let l = s.listener(&["--expose", &expose], Stdio::null(), Stdio::null());
+    let mut a = s
+        .peer("a")
+        .args(["-d", &l.id, "--to", "rst"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    a.stdin.take().unwrap().write_all(b"ping").unwrap();
+    let out = a.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reset"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn allow_list_and_wrong_key_are_refused_naming_both_ids() {
+    let s = setup("refuse");
+    let friend = String::from_utf8(
+        natpunch().args(["id", "--key"]).arg(s.dir.join("friend")).output().unwrap().stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let l = s.listener(&["--allow", &friend], Stdio::null(), Stdio::null());
+    let a_id = String::from_utf8(
+        natpunch().args(["id", "--key"]).arg(s.dir.join("a")).output().unwrap().stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let out = s.peer("a").args(["-d", &l.id]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{a_id} is not allowed by {}", l.id)), "{err}");
+    let refused = l.drain(Duration::from_secs(2));
+    assert!(refused.iter().any(|e| e["event"] == "refused" && e["peer_id"] == a_id.as_str()));
+
+    // Dial the listener's port directly but expect another peer's key.
+    let b_addr = l.observed.clone();
+    let out = s
+        .peer("a")
+        .args(["-d", &friend, "--direct", &b_addr])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("presented the key of {}, but we expected {friend}", l.id)),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_peer_that_dies_mid_transfer_fails_the_other_side_within_the_idle_timeout() {
+    let s = setup("dies");
+    let mut l = s.listener(&[], Stdio::null(), Stdio::null());
+    let mut a = s
+        .peer("a")
+        .args(["-d", &l.id, "--idle-timeout", "3"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = a.stdin.take().unwrap();
+    // Keep data flowing until the write fails (A exited).
+    let feeder = std::thread::spawn(move || {
+        let chunk = vec![0u8; 65536];
+        while stdin.write_all(&chunk).is_ok() {}
+    });
+    // Let the session start, then kill the listener without a goodbye.
+    let started = l.events.recv_timeout(Duration::from_secs(20));
+    assert!(started.is_ok());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        match l.events.recv_timeout(Duration::from_millis(200)) {
+            Ok(e) if e["event"] == "session" => break,
+            _ => {}
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = l.proc.0.kill();
+    let killed = Instant::now();
+    let out = a.wait_with_output().unwrap();
+    let took = killed.elapsed();
+    let _ = feeder.join();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("went silent for 3 s"), "{err}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
