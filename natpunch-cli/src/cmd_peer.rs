@@ -361,14 +361,18 @@ fn print_event(ev: &PeerEvent, json: bool) {
         }
         PeerEvent::SessionStarted { peer_id, remote } => {
             if json {
-                j(&serde_json::json!({"event": "session", "peer_id": peer_id.to_string(), "remote": remote}));
+                j(
+                    &serde_json::json!({"event": "session", "peer_id": peer_id.to_string(), "remote": remote}),
+                );
             } else {
                 eprintln!("natpunch: encrypted session with {peer_id} at {remote}");
             }
         }
         PeerEvent::PathChanged { peer_id, remote } => {
             if json {
-                j(&serde_json::json!({"event": "path-changed", "peer_id": peer_id.to_string(), "remote": remote}));
+                j(
+                    &serde_json::json!({"event": "path-changed", "peer_id": peer_id.to_string(), "remote": remote}),
+                );
             } else {
                 eprintln!("natpunch: path to {peer_id} moved to {remote}");
             }
@@ -387,7 +391,9 @@ fn print_event(ev: &PeerEvent, json: bool) {
         }
         PeerEvent::Refused { peer_id, reason } => {
             if json {
-                j(&serde_json::json!({"event": "refused", "peer_id": peer_id.to_string(), "reason": reason}));
+                j(
+                    &serde_json::json!({"event": "refused", "peer_id": peer_id.to_string(), "reason": reason}),
+                );
             } else {
                 eprintln!("natpunch: refused a session: {reason}");
             }

@@ -16,11 +16,13 @@ pub fn parse_forward(spec: &str) -> Result<(SocketAddr, String), String> {
     let (local, name) = spec
         .rsplit_once('=')
         .ok_or_else(|| format!("--forward wants LOCAL_ADDR:PORT=NAME, got {spec:?}"))?;
-    let local: SocketAddr = local
-        .parse()
-        .map_err(|_| format!("--forward: {local:?} is not LOCAL_ADDR:PORT (like 127.0.0.1:8022)"))?;
+    let local: SocketAddr = local.parse().map_err(|_| {
+        format!("--forward: {local:?} is not LOCAL_ADDR:PORT (like 127.0.0.1:8022)")
+    })?;
     if !service::valid_name(name) {
-        return Err(format!("--forward: bad service name {name:?} (A-Z a-z 0-9 . _ -)"));
+        return Err(format!(
+            "--forward: bad service name {name:?} (A-Z a-z 0-9 . _ -)"
+        ));
     }
     Ok((local, name.to_string()))
 }
@@ -34,7 +36,9 @@ pub struct Session<'a> {
 impl Session<'_> {
     fn fail(&self, what: &str) -> ExitCode {
         if self.json {
-            crate::output::json_line_stderr(&serde_json::json!({"event": "failed", "reason": what}));
+            crate::output::json_line_stderr(
+                &serde_json::json!({"event": "failed", "reason": what}),
+            );
         }
         eprintln!("natpunch: {what}");
         ExitCode::FAILURE
@@ -101,7 +105,11 @@ impl Session<'_> {
         Ok(code)
     }
 
-    async fn forward(&self, conn: Connection, forwards: Vec<(SocketAddr, String)>) -> anyhow::Result<ExitCode> {
+    async fn forward(
+        &self,
+        conn: Connection,
+        forwards: Vec<(SocketAddr, String)>,
+    ) -> anyhow::Result<ExitCode> {
         let mut tasks = tokio::task::JoinSet::new();
         for (local, name) in forwards {
             let listener = match TcpListener::bind(local).await {
@@ -115,7 +123,10 @@ impl Session<'_> {
                 crate::output::json_line_stderr(&serde_json::json!({"event": "forwarding",
                     "local": local, "service": name}));
             } else {
-                eprintln!("natpunch: forwarding {local} to {}'s {name}", conn.peer_id());
+                eprintln!(
+                    "natpunch: forwarding {local} to {}'s {name}",
+                    conn.peer_id()
+                );
             }
             let conn = conn.clone();
             tasks.spawn(async move {
@@ -153,7 +164,12 @@ impl Session<'_> {
                     Ok(()) => ExitCode::SUCCESS,
                 });
             };
-            let job = serve(conn.clone(), services.clone(), stdin.clone(), self.idle_secs);
+            let job = serve(
+                conn.clone(),
+                services.clone(),
+                stdin.clone(),
+                self.idle_secs,
+            );
             if keep_open {
                 tokio::spawn(job);
                 continue;
@@ -197,14 +213,21 @@ async fn serve(
                 });
             }
             Request::Pipe if !services.is_empty() => {
-                let _ = service::respond(&mut send, Status::Refused, "this peer only offers named services (--to NAME)").await;
+                let _ = service::respond(
+                    &mut send,
+                    Status::Refused,
+                    "this peer only offers named services (--to NAME)",
+                )
+                .await;
             }
             Request::Pipe => {
                 let input = stdin.lock().await.take();
                 let _ = service::respond(&mut send, Status::Ok, "").await;
                 let r = match input {
                     Some(i) => service::splice(i, tokio::io::stdout(), send, recv).await,
-                    None => service::splice(tokio::io::empty(), tokio::io::stdout(), send, recv).await,
+                    None => {
+                        service::splice(tokio::io::empty(), tokio::io::stdout(), send, recv).await
+                    }
                 };
                 return match r {
                     Ok(m) => {

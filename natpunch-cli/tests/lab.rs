@@ -10,56 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Whether this machine can run the lab; see the module doc.
-fn lab_available() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let why = if !root {
-        Some("not root".to_string())
-    } else {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let probe = format!("npprobe{}x{n}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &probe])
-            .status()
-            .is_ok_and(|s| s.success());
-        let _ = Command::new("ip").args(["netns", "del", &probe]).status();
-        if !ok {
-            Some("cannot create network namespaces".into())
-        } else if !require_tool("nft", "nftables") || !require_tool("iptables", "iptables") {
-            Some("nftables/iptables missing".into())
-        } else {
-            None
-        }
-    };
-    match why {
-        None => true,
-        Some(w) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("the NAT lab cannot run in CI: {w}")
-        }
-        Some(w) => {
-            eprintln!("\n*** SKIPPED: NAT lab test: {w}; run as root on Linux ***\n");
-            false
-        }
-    }
-}
-
-/// Runs `f` on a thread that has entered network namespace `ns`.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).expect("open netns");
-        use std::os::fd::AsRawFd;
-        // SAFETY: a valid namespace fd; setns only affects this thread.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns {path}");
-        f()
-    })
-    .join()
-    .expect("netns thread")
-}
-
 /// `natpunch lab up` in the background; returns it and the lab prefix.
 fn lab_up(args: &[&str]) -> (std::process::Child, String) {
     let mut child = natpunch()

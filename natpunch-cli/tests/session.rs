@@ -71,14 +71,27 @@ fn pipe_carries_bytes_both_ways_and_exits_zero() {
     writer.join().unwrap().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(out.stdout == to_a, "A got {} bytes, want {}", out.stdout.len(), to_a.len());
-    let st = l.wait(Duration::from_secs(10)).expect("listener exits after the pipe");
+    assert!(
+        out.stdout == to_a,
+        "A got {} bytes, want {}",
+        out.stdout.len(),
+        to_a.len()
+    );
+    let st = l
+        .wait(Duration::from_secs(10))
+        .expect("listener exits after the pipe");
     assert!(st.success());
     assert!(std::fs::read(s.dir.join("got_b")).unwrap() == to_b);
     let ev = json_lines(&out.stderr);
-    let session = ev.iter().find(|e| e["event"] == "session").expect("session event");
+    let session = ev
+        .iter()
+        .find(|e| e["event"] == "session")
+        .expect("session event");
     assert_eq!(session["peer_id"], l.id.as_str());
-    let done = ev.iter().find(|e| e["event"] == "done").expect("done event");
+    let done = ev
+        .iter()
+        .find(|e| e["event"] == "done")
+        .expect("done event");
     assert_eq!(done["sent"], to_b.len() as u64);
     assert_eq!(done["received"], to_a.len() as u64);
 }
@@ -127,7 +140,9 @@ fn forward_carries_many_concurrent_connections_and_only_named_services() {
         loop {
             match TcpStream::connect(("127.0.0.1", lport)) {
                 Ok(c) => return c,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
                 Err(e) => panic!("forward never listened: {e}"),
             }
         }
@@ -152,7 +167,12 @@ fn forward_carries_many_concurrent_connections_and_only_named_services() {
         assert!(c.join().unwrap(), "a forwarded connection got wrong bytes");
     }
     // The pipe and unknown names are refused with a reason.
-    let out = s.peer("c").args(["-d", &l.id]).stdin(Stdio::null()).output().unwrap();
+    let out = s
+        .peer("c")
+        .args(["-d", &l.id])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("only offers named services"));
     let out = s
@@ -192,31 +212,55 @@ fn forwarded_reset_reaches_the_other_side_as_a_reset() {
     a.stdin.take().unwrap().write_all(b"ping").unwrap();
     let out = a.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("reset"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("reset"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn allow_list_and_wrong_key_are_refused_naming_both_ids() {
     let s = setup("refuse");
     let friend = String::from_utf8(
-        natpunch().args(["id", "--key"]).arg(s.dir.join("friend")).output().unwrap().stdout,
+        natpunch()
+            .args(["id", "--key"])
+            .arg(s.dir.join("friend"))
+            .output()
+            .unwrap()
+            .stdout,
     )
     .unwrap()
     .trim()
     .to_string();
     let l = s.listener(&["--allow", &friend], Stdio::null(), Stdio::null());
     let a_id = String::from_utf8(
-        natpunch().args(["id", "--key"]).arg(s.dir.join("a")).output().unwrap().stdout,
+        natpunch()
+            .args(["id", "--key"])
+            .arg(s.dir.join("a"))
+            .output()
+            .unwrap()
+            .stdout,
     )
     .unwrap()
     .trim()
     .to_string();
-    let out = s.peer("a").args(["-d", &l.id]).stdin(Stdio::null()).output().unwrap();
+    let out = s
+        .peer("a")
+        .args(["-d", &l.id])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{a_id} is not allowed by {}", l.id)), "{err}");
+    assert!(
+        err.contains(&format!("{a_id} is not allowed by {}", l.id)),
+        "{err}"
+    );
     let refused = l.drain(Duration::from_secs(2));
-    assert!(refused.iter().any(|e| e["event"] == "refused" && e["peer_id"] == a_id.as_str()));
+    assert!(refused
+        .iter()
+        .any(|e| e["event"] == "refused" && e["peer_id"] == a_id.as_str()));
 
     // Dial the listener's port directly but expect another peer's key.
     let b_addr = l.observed.clone();
@@ -229,7 +273,10 @@ fn allow_list_and_wrong_key_are_refused_naming_both_ids() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains(&format!("presented the key of {}, but we expected {friend}", l.id)),
+        err.contains(&format!(
+            "presented the key of {}, but we expected {friend}",
+            l.id
+        )),
         "{err}"
     );
 }

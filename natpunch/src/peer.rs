@@ -172,7 +172,10 @@ struct Driver {
     /// The QUIC side of a socket, once it carries (or may carry) sessions.
     quic: Vec<Option<(Arc<MuxSocket>, quinn::Endpoint)>>,
     /// Connects asked for before we were registered.
-    queued: VecDeque<(PeerId, Option<oneshot::Sender<Result<Connection, SessionError>>>)>,
+    queued: VecDeque<(
+        PeerId,
+        Option<oneshot::Sender<Result<Connection, SessionError>>>,
+    )>,
     /// Who waits for the connect in progress.
     waiting: Option<(PeerId, oneshot::Sender<Result<Connection, SessionError>>)>,
     /// Live sessions by peer and the address quinn knows it by (one peer
@@ -180,6 +183,8 @@ struct Driver {
     sessions: HashMap<(PeerId, SocketAddr), Live>,
     /// Drop the finished punch machine after the next flush.
     retire_attempt: bool,
+    /// A re-punch waiting for [`crate::session::REPUNCH_DELAY`].
+    repunch: Option<(Instant, PeerId)>,
     tx: mpsc::Sender<Datagram>,
     client: RendezvousClient,
     stun: StunClient,
@@ -266,6 +271,7 @@ pub(crate) async fn run(
         waiting: None,
         sessions: HashMap::new(),
         retire_attempt: false,
+        repunch: None,
         tx,
         stun: StunClient::new(),
         nat,
@@ -299,6 +305,7 @@ pub(crate) async fn run(
             d.client.poll_timeout(),
             d.stun.poll_timeout(),
             d.attempt.as_ref().and_then(|a| a.punch.poll_timeout()),
+            d.repunch.map(|r| r.0),
         ]
         .into_iter()
         .flatten()
@@ -326,6 +333,10 @@ pub(crate) async fn run(
                 d.stun.handle_timeout(now);
                 if let Some(a) = d.attempt.as_mut() {
                     a.punch.handle_timeout(now);
+                }
+                if let Some((_, peer)) = d.repunch.filter(|r| now >= r.0) {
+                    d.repunch = None;
+                    d.want_connect(now, peer, None);
                 }
             }
         }
@@ -391,7 +402,10 @@ impl Driver {
     ) {
         let busy = self.connect_sent.is_some()
             || self.fresh_pending.is_some()
-            || self.attempt.as_ref().is_some_and(|a| a.punch.path().is_none());
+            || self
+                .attempt
+                .as_ref()
+                .is_some_and(|a| a.punch.path().is_none());
         if self.observed.is_none() || busy {
             match reply {
                 Some(r) => self.queued.push_back((peer, Some(r))),
@@ -498,6 +512,7 @@ impl Driver {
                     self.emit(PeerEvent::SessionEnded { peer_id: peer });
                 }
             }
+            Internal::Quiet => self.client.refresh(now),
             Internal::Stalled { peer, remote } => {
                 let Some(live) = self.sessions.get_mut(&(peer, remote)) else {
                     return;
@@ -508,8 +523,10 @@ impl Driver {
                 if live.client {
                     // Our mapping may have changed: a Connect from the new
                     // address makes the server re-check it (BadCookie) and
-                    // introduces us afresh.
-                    self.want_connect(now, peer, None);
+                    // introduces us afresh; after a pause that lets the
+                    // peer refresh its own registration.
+                    self.client.refresh(now);
+                    self.repunch = Some((now + crate::session::REPUNCH_DELAY, peer));
                 } else {
                     // Be reachable at our current address for the peer's
                     // re-punch.
@@ -762,8 +779,8 @@ impl Driver {
                     }
                     if session.is_some() || !self.client.is_registered() {
                         // Our own introduction was refused: the connect is over.
-                        let ours = session.is_some()
-                            && session == self.connect_sent.as_ref().map(|c| c.0);
+                        let ours =
+                            session.is_some() && session == self.connect_sent.as_ref().map(|c| c.0);
                         let peer = peer.or(self.waiting.as_ref().map(|w| w.0));
                         if ours {
                             self.connect_sent = None;
@@ -939,9 +956,7 @@ impl Driver {
         };
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            let r = shared
-                .dial(ep, mux, path.socket.0, path.remote, peer)
-                .await;
+            let r = shared.dial(ep, mux, path.socket.0, path.remote, peer).await;
             let _ = reply.send(r);
         });
     }

@@ -3,7 +3,10 @@
 //! The symmetric side sends first to the cone's observed address; that is
 //! the first new mapping its NAT creates after its fresh mapping, so its
 //! port is `fresh + delta` (more if other traffic takes ports in between).
-//! The cone side probes the window `fresh + delta·k`, k = 1..=window.
+//! The cone side probes the window `fresh + delta·k`, k = 1..=window, then
+//! a few steps *behind* the fresh mapping: when a session re-punches after
+//! its NAT dropped the mapping, the session's own retransmissions toward
+//! the peer have usually taken a port just before the fresh one.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,7 +16,12 @@ use super::plan::{port_step, PlanConfig, SideView, Stream};
 use super::wire::Strategy;
 use crate::SocketId;
 
-/// Predicted ports of `peer`'s next mappings, in creation order.
+/// Ports behind the fresh mapping to try (one for the session's own
+/// traffic, one for a registration refresh, one spare).
+const BEHIND: i32 = 3;
+
+/// Predicted ports of `peer`'s next mappings, in creation order, then the
+/// few just before its fresh mapping.
 pub fn predicted(peer: &SideView, window: u16) -> Vec<SocketAddr> {
     let Some(fresh) = peer.fresh else {
         return Vec::new();
@@ -24,6 +32,7 @@ pub fn predicted(peer: &SideView, window: u16) -> Vec<SocketAddr> {
         return vec![fresh];
     }
     (1..=i32::from(window))
+        .chain((1..=BEHIND).map(|k| -k))
         .filter_map(|k| port_step(fresh.port(), delta, k))
         .map(|p| SocketAddr::new(fresh.ip(), p))
         .collect()

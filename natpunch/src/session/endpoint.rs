@@ -222,7 +222,8 @@ impl Endpoint {
         let peer_id = config.peer.identity.peer_id();
         let transport = transport(config.idle_timeout);
         let server = if config.accept {
-            let mut s = quinn::ServerConfig::with_crypto(tls::server_crypto(&config.peer.identity)?);
+            let mut s =
+                quinn::ServerConfig::with_crypto(tls::server_crypto(&config.peer.identity)?);
             s.transport_config(transport.clone());
             Some(s)
         } else {
@@ -289,7 +290,11 @@ impl Endpoint {
 
     /// Connects to `peer` at a known address (a public or forwarded port),
     /// without the rendezvous server. The peer must still prove its key.
-    pub async fn connect_addr(&self, peer: PeerId, addr: SocketAddr) -> Result<Connection, SessionError> {
+    pub async fn connect_addr(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+    ) -> Result<Connection, SessionError> {
         let (reply, rx) = oneshot::channel();
         if self
             .commands

@@ -44,6 +44,17 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// stalled (several PTOs at lab and Internet RTTs, RFC 9002 §6.2).
 pub const STALL_AFTER: Duration = Duration::from_millis(1500);
 
+/// A peer that was sending at least this often and then falls silent for
+/// [`STALL_AFTER`] may have lost its path: we refresh our registration so
+/// that the rendezvous server can reach us for the re-punch (cheap: two
+/// small datagrams, so a pause in a transfer may trigger it harmlessly).
+pub const ACTIVE_GAP: Duration = Duration::from_millis(200);
+
+/// The side that re-punches waits this long first, so that the other
+/// side's registration refresh reaches the server before the
+/// introduction does.
+pub const REPUNCH_DELAY: Duration = Duration::from_millis(800);
+
 /// Minimum spacing of re-punch attempts for one session (one punch attempt
 /// with its rendezvous round trips fits in it).
 pub const REPUNCH_EVERY: Duration = Duration::from_secs(4);
@@ -141,9 +152,17 @@ pub(crate) enum Internal {
         from: SocketAddr,
         remote: SocketAddr,
     },
-    Down { peer: PeerId, remote: SocketAddr },
+    Down {
+        peer: PeerId,
+        remote: SocketAddr,
+    },
     /// The path stopped answering.
-    Stalled { peer: PeerId, remote: SocketAddr },
+    Stalled {
+        peer: PeerId,
+        remote: SocketAddr,
+    },
+    /// A steadily sending peer fell silent: refresh our registration.
+    Quiet,
 }
 
 /// An authenticated, encrypted session with one peer.
@@ -199,7 +218,8 @@ impl Connection {
 
     /// Closes the session with an application code and reason.
     pub fn close(&self, code: u32, reason: &str) {
-        self.conn.close(quinn::VarInt::from_u32(code), reason.as_bytes());
+        self.conn
+            .close(quinn::VarInt::from_u32(code), reason.as_bytes());
     }
 
     /// Closes the session and lingers while the close may still need
@@ -253,13 +273,21 @@ async fn monitor(
         // One unanswered datagram may be a bare ACK; more means quinn is
         // probing (PTO) or sending data that nobody acknowledges.
         let stalled = l.unanswered >= 2
-            && l.first_unanswered.is_some_and(|t| t.elapsed() >= STALL_AFTER);
-        if stalled && last_report.is_none_or(|t| t.elapsed() >= REPUNCH_EVERY) {
-            tracing::info!(%peer, silent_ms = l.last_rx.elapsed().as_millis() as u64, "path stalled");
-            last_report = Some(tokio::time::Instant::now());
-            let _ = internal.try_send(Internal::Stalled { peer, remote });
-        } else if !stalled {
+            && l.first_unanswered
+                .is_some_and(|t| t.elapsed() >= STALL_AFTER);
+        let quiet = l.prev_gap <= ACTIVE_GAP && l.last_rx.elapsed() >= STALL_AFTER;
+        if !(stalled || quiet) {
             last_report = None;
+        } else if last_report.is_none_or(|t| t.elapsed() >= REPUNCH_EVERY) {
+            let silent_ms = l.last_rx.elapsed().as_millis() as u64;
+            last_report = Some(tokio::time::Instant::now());
+            if stalled {
+                tracing::info!(%peer, silent_ms, "path stalled");
+                let _ = internal.try_send(Internal::Stalled { peer, remote });
+            } else {
+                tracing::debug!(%peer, silent_ms, "peer fell silent; refreshing registration");
+                let _ = internal.try_send(Internal::Quiet);
+            }
         }
     }
     mux.unwatch(remote);

@@ -96,7 +96,9 @@ impl Request {
 async fn read_short(recv: &mut RecvStream) -> Result<String, ServiceError> {
     let len = recv.read_u8().await? as usize;
     let mut b = vec![0u8; len];
-    recv.read_exact(&mut b).await.map_err(|_| ServiceError::BadHeader)?;
+    recv.read_exact(&mut b)
+        .await
+        .map_err(|_| ServiceError::BadHeader)?;
     String::from_utf8(b).map_err(|_| ServiceError::BadHeader)
 }
 
@@ -121,7 +123,11 @@ pub async fn read_request(recv: &mut RecvStream) -> Result<Request, ServiceError
 }
 
 /// Acceptor side: answers a request.
-pub async fn respond(send: &mut SendStream, status: Status, reason: &str) -> Result<(), ServiceError> {
+pub async fn respond(
+    send: &mut SendStream,
+    status: Status,
+    reason: &str,
+) -> Result<(), ServiceError> {
     let mut v = vec![status as u8];
     if status != Status::Ok {
         let r = &reason.as_bytes()[..reason.len().min(MAX_NAME)];
@@ -133,7 +139,10 @@ pub async fn respond(send: &mut SendStream, status: Status, reason: &str) -> Res
 }
 
 /// Opener side: a new stream for `req`, once the peer said yes.
-pub async fn open(conn: &Connection, req: &Request) -> Result<(SendStream, RecvStream), ServiceError> {
+pub async fn open(
+    conn: &Connection,
+    req: &Request,
+) -> Result<(SendStream, RecvStream), ServiceError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(&req.encode()?)
         .await
@@ -160,7 +169,10 @@ fn is_done(e: &quinn::ConnectionError) -> bool {
 
 /// Local bytes to the stream; FIN at local EOF; waits until the peer has
 /// acknowledged every byte.
-async fn upload<R: AsyncRead + Unpin>(mut input: R, send: &mut SendStream) -> Result<u64, ServiceError> {
+async fn upload<R: AsyncRead + Unpin>(
+    mut input: R,
+    send: &mut SendStream,
+) -> Result<u64, ServiceError> {
     let mut buf = vec![0u8; COPY_BUF];
     let mut n = 0u64;
     loop {
@@ -193,12 +205,18 @@ async fn upload<R: AsyncRead + Unpin>(mut input: R, send: &mut SendStream) -> Re
 }
 
 /// Stream bytes to the local side; shuts the local writer at the peer's FIN.
-async fn download<W: AsyncWrite + Unpin>(recv: &mut RecvStream, mut output: W) -> Result<u64, ServiceError> {
+async fn download<W: AsyncWrite + Unpin>(
+    recv: &mut RecvStream,
+    mut output: W,
+) -> Result<u64, ServiceError> {
     let mut n = 0u64;
     loop {
         match recv.read_chunk(COPY_BUF, true).await {
             Ok(Some(Chunk { bytes, .. })) => {
                 output.write_all(&bytes).await?;
+                // Interactive use (ssh as ProxyCommand) needs every byte
+                // passed on now, not when a buffer fills.
+                output.flush().await?;
                 n += bytes.len() as u64;
             }
             Ok(None) => break,
@@ -229,7 +247,11 @@ where
 
 /// Carries one TCP connection over a stream; a reset either way is passed
 /// on as a reset.
-pub async fn splice_tcp(tcp: TcpStream, send: SendStream, recv: RecvStream) -> Result<Moved, ServiceError> {
+pub async fn splice_tcp(
+    tcp: TcpStream,
+    send: SendStream,
+    recv: RecvStream,
+) -> Result<Moved, ServiceError> {
     let std = tcp.into_std()?;
     let tcp = TcpStream::from_std(std.try_clone()?)?;
     let (r, w) = tcp.into_split();
@@ -255,9 +277,15 @@ impl Services {
             .split_once('=')
             .ok_or_else(|| format!("--expose wants NAME=HOST:PORT, got {spec:?}"))?;
         if !valid_name(name) {
-            return Err(format!("--expose: bad service name {name:?} (A-Z a-z 0-9 . _ -)"));
+            return Err(format!(
+                "--expose: bad service name {name:?} (A-Z a-z 0-9 . _ -)"
+            ));
         }
-        if target.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_none() {
+        if target
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .is_none()
+        {
             return Err(format!("--expose: {target:?} is not HOST:PORT"));
         }
         self.map.insert(name.to_string(), target.to_string());
@@ -270,9 +298,19 @@ impl Services {
 
     /// Serves one service request: connect to the named target, answer,
     /// splice.
-    pub async fn serve(&self, name: &str, mut send: SendStream, recv: RecvStream) -> Result<Moved, ServiceError> {
+    pub async fn serve(
+        &self,
+        name: &str,
+        mut send: SendStream,
+        recv: RecvStream,
+    ) -> Result<Moved, ServiceError> {
         let Some(target) = self.map.get(name) else {
-            respond(&mut send, Status::Refused, &format!("no service named {name:?} here")).await?;
+            respond(
+                &mut send,
+                Status::Refused,
+                &format!("no service named {name:?} here"),
+            )
+            .await?;
             return Err(ServiceError::Refused(name.to_string()));
         };
         match TcpStream::connect(target.as_str()).await {
@@ -301,7 +339,9 @@ pub fn describe_end(conn: &Connection, idle_secs: u64) -> String {
             "{peer} closed the session: {}",
             String::from_utf8_lossy(&c.reason)
         ),
-        Some(quinn::ConnectionError::Reset) => format!("{peer} no longer knows this session (it restarted)"),
+        Some(quinn::ConnectionError::Reset) => {
+            format!("{peer} no longer knows this session (it restarted)")
+        }
         Some(e) => format!("the session with {peer} ended: {e}"),
         None => format!("the session with {peer} is still open"),
     }

@@ -56,6 +56,8 @@ pub struct Liveness {
     pub first_unanswered: Option<Instant>,
     /// How many datagrams we sent since `last_rx`.
     pub unanswered: u32,
+    /// The gap before `last_rx`: small while the peer is sending steadily.
+    pub prev_gap: std::time::Duration,
 }
 
 #[derive(Default)]
@@ -136,6 +138,7 @@ impl MuxSocket {
                 last_rx: Instant::now(),
                 first_unanswered: None,
                 unanswered: 0,
+                prev_gap: std::time::Duration::MAX,
             },
         );
     }
@@ -223,11 +226,10 @@ impl MuxSocket {
             if quic == 0 {
                 continue;
             }
-            self.stats
-                .quic_in
-                .fetch_add(quic as u64, Ordering::Relaxed);
+            self.stats.quic_in.fetch_add(quic as u64, Ordering::Relaxed);
             let addr = paths.reverse.get(&m.addr).copied().unwrap_or(m.addr);
             if let Some(l) = paths.watched.get_mut(&addr) {
+                l.prev_gap = now.saturating_duration_since(l.last_rx);
                 l.last_rx = now;
                 l.first_unanswered = None;
                 l.unanswered = 0;
@@ -267,8 +269,9 @@ impl AsyncUdpSocket for MuxSocket {
             segment_size: transmit.segment_size,
             src_ip: transmit.src_ip,
         };
-        self.io
-            .try_io(Interest::WRITABLE, || self.state.send((&*self.io).into(), &t))
+        self.io.try_io(Interest::WRITABLE, || {
+            self.state.send((&*self.io).into(), &t)
+        })
     }
 
     fn poll_recv(

@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 
 use natpunch_proto::identity::{Identity, PeerId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls13_signature_with_raw_key, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::crypto::{
+    verify_tls13_signature_with_raw_key, CryptoProvider, WebPkiSupportedAlgorithms,
+};
 use rustls::pki_types::{
     CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, SubjectPublicKeyInfoDer,
     UnixTime,
@@ -72,12 +74,17 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn certified_key(identity: &Identity, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, TlsError> {
+fn certified_key(
+    identity: &Identity,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, TlsError> {
     let mut pkcs8 = Zeroizing::new(PKCS8_PREFIX.to_vec());
     pkcs8.extend_from_slice(&identity.seed());
     let key = provider
         .key_provider
-        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.to_vec())))?;
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            pkcs8.to_vec(),
+        )))?;
     let spki = CertificateDer::from(spki_of(&identity.peer_id()));
     Ok(Arc::new(CertifiedKey::new(vec![spki], key)))
 }
@@ -127,8 +134,9 @@ impl ServerCertVerifier for ExpectPeer {
         _ocsp: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let got = peer_id_from_spki(end_entity.as_ref())
-            .ok_or(rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        let got = peer_id_from_spki(end_entity.as_ref()).ok_or(
+            rustls::Error::InvalidCertificate(CertificateError::BadEncoding),
+        )?;
         if got != self.expected {
             *self.mismatch.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(got);
             return Err(rustls::Error::InvalidCertificate(
@@ -185,7 +193,9 @@ impl ClientCertVerifier for AnyPeerKey {
         // peer IDs are welcome is decided after the handshake.
         peer_id_from_spki(end_entity.as_ref())
             .map(|_| ClientCertVerified::assertion())
-            .ok_or(rustls::Error::InvalidCertificate(CertificateError::BadEncoding))
+            .ok_or(rustls::Error::InvalidCertificate(
+                CertificateError::BadEncoding,
+            ))
     }
 
     fn verify_tls12_signature(
