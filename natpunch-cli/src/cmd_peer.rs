@@ -211,6 +211,7 @@ pub fn run(args: PeerArgs, target: Option<PeerId>) -> anyhow::Result<ExitCode> {
             endpoint: &endpoint,
             json: args.json,
             idle_secs: args.idle_timeout,
+            live: Default::default(),
         };
         let work = async {
             if args.once {

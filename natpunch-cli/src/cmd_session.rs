@@ -27,10 +27,15 @@ pub fn parse_forward(spec: &str) -> Result<(SocketAddr, String), String> {
     Ok((local, name.to_string()))
 }
 
+/// How long a stream error waits for the session's close to arrive.
+const STREAM_TO_CLOSE: std::time::Duration = std::time::Duration::from_millis(300);
+
 pub struct Session<'a> {
     pub endpoint: &'a Endpoint,
     pub json: bool,
     pub idle_secs: u64,
+    /// Sessions to close when interrupted.
+    pub live: std::sync::Mutex<Vec<Connection>>,
 }
 
 impl Session<'_> {
@@ -52,19 +57,41 @@ impl Session<'_> {
         ExitCode::SUCCESS
     }
 
-    /// Why a stream failed, in terms of the session when it ended.
-    fn explain(&self, conn: &Connection, e: &service::ServiceError) -> String {
+    /// Why a stream failed, in terms of the session if it ended too.
+    async fn explain(&self, conn: &Connection, e: &service::ServiceError) -> String {
+        use service::ServiceError as E;
+        if let E::Stopped(_) | E::Reset = e {
+            // A peer that goes away drops its streams (STOP_SENDING) just
+            // before it closes the session: its reason says more.
+            let _ = tokio::time::timeout(STREAM_TO_CLOSE, conn.closed()).await;
+        }
         match (conn.quic().close_reason(), e) {
-            (Some(_), service::ServiceError::Connection(_) | service::ServiceError::Io(_)) => {
+            (Some(_), E::Connection(_) | E::Io(_) | E::Stopped(_) | E::Reset) => {
                 describe_end(conn, self.idle_secs)
             }
             _ => e.to_string(),
         }
     }
 
-    /// Ctrl-C: tell the peer, briefly.
+    fn track(&self, conn: &Connection) {
+        if let Ok(mut live) = self.live.lock() {
+            live.retain(|c| c.quic().close_reason().is_none());
+            live.push(conn.clone());
+        }
+    }
+
+    /// Ctrl-C: tell every peer why we go, so it fails at once and clearly
+    /// rather than after the idle timeout.
     pub async fn interrupt(&self) {
-        tracing::info!("interrupted");
+        let live = self.live.lock().map(|l| l.clone()).unwrap_or_default();
+        tracing::debug!(sessions = live.len(), "interrupted: closing sessions");
+        for c in &live {
+            c.close(close::INTERRUPTED, "interrupted (Ctrl-C)");
+        }
+        if !live.is_empty() {
+            // One pass of the connection drivers sends the CONNECTION_CLOSE.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     pub async fn connect(
@@ -82,6 +109,7 @@ impl Session<'_> {
             Ok(c) => c,
             Err(e) => return Ok(self.fail(&e.to_string())),
         };
+        self.track(&conn);
         if !forwards.is_empty() {
             return self.forward(conn, forwards).await;
         }
@@ -96,10 +124,10 @@ impl Session<'_> {
                         conn.close_and_wait(close::DONE, "done").await;
                         return Ok(self.done(peer, moved));
                     }
-                    Err(e) => self.fail(&self.explain(&conn, &e)),
+                    Err(e) => self.fail(&self.explain(&conn, &e).await),
                 }
             }
-            Err(e) => self.fail(&self.explain(&conn, &e)),
+            Err(e) => self.fail(&self.explain(&conn, &e).await),
         };
         conn.close_and_wait(close::ERROR, "error").await;
         Ok(code)
@@ -164,6 +192,7 @@ impl Session<'_> {
                     Ok(()) => ExitCode::SUCCESS,
                 });
             };
+            self.track(&conn);
             let job = serve(
                 conn.clone(),
                 services.clone(),

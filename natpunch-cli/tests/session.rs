@@ -320,3 +320,44 @@ fn a_peer_that_dies_mid_transfer_fails_the_other_side_within_the_idle_timeout() 
     assert!(err.contains("went silent for 3 s"), "{err}");
     assert!(took < Duration::from_secs(10), "took {took:?}");
 }
+
+#[test]
+fn an_interrupted_peer_says_so_and_the_other_side_fails_at_once() {
+    let s = setup("sigint");
+    let mut l = s.listener(&[], Stdio::null(), Stdio::null());
+    let mut a = s
+        .peer("a")
+        .args(["-d", &l.id])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = a.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let chunk = vec![7u8; 65536];
+        while stdin.write_all(&chunk).is_ok() {}
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(e) = l.events.recv_timeout(Duration::from_millis(200)) {
+            if e["event"] == "session" {
+                break;
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &l.proc.0.id().to_string()])
+        .status();
+    let interrupted = Instant::now();
+    let st = l.wait(Duration::from_secs(5)).expect("the listener exits on Ctrl-C");
+    assert_eq!(st.code(), Some(130));
+    let out = a.wait_with_output().unwrap();
+    let took = interrupted.elapsed();
+    let _ = feeder.join();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("closed the session: interrupted (Ctrl-C)"), "{err}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}
