@@ -21,6 +21,25 @@ pub enum BenchCommand {
     /// Time to a direct path per NAT pair in the lab, vs the physical floor
     /// (root, Linux).
     Punch(PunchBench),
+    /// Session throughput through two lab NATs vs kernel TCP on the same
+    /// path and vs a tbf-shaped link's rate, with CPU per GB (root, Linux).
+    Session(SessionBench),
+}
+
+#[derive(Debug, Args)]
+pub struct SessionBench {
+    /// The NAT pair, A/B.
+    #[arg(long, default_value = "port-restricted-cone/port-restricted-cone")]
+    pub pair: String,
+    /// MiB per transfer.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub mib: u64,
+    /// The shaped run's rate in Mbit/s (tc tbf on both access links).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub rate_mbit: u64,
+    /// Print one JSON object per link setting.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -65,7 +84,52 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         BenchCommand::Stun(b) => stun(b),
         BenchCommand::Punch(b) => punch(b),
+        BenchCommand::Session(b) => session(b),
     }
+}
+
+fn session(b: SessionBench) -> anyhow::Result<ExitCode> {
+    natpunch_lab::topology::preflight()?;
+    let (pa, pb) = b
+        .pair
+        .split_once('/')
+        .context("--pair wants A/B, like full-cone/symmetric-sequential")?;
+    let bytes = b.mib << 20;
+    if !b.json {
+        println!(
+            "session throughput, {} / {}, {} MiB per transfer, A → B through both NATs",
+            pa, pb, b.mib
+        );
+        println!(
+            "  {:<18} {:>14} {:>14} {:>9} {:>12} {:>9} {:>12}",
+            "link", "natpunch", "kernel TCP", "vs TCP", "link rate", "vs link", "CPU s/GB"
+        );
+    }
+    for rate in [Some(b.rate_mbit * 1000), None] {
+        let r = natpunch_lab::throughput::measure(std::env::current_exe()?, pa, pb, bytes, rate)?;
+        if b.json {
+            crate::output::json_line(&serde_json::to_value(&r).unwrap_or_default());
+            continue;
+        }
+        println!(
+            "  {:<18} {:>8.0} Mbit/s {:>7.0} Mbit/s {:>8.2}x {:>12} {:>9} {:>12}",
+            r.link,
+            r.natpunch.mbit_s,
+            r.kernel_tcp.mbit_s,
+            r.vs_tcp,
+            r.link_mbit_s
+                .map(|l| format!("{l:.0} Mbit/s"))
+                .unwrap_or_else(|| "-".into()),
+            r.vs_link
+                .map(|x| format!("{:.0}%", x * 100.0))
+                .unwrap_or_else(|| "-".into()),
+            r.natpunch
+                .cpu_s_per_gb
+                .map(|c| format!("{c:.2}"))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Warm-up before measuring, so socket buffers and caches settle.

@@ -351,13 +351,18 @@ fn an_interrupted_peer_says_so_and_the_other_side_fails_at_once() {
         .args(["-INT", &l.proc.0.id().to_string()])
         .status();
     let interrupted = Instant::now();
-    let st = l.wait(Duration::from_secs(5)).expect("the listener exits on Ctrl-C");
+    let st = l
+        .wait(Duration::from_secs(5))
+        .expect("the listener exits on Ctrl-C");
     assert_eq!(st.code(), Some(130));
     let out = a.wait_with_output().unwrap();
     let took = interrupted.elapsed();
     let _ = feeder.join();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("closed the session: interrupted (Ctrl-C)"), "{err}");
+    assert!(
+        err.contains("closed the session: interrupted (Ctrl-C)"),
+        "{err}"
+    );
     assert!(took < Duration::from_secs(3), "took {took:?}");
 }

@@ -11,6 +11,7 @@ pub mod grid;
 pub mod nft;
 pub mod runner;
 pub mod spec;
+pub mod throughput;
 pub mod topology;
 
 pub use spec::{

@@ -364,14 +364,13 @@ fn grid_nat(opts: &LabOptions, pair: &GridPair, row: &mut GridRow) -> Result<(),
     Ok(())
 }
 
-/// Spawns a command and streams its stderr lines into a channel.
-fn spawn_lines(
+/// Spawns a command and streams its stderr lines into a channel (stdin
+/// and stdout are the caller's to set).
+pub(crate) fn spawn_lines(
     mut cmd: std::process::Command,
 ) -> Result<(std::process::Child, std::sync::mpsc::Receiver<String>), LabError> {
     use std::io::BufRead;
     let mut child = cmd
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|source| LabError::Spawn {
@@ -392,7 +391,7 @@ fn spawn_lines(
 }
 
 /// Waits for a JSON event line of one of `kinds`.
-fn wait_event(
+pub(crate) fn wait_event(
     rx: &std::sync::mpsc::Receiver<String>,
     kinds: &[&str],
     within: std::time::Duration,
@@ -454,7 +453,9 @@ pub fn connect_once(lab: &Lab, keys: &std::path::Path) -> Result<ConnectRun, Lab
     let common = |c: &mut std::process::Command, k: String| {
         c.args([
             "-s", &server, "--json", "--once", "--rto-ms", "100", "--key", &k,
-        ]);
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
     };
     let mut listen = lab.natpunch(Node::HostB);
     listen.arg("listen");

@@ -60,6 +60,10 @@ pub enum LabError {
     },
     #[error("the lab server did not answer on {0}")]
     ServerNotReady(SocketAddr),
+    #[error("this lab has no {0:?}")]
+    NoSuchNode(Node),
+    #[error("{0}")]
+    Measure(String),
 }
 
 /// A node of the lab, by role.
@@ -122,6 +126,35 @@ pub struct Lab {
     reaper: Option<Reaper>,
     natpunch: PathBuf,
     spec: TopologySpec,
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`; sockets
+/// it creates live in that namespace (threads it spawns inherit it).
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, LabError> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).map_err(|source| LabError::Spawn {
+            command: format!("open {path}"),
+            source,
+        })?;
+        // SAFETY: a valid namespace fd; setns only affects this thread.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(LabError::Spawn {
+                command: format!("setns {path}"),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| LabError::Command {
+        command: format!("thread in {ns}"),
+        stderr: "panicked".into(),
+    })?
 }
 
 /// Runs a command, turning a failure into a [`LabError`] with its stderr.
@@ -607,6 +640,30 @@ impl Lab {
             let _ = run(Command::new("ip").args(["netns", "exec", ns, "conntrack", "-F"]));
         }
         Ok(())
+    }
+
+    /// Forwards TCP port `port` on a NAT's outside interface to a host
+    /// behind it: the manual port forward users set on a home router.
+    pub fn forward_tcp(&self, nat: Node, host: Node, port: u16) -> Result<(), LabError> {
+        let ns = self.netns(nat).ok_or(LabError::NoSuchNode(nat))?;
+        let ip = self.host_ip(host).ok_or(LabError::NoSuchNode(host))?;
+        nft_load(
+            ns,
+            &format!("table ip natpunch_fwd {{\n  chain pre {{\n    type nat hook prerouting priority dstnat - 10; policy accept;\n    iifname \"wan\" tcp dport {port} dnat ip to {ip}\n  }}\n}}\n"),
+        )
+    }
+
+    /// A NAT's outside (public) address.
+    pub fn wan_ip(&self, nat: Node) -> Result<Ipv4Addr, LabError> {
+        let ns = self.netns(nat).ok_or(LabError::NoSuchNode(nat))?;
+        let out =
+            run(Command::new("ip").args(["-n", ns, "-4", "-o", "addr", "show", "dev", "wan"]))?;
+        out.split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|cidr| cidr.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .ok_or(LabError::NoSuchNode(nat))
     }
 
     /// Tears everything down now (also done on drop).

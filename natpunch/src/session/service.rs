@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::io;
 
-use quinn::{Chunk, ReadError, RecvStream, SendStream, VarInt, WriteError};
+use quinn::{ReadError, RecvStream, SendStream, VarInt, WriteError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -209,15 +209,18 @@ async fn download<W: AsyncWrite + Unpin>(
     recv: &mut RecvStream,
     mut output: W,
 ) -> Result<u64, ServiceError> {
+    let mut buf = vec![0u8; COPY_BUF];
     let mut n = 0u64;
     loop {
-        match recv.read_chunk(COPY_BUF, true).await {
-            Ok(Some(Chunk { bytes, .. })) => {
-                output.write_all(&bytes).await?;
+        // `read` gathers every chunk already received, so a fast stream
+        // costs one local write per batch, not per QUIC packet.
+        match recv.read(&mut buf).await {
+            Ok(Some(k)) => {
+                output.write_all(&buf[..k]).await?;
                 // Interactive use (ssh as ProxyCommand) needs every byte
                 // passed on now, not when a buffer fills.
                 output.flush().await?;
-                n += bytes.len() as u64;
+                n += k as u64;
             }
             Ok(None) => break,
             Err(ReadError::Reset(_)) => return Err(ServiceError::Reset),

@@ -110,6 +110,12 @@ impl MuxSocket {
         divert: mpsc::Sender<Datagram>,
     ) -> io::Result<Self> {
         let state = UdpSocketState::new(quinn::udp::UdpSockRef::from(&*io))?;
+        tracing::debug!(
+            socket = index,
+            gso = state.max_gso_segments(),
+            gro = state.gro_segments(),
+            "QUIC on the shared socket"
+        );
         Ok(Self {
             io,
             state,

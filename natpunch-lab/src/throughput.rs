@@ -1,0 +1,244 @@
+//! Session throughput through the lab's NATs (`natpunch bench session`),
+//! each figure next to a reference measured in the same lab, same run:
+//!
+//! - natpunch: `natpunch -s S -d B < data` on host A into `natpunch -s S >
+//!   sink` on host B, the punched QUIC session through both NATs; the rate
+//!   is counted at B's stdout, from the first byte to the last.
+//! - kernel TCP: host A to host B through the same two NATs (NAT A's
+//!   SNAT, then a port forward on NAT B), one connection.
+//! - the shaped link's nominal rate, when `tc tbf` shapes both access
+//!   links.
+//!
+//! CPU is natpunch's user + system time on both ends (from `wait4`), per
+//! GB moved.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::runner::{spawn_lines, wait_event};
+use crate::spec::{LinkSpec, Links, Side, TopologySpec};
+use crate::topology::{in_netns, Lab, LabError, LabOptions, Node};
+
+/// The TCP reference's port, forwarded on NAT B.
+const TCP_PORT: u16 = 5201;
+/// Write size of the data sources (large writes, like a bulk copy).
+const CHUNK: usize = 256 * 1024;
+/// The whole transfer must end in this long (1 GB at 100 Mbit/s).
+const TRANSFER_LIMIT: Duration = Duration::from_secs(120);
+
+/// One measured transfer.
+#[derive(Debug, Clone, Serialize)]
+pub struct Transfer {
+    pub bytes: u64,
+    pub seconds: f64,
+    pub mbit_s: f64,
+    /// natpunch only: CPU seconds (both ends) per GB.
+    pub cpu_s_per_gb: Option<f64>,
+}
+
+/// One link setting: natpunch and its references.
+#[derive(Debug, Clone, Serialize)]
+pub struct ThroughputRow {
+    pub link: String,
+    pub natpunch: Transfer,
+    pub kernel_tcp: Transfer,
+    /// natpunch / kernel TCP.
+    pub vs_tcp: f64,
+    /// The shaped rate, if any, and natpunch / that rate.
+    pub link_mbit_s: Option<f64>,
+    pub vs_link: Option<f64>,
+}
+
+fn transfer(bytes: u64, took: Duration, cpu: Option<f64>) -> Transfer {
+    let seconds = took.as_secs_f64().max(1e-9);
+    Transfer {
+        bytes,
+        seconds,
+        mbit_s: bytes as f64 * 8.0 / seconds / 1e6,
+        cpu_s_per_gb: cpu.map(|c| c / (bytes as f64 / 1e9)),
+    }
+}
+
+/// Reads `input` to its end: (bytes, first byte → end).
+fn count(mut input: impl Read) -> (u64, Duration) {
+    let mut buf = vec![0u8; CHUNK];
+    let mut n = 0u64;
+    let mut first = None;
+    loop {
+        match input.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => {
+                first.get_or_insert_with(Instant::now);
+                n += k as u64;
+            }
+        }
+    }
+    (n, first.map(|f| f.elapsed()).unwrap_or_default())
+}
+
+fn write_zeros(mut out: impl Write, bytes: u64) -> std::io::Result<()> {
+    let buf = vec![0u8; CHUNK];
+    let mut left = bytes;
+    while left > 0 {
+        let k = left.min(CHUNK as u64) as usize;
+        out.write_all(&buf[..k])?;
+        left -= k as u64;
+    }
+    Ok(())
+}
+
+/// Waits for a child and returns its CPU seconds (user + system).
+fn wait_cpu(child: &mut Child) -> Option<f64> {
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: rusage is plain data that wait4 fills; the pid is our child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    (r == pid).then(|| {
+        let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+        t(ru.ru_utime) + t(ru.ru_stime)
+    })
+}
+
+fn measure_tcp(lab: &Lab, bytes: u64) -> Result<Transfer, LabError> {
+    lab.forward_tcp(Node::NatB, Node::HostB, TCP_PORT)?;
+    let target: Ipv4Addr = lab.wan_ip(Node::NatB)?;
+    let b = lab
+        .netns(Node::HostB)
+        .ok_or(LabError::NoSuchNode(Node::HostB))?;
+    let a = lab
+        .netns(Node::HostA)
+        .ok_or(LabError::NoSuchNode(Node::HostA))?;
+    let listener = in_netns(b, || TcpListener::bind(("0.0.0.0", TCP_PORT)))?
+        .map_err(|e| LabError::Measure(format!("TCP sink: {e}")))?;
+    let sink = std::thread::spawn(move || {
+        listener
+            .accept()
+            .map(|(s, _)| count(s))
+            .map_err(|e| e.to_string())
+    });
+    in_netns(a, move || {
+        let s = TcpStream::connect((target, TCP_PORT))?;
+        write_zeros(&s, bytes)?;
+        s.shutdown(std::net::Shutdown::Write)
+    })?
+    .map_err(|e| LabError::Measure(format!("TCP source: {e}")))?;
+    let (n, took) = sink
+        .join()
+        .map_err(|_| LabError::Measure("TCP sink panicked".into()))?
+        .map_err(LabError::Measure)?;
+    Ok(transfer(n, took, None))
+}
+
+fn measure_natpunch(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<Transfer, LabError> {
+    let server = lab.server_addr().to_string();
+    let key = |k: &str| keys.join(k).to_string_lossy().into_owned();
+    let mut b = lab.natpunch(Node::HostB);
+    b.args([
+        "-s",
+        &server,
+        "--json",
+        "--rto-ms",
+        "100",
+        "--key",
+        &key("b"),
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
+    let (mut bchild, brx) = spawn_lines(b)?;
+    let id = wait_event(&brx, &["registered"], Duration::from_secs(20))
+        .and_then(|v| v["peer_id"].as_str().map(str::to_string))
+        .ok_or_else(|| LabError::Measure("B did not register".into()))?;
+    let bout = bchild
+        .stdout
+        .take()
+        .ok_or_else(|| LabError::Measure("no stdout".into()))?;
+    let sink = std::thread::spawn(move || count(bout));
+    let mut a = lab.natpunch(Node::HostA);
+    a.args([
+        "-s",
+        &server,
+        "-d",
+        &id,
+        "--rto-ms",
+        "100",
+        "--key",
+        &key("a"),
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    let mut achild = a.spawn().map_err(|source| LabError::Spawn {
+        command: "natpunch -d".into(),
+        source,
+    })?;
+    let ain = achild
+        .stdin
+        .take()
+        .ok_or_else(|| LabError::Measure("no stdin".into()))?;
+    let source = std::thread::spawn(move || write_zeros(ain, bytes));
+    let started = Instant::now();
+    let (n, took) = sink
+        .join()
+        .map_err(|_| LabError::Measure("sink panicked".into()))?;
+    let _ = source.join();
+    if started.elapsed() > TRANSFER_LIMIT || n != bytes {
+        let _ = achild.kill();
+        let _ = bchild.kill();
+        return Err(LabError::Measure(format!(
+            "natpunch moved {n} of {bytes} bytes"
+        )));
+    }
+    let cpu = wait_cpu(&mut achild)
+        .zip(wait_cpu(&mut bchild))
+        .map(|(x, y)| x + y);
+    Ok(transfer(n, took, cpu))
+}
+
+/// Measures one link setting (`rate_kbit`: tbf on both access links).
+pub fn measure(
+    natpunch: PathBuf,
+    a: &str,
+    b: &str,
+    bytes: u64,
+    rate_kbit: Option<u64>,
+) -> Result<ThroughputRow, LabError> {
+    let bad = |e: crate::spec::SpecError| LabError::Measure(e.to_string());
+    let topology = TopologySpec::Pair {
+        a: Side::parse(a).map_err(bad)?,
+        b: Side::parse(b).map_err(bad)?,
+    };
+    let link = LinkSpec {
+        rate_kbit,
+        ..Default::default()
+    };
+    let opts = LabOptions {
+        natpunch,
+        links: Links { a: link, b: link },
+    };
+    let mut lab = Lab::build(&topology, &opts)?;
+    lab.start_server()?;
+    let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
+    let _ = std::fs::create_dir_all(&keys);
+    let kernel_tcp = measure_tcp(&lab, bytes);
+    let natpunch = measure_natpunch(&lab, bytes, &keys);
+    let _ = std::fs::remove_dir_all(&keys);
+    let (kernel_tcp, natpunch) = (kernel_tcp?, natpunch?);
+    let link_mbit_s = rate_kbit.map(|k| k as f64 / 1000.0);
+    Ok(ThroughputRow {
+        link: match rate_kbit {
+            Some(k) => format!("tbf {} Mbit/s", k / 1000),
+            None => "unshaped".into(),
+        },
+        vs_tcp: natpunch.mbit_s / kernel_tcp.mbit_s.max(1e-9),
+        vs_link: link_mbit_s.map(|l| natpunch.mbit_s / l),
+        link_mbit_s,
+        natpunch,
+        kernel_tcp,
+    })
+}
