@@ -301,3 +301,53 @@ fn a_peer_outside_the_allow_list_is_refused_through_the_nats() {
         "{err}"
     );
 }
+
+#[test]
+fn keepalives_hold_an_idle_session_open_through_15s_nat_timeouts() {
+    if !lab_available() {
+        return;
+    }
+    // Both NATs forget an idle UDP mapping after 15 s; the session idles
+    // for 25 s, so only keepalives (every 10 s) can keep the path.
+    let p = lab_pair(
+        "port-restricted-cone:timeout=15",
+        "port-restricted-cone:timeout=15",
+    );
+    let output = p.dir.join("out");
+    let mut l = start_listener(
+        p.peer(Node::HostB, "b")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&output).unwrap()),
+    );
+    let mut a = p
+        .peer(Node::HostA, "a")
+        .args(["-d", &l.id])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = a.stdin.take().unwrap();
+    stdin.write_all(b"before the pause\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0) < 17 {
+        assert!(Instant::now() < deadline, "the first line never arrived");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(25));
+    stdin.write_all(b"after the pause\n").unwrap();
+    drop(stdin);
+    let out = a.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(l.wait(Duration::from_secs(15)).is_some_and(|s| s.success()));
+    assert_eq!(
+        std::fs::read_to_string(&output).unwrap(),
+        "before the pause\nafter the pause\n"
+    );
+    let ev = json_lines(&out.stderr);
+    assert!(
+        event(&ev, "stalled").is_none(),
+        "the path broke although keepalives ran: {err}"
+    );
+}

@@ -64,25 +64,60 @@ fn transfer(bytes: u64, took: Duration, cpu: Option<f64>) -> Transfer {
     }
 }
 
-/// Reads `input` to its end: (bytes, first byte → end).
-fn count(mut input: impl Read) -> (u64, Duration) {
+/// The data: one pseudo-random block, repeated (xorshift, fixed seed),
+/// so the sink can check every byte at memcmp cost.
+fn pattern() -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..CHUNK)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// What a sink saw.
+struct Sunk {
+    bytes: u64,
+    /// First byte → end.
+    took: Duration,
+    /// Every byte matched the pattern.
+    intact: bool,
+}
+
+/// Reads `input` to its end, checking it against [`pattern`].
+fn count(mut input: impl Read) -> Sunk {
+    let want = pattern();
     let mut buf = vec![0u8; CHUNK];
-    let mut n = 0u64;
-    let mut first = None;
+    let (mut n, mut first, mut intact) = (0u64, None, true);
     loop {
         match input.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(k) => {
                 first.get_or_insert_with(Instant::now);
+                let mut off = (n % CHUNK as u64) as usize;
+                let mut got = &buf[..k];
+                while !got.is_empty() {
+                    let m = got.len().min(CHUNK - off);
+                    intact &= got[..m] == want[off..off + m];
+                    got = &got[m..];
+                    off = (off + m) % CHUNK;
+                }
                 n += k as u64;
             }
         }
     }
-    (n, first.map(|f| f.elapsed()).unwrap_or_default())
+    Sunk {
+        bytes: n,
+        took: first.map(|f| f.elapsed()).unwrap_or_default(),
+        intact,
+    }
 }
 
-fn write_zeros(mut out: impl Write, bytes: u64) -> std::io::Result<()> {
-    let buf = vec![0u8; CHUNK];
+fn write_pattern(mut out: impl Write, bytes: u64) -> std::io::Result<()> {
+    let buf = pattern();
     let mut left = bytes;
     while left > 0 {
         let k = left.min(CHUNK as u64) as usize;
@@ -124,18 +159,30 @@ fn measure_tcp(lab: &Lab, bytes: u64) -> Result<Transfer, LabError> {
     });
     in_netns(a, move || {
         let s = TcpStream::connect((target, TCP_PORT))?;
-        write_zeros(&s, bytes)?;
+        write_pattern(&s, bytes)?;
         s.shutdown(std::net::Shutdown::Write)
     })?
     .map_err(|e| LabError::Measure(format!("TCP source: {e}")))?;
-    let (n, took) = sink
+    let got = sink
         .join()
         .map_err(|_| LabError::Measure("TCP sink panicked".into()))?
         .map_err(LabError::Measure)?;
-    Ok(transfer(n, took, None))
+    Ok(transfer(got.bytes, got.took, None))
 }
 
-fn measure_natpunch(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<Transfer, LabError> {
+/// One pipe transfer through the lab: what A's events and B's sink saw.
+#[derive(Debug, Clone)]
+pub struct PipeRun {
+    pub transfer: Transfer,
+    /// How A's punch went (`cone`, `predict`, …) and how long it took.
+    pub strategy: String,
+    pub punch_ms: u64,
+    /// Every byte arrived, in order, unchanged.
+    pub intact: bool,
+}
+
+/// `natpunch -s S -d B < data` on A into `natpunch -s S > sink` on B.
+pub fn pipe(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<PipeRun, LabError> {
     let server = lab.server_addr().to_string();
     let key = |k: &str| keys.join(k).to_string_lossy().into_owned();
     let mut b = lab.natpunch(Node::HostB);
@@ -165,39 +212,50 @@ fn measure_natpunch(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<Tra
         &server,
         "-d",
         &id,
+        "--json",
         "--rto-ms",
         "100",
         "--key",
         &key("a"),
     ])
     .stdin(Stdio::piped())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    let mut achild = a.spawn().map_err(|source| LabError::Spawn {
-        command: "natpunch -d".into(),
-        source,
-    })?;
+    .stdout(Stdio::null());
+    let (mut achild, arx) = spawn_lines(a)?;
     let ain = achild
         .stdin
         .take()
         .ok_or_else(|| LabError::Measure("no stdin".into()))?;
-    let source = std::thread::spawn(move || write_zeros(ain, bytes));
+    let source = std::thread::spawn(move || write_pattern(ain, bytes));
     let started = Instant::now();
-    let (n, took) = sink
+    let got = sink
         .join()
         .map_err(|_| LabError::Measure("sink panicked".into()))?;
     let _ = source.join();
-    if started.elapsed() > TRANSFER_LIMIT || n != bytes {
+    let connected = wait_event(&arx, &["connected"], Duration::from_secs(1));
+    if started.elapsed() > TRANSFER_LIMIT || got.bytes != bytes {
         let _ = achild.kill();
         let _ = bchild.kill();
         return Err(LabError::Measure(format!(
-            "natpunch moved {n} of {bytes} bytes"
+            "natpunch moved {} of {bytes} bytes",
+            got.bytes
         )));
     }
     let cpu = wait_cpu(&mut achild)
         .zip(wait_cpu(&mut bchild))
         .map(|(x, y)| x + y);
-    Ok(transfer(n, took, cpu))
+    Ok(PipeRun {
+        transfer: transfer(got.bytes, got.took, cpu),
+        strategy: connected
+            .as_ref()
+            .and_then(|c| c["strategy"].as_str())
+            .unwrap_or("?")
+            .to_string(),
+        punch_ms: connected
+            .as_ref()
+            .and_then(|c| c["elapsed_ms"].as_u64())
+            .unwrap_or(0),
+        intact: got.intact,
+    })
 }
 
 /// Measures one link setting (`rate_kbit`: tbf on both access links).
@@ -226,9 +284,13 @@ pub fn measure(
     let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
     let _ = std::fs::create_dir_all(&keys);
     let kernel_tcp = measure_tcp(&lab, bytes);
-    let natpunch = measure_natpunch(&lab, bytes, &keys);
+    let run = pipe(&lab, bytes, &keys);
     let _ = std::fs::remove_dir_all(&keys);
-    let (kernel_tcp, natpunch) = (kernel_tcp?, natpunch?);
+    let (kernel_tcp, run) = (kernel_tcp?, run?);
+    if !run.intact {
+        return Err(LabError::Measure("natpunch delivered altered bytes".into()));
+    }
+    let natpunch = run.transfer;
     let link_mbit_s = rate_kbit.map(|k| k as f64 / 1000.0);
     Ok(ThroughputRow {
         link: match rate_kbit {
