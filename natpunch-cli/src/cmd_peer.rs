@@ -168,10 +168,18 @@ pub fn run(args: PeerArgs, target: Option<PeerId>) -> anyhow::Result<ExitCode> {
     if created && !args.json {
         eprintln!("natpunch: created a new identity key in {}", path.display());
     }
-    crate::runtime()?.block_on(async move {
+    let rt = crate::runtime()?;
+    let result = rt.block_on(async move {
         let v6 = args.source_ip.is_some_and(|i| i.is_ipv6());
         let direct = match &args.direct {
-            Some(d) => Some(resolve(d, DEFAULT_PORT, v6).await?),
+            Some(d) => {
+                let addr = resolve(d, 0, v6).await?;
+                if addr.port() == 0 {
+                    eprintln!("natpunch: --direct needs HOST:PORT, the peer's session port");
+                    return Ok(ExitCode::from(2));
+                }
+                Some(addr)
+            }
             None => None,
         };
         let server = resolve(args.server.as_deref().unwrap_or_default(), DEFAULT_PORT, v6).await?;
@@ -244,7 +252,10 @@ pub fn run(args: PeerArgs, target: Option<PeerId>) -> anyhow::Result<ExitCode> {
         tokio::time::sleep(Duration::from_millis(20)).await;
         printer.abort();
         code
-    })
+    });
+    // stdin's blocking read cannot be cancelled: do not wait for it.
+    rt.shutdown_background();
+    result
 }
 
 /// What the events said, for the exit code of punch-only runs.

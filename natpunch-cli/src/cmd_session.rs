@@ -27,8 +27,13 @@ pub fn parse_forward(spec: &str) -> Result<(SocketAddr, String), String> {
     Ok((local, name.to_string()))
 }
 
-/// How long a stream error waits for the session's close to arrive.
+/// How long a stream error waits for the session's close to arrive: the
+/// peer sends STOP_SENDING and CONNECTION_CLOSE back to back, so one RTT
+/// (300 ms covers most Internet paths) tells the two apart.
 const STREAM_TO_CLOSE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Pause after a failed TCP accept (EMFILE clears as connections close).
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub struct Session<'a> {
     pub endpoint: &'a Endpoint,
@@ -159,7 +164,16 @@ impl Session<'_> {
             let conn = conn.clone();
             tasks.spawn(async move {
                 loop {
-                    let Ok((tcp, from)) = listener.accept().await else { continue };
+                    let (tcp, from) = match listener.accept().await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off
+                            // rather than spin.
+                            tracing::warn!(error = %e, "--forward: accept failed");
+                            tokio::time::sleep(ACCEPT_BACKOFF).await;
+                            continue;
+                        }
+                    };
                     let _ = tcp.set_nodelay(true);
                     let (conn, name) = (conn.clone(), name.clone());
                     tokio::spawn(async move {
@@ -203,7 +217,23 @@ impl Session<'_> {
                 tokio::spawn(job);
                 continue;
             }
-            return Ok(match job.await {
+            // One session only: later ones are told so at once, rather
+            // than left waiting for a listener that will not serve them.
+            let turn_away = async {
+                while let Some(other) = self.endpoint.accept().await {
+                    other.close(
+                        close::ERROR,
+                        "busy: this listener serves one session (see --keep-open)",
+                    );
+                }
+                // Accepting stopped; the session itself goes on.
+                std::future::pending().await
+            };
+            let result = tokio::select! {
+                r = job => r,
+                r = turn_away => r,
+            };
+            return Ok(match result {
                 Ok(moved) => self.done(conn.peer_id(), moved),
                 Err(e) => self.fail(&e),
             });
@@ -229,6 +259,7 @@ async fn serve(
             Ok(r) => r,
             Err(e) => {
                 tracing::info!(%peer, error = %e, "bad stream request");
+                let _ = service::respond(&mut send, Status::Refused, &e.to_string()).await;
                 continue;
             }
         };

@@ -253,14 +253,24 @@ fn allow_list_and_wrong_key_are_refused_naming_both_ids() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
+    // Refused at the introduction, before any probe or handshake.
     assert!(
-        err.contains(&format!("{a_id} is not allowed by {}", l.id)),
+        err.contains(&format!("could not reach {}: the peer declined", l.id)),
         "{err}"
     );
+    assert!(!err.contains("\"session\""), "a session started: {err}");
     let refused = l.drain(Duration::from_secs(2));
-    assert!(refused
-        .iter()
-        .any(|e| e["event"] == "refused" && e["peer_id"] == a_id.as_str()));
+    let reason = format!("{a_id} is not allowed by {} (--allow)", l.id);
+    assert!(
+        refused
+            .iter()
+            .any(|e| e["event"] == "refused" && e["reason"] == reason.as_str()),
+        "{refused:?}"
+    );
+    assert!(
+        !refused.iter().any(|e| e["event"] == "attempt"),
+        "{refused:?}"
+    );
 
     // Dial the listener's port directly but expect another peer's key.
     let b_addr = l.observed.clone();

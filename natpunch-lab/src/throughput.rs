@@ -81,7 +81,7 @@ fn pattern() -> Vec<u8> {
 /// What a sink saw.
 struct Sunk {
     bytes: u64,
-    /// First byte → end.
+    /// First byte → last byte.
     took: Duration,
     /// Every byte matched the pattern.
     intact: bool,
@@ -91,12 +91,14 @@ struct Sunk {
 fn count(mut input: impl Read) -> Sunk {
     let want = pattern();
     let mut buf = vec![0u8; CHUNK];
-    let (mut n, mut first, mut intact) = (0u64, None, true);
+    let (mut n, mut first, mut last, mut intact) = (0u64, None, None, true);
     loop {
         match input.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(k) => {
-                first.get_or_insert_with(Instant::now);
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last = Some(now);
                 let mut off = (n % CHUNK as u64) as usize;
                 let mut got = &buf[..k];
                 while !got.is_empty() {
@@ -111,7 +113,10 @@ fn count(mut input: impl Read) -> Sunk {
     }
     Sunk {
         bytes: n,
-        took: first.map(|f| f.elapsed()).unwrap_or_default(),
+        took: first
+            .zip(last)
+            .map(|(f, l)| l.duration_since(f))
+            .unwrap_or_default(),
         intact,
     }
 }
@@ -226,10 +231,24 @@ pub fn pipe(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<PipeRun, La
         .take()
         .ok_or_else(|| LabError::Measure("no stdin".into()))?;
     let source = std::thread::spawn(move || write_pattern(ain, bytes));
+    // A transfer that stalls (say, the punch failed) must not hang the
+    // bench: past the limit both ends are killed, which ends the sink.
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let pids = [achild.id(), bchild.id()];
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(TRANSFER_LIMIT).is_err() {
+            for pid in pids {
+                // SAFETY: plain kill(2) on our own children's pids.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
+    });
     let started = Instant::now();
     let got = sink
         .join()
         .map_err(|_| LabError::Measure("sink panicked".into()))?;
+    let _ = done_tx.send(());
+    let _ = watchdog.join();
     let _ = source.join();
     let connected = wait_event(&arx, &["connected"], Duration::from_secs(1));
     if started.elapsed() > TRANSFER_LIMIT || got.bytes != bytes {

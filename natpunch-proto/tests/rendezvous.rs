@@ -37,7 +37,8 @@ fn signed(id: &Identity, mut f: Frame) -> Vec<u8> {
     match &mut f {
         Frame::Register { sig: s, .. }
         | Frame::Connect { sig: s, .. }
-        | Frame::Accept { sig: s, .. } => *s = sig,
+        | Frame::Accept { sig: s, .. }
+        | Frame::Decline { sig: s, .. } => *s = sig,
         _ => {}
     }
     wire::encode(&f)
@@ -293,4 +294,110 @@ fn a_flood_from_one_source_is_rate_limited() {
         .filter(|_| !ask(&mut s, now, "198.51.100.7:4000", &hello).is_empty())
         .count();
     assert!(answered <= 40, "{answered}");
+}
+
+#[test]
+fn a_retransmitted_connect_is_answered_again_and_a_decline_reaches_the_initiator() {
+    let mut s = RendezvousServer::new([1; 32]);
+    let now = Instant::now();
+    let (a, b, mallory) = (
+        Identity::from_seed([1; 32]),
+        Identity::from_seed([2; 32]),
+        Identity::from_seed([9; 32]),
+    );
+    register(&mut s, now, &a, "198.51.100.7:4000");
+    register(&mut s, now, &b, "198.51.100.8:5000");
+    let ck = cookie(&mut s, now, &a, "198.51.100.7:4000");
+    let connect = signed(
+        &a,
+        Frame::Connect {
+            peer: a.peer_id(),
+            target: b.peer_id(),
+            cookie: ck,
+            session: 11,
+            offer: offer(),
+            fresh: None,
+            sig: vec![],
+        },
+    );
+    let first = ask(&mut s, now, "198.51.100.7:4000", &connect);
+    // The Peer answer was lost: the same Connect again gets it again.
+    let again = ask(&mut s, now, "198.51.100.7:4000", &connect);
+    assert_eq!(again.len(), 2, "{again:?}");
+    assert!(
+        matches!(&again[0], (_, Frame::Peer { session: 11, .. })),
+        "{again:?}"
+    );
+    assert_eq!(first.len(), again.len());
+    // Only the target may decline, with its key.
+    let ckm = cookie(&mut s, now, &mallory, "198.51.100.9:6000");
+    let forged = Frame::Decline {
+        peer: mallory.peer_id(),
+        cookie: ckm,
+        session: 11,
+        sig: vec![],
+    };
+    let r = ask(&mut s, now, "198.51.100.9:6000", &signed(&mallory, forged));
+    assert!(
+        matches!(
+            r.as_slice(),
+            [(
+                _,
+                Frame::Error {
+                    code: ErrorCode::NoSession,
+                    ..
+                }
+            )]
+        ),
+        "{r:?}"
+    );
+    let ckb = cookie(&mut s, now, &b, "198.51.100.8:5000");
+    let decline = Frame::Decline {
+        peer: b.peer_id(),
+        cookie: ckb,
+        session: 11,
+        sig: vec![],
+    };
+    let r = ask(&mut s, now, "198.51.100.8:5000", &signed(&b, decline));
+    let declined = |to: &str| {
+        r.iter().any(|(t, f)| {
+            *t == addr(to)
+                && matches!(
+                    f,
+                    Frame::Error {
+                        code: ErrorCode::Declined,
+                        session: Some(11)
+                    }
+                )
+        })
+    };
+    assert!(declined("198.51.100.7:4000"), "A is told: {r:?}");
+    assert!(
+        declined("198.51.100.8:5000"),
+        "B gets its acknowledgement: {r:?}"
+    );
+    // The session is gone: an Accept for it now fails.
+    let ckb = cookie(&mut s, now, &b, "198.51.100.8:5000");
+    let acc = Frame::Accept {
+        peer: b.peer_id(),
+        cookie: ckb,
+        session: 11,
+        offer: offer(),
+        fresh: None,
+        sig: vec![],
+    };
+    let r = ask(&mut s, now, "198.51.100.8:5000", &signed(&b, acc));
+    assert!(
+        matches!(
+            r.as_slice(),
+            [(
+                _,
+                Frame::Error {
+                    code: ErrorCode::NoSession,
+                    ..
+                }
+            )]
+        ),
+        "{r:?}"
+    );
 }

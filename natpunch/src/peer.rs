@@ -128,6 +128,9 @@ pub enum PeerError {
     Session(#[from] SessionError),
 }
 
+/// Where the answer to a user's connect goes.
+type Reply = oneshot::Sender<Result<Connection, SessionError>>;
+
 /// A live session, as the driver tracks it.
 #[derive(Debug, Clone, Copy)]
 struct Live {
@@ -136,9 +139,6 @@ struct Live {
     remote: SocketAddr,
     /// We started it (and so re-punch it when it stalls).
     client: bool,
-    /// When its path last stalled: a punch with this peer from then on
-    /// is taken as the re-punch that repairs it.
-    stalled: Option<Instant>,
 }
 
 /// The attempt in progress.
@@ -146,6 +146,8 @@ struct Attempt {
     peer: PeerId,
     punch: Punch,
     role: Role,
+    /// A re-punch for our stalled session that quinn knows at this address.
+    repair: Option<SocketAddr>,
     /// When the attempt began: our Connect (initiator) or the server's
     /// Incoming (responder).
     started: Instant,
@@ -172,19 +174,19 @@ struct Driver {
     /// The QUIC side of a socket, once it carries (or may carry) sessions.
     quic: Vec<Option<(Arc<MuxSocket>, quinn::Endpoint)>>,
     /// Connects asked for before we were registered.
-    queued: VecDeque<(
-        PeerId,
-        Option<oneshot::Sender<Result<Connection, SessionError>>>,
-    )>,
+    queued: VecDeque<(PeerId, Option<Reply>)>,
     /// Who waits for the connect in progress.
-    waiting: Option<(PeerId, oneshot::Sender<Result<Connection, SessionError>>)>,
+    waiting: Option<(PeerId, Reply)>,
+    /// The connect in progress repairs the session quinn knows at this
+    /// address (set by a stall, taken when the punch starts).
+    repairing: Option<SocketAddr>,
     /// Live sessions by peer and the address quinn knows it by (one peer
     /// may run several sessions, e.g. two processes with one key).
     sessions: HashMap<(PeerId, SocketAddr), Live>,
     /// Drop the finished punch machine after the next flush.
     retire_attempt: bool,
     /// A re-punch waiting for [`crate::session::REPUNCH_DELAY`].
-    repunch: Option<(Instant, PeerId)>,
+    repunch: Option<(Instant, PeerId, SocketAddr)>,
     tx: mpsc::Sender<Datagram>,
     client: RendezvousClient,
     stun: StunClient,
@@ -249,6 +251,8 @@ pub(crate) async fn run(
         addr: SocketAddr::new(ip, 0),
         source,
     })?;
+    // Control datagrams (≤ MAX_CONTROL bytes each) waiting for the driver:
+    // a birthday burst is 256 sockets × a few probes.
     let (tx, mut rx) = mpsc::channel::<Datagram>(4096);
     let mut d = Driver {
         client: RendezvousClient::new(
@@ -269,6 +273,7 @@ pub(crate) async fn run(
         quic: Vec::new(),
         queued: VecDeque::new(),
         waiting: None,
+        repairing: None,
         sessions: HashMap::new(),
         retire_attempt: false,
         repunch: None,
@@ -334,9 +339,9 @@ pub(crate) async fn run(
                 if let Some(a) = d.attempt.as_mut() {
                     a.punch.handle_timeout(now);
                 }
-                if let Some((_, peer)) = d.repunch.filter(|r| now >= r.0) {
+                if let Some((_, peer, remote)) = d.repunch.filter(|r| now >= r.0) {
                     d.repunch = None;
-                    d.want_connect(now, peer, None);
+                    d.connect(now, peer, None, Some(remote));
                 }
             }
         }
@@ -394,11 +399,18 @@ impl Driver {
     }
 
     /// A connect from the user (with a reply) or a re-punch (without).
-    fn want_connect(
+    fn want_connect(&mut self, now: Instant, peer: PeerId, reply: Option<Reply>) {
+        self.connect(now, peer, reply, None);
+    }
+
+    /// Starts an introduction to `peer`: for a user (`reply`), or to
+    /// repair the session quinn knows at `repair`.
+    fn connect(
         &mut self,
         now: Instant,
         peer: PeerId,
-        reply: Option<oneshot::Sender<Result<Connection, SessionError>>>,
+        reply: Option<Reply>,
+        repair: Option<SocketAddr>,
     ) {
         let busy = self.connect_sent.is_some()
             || self.fresh_pending.is_some()
@@ -415,8 +427,14 @@ impl Driver {
             return;
         }
         if let Some(r) = reply {
-            self.waiting = Some((peer, r));
+            if let Some((p, old)) = self.waiting.replace((peer, r)) {
+                let _ = old.send(Err(SessionError::Punch {
+                    peer: p,
+                    reason: "superseded by another connect".into(),
+                }));
+            }
         }
+        self.repairing = repair;
         self.connect_started = Some(now);
         let session: u64 = rand::random();
         let eph = Ephemeral::from_secret(rand::random());
@@ -433,12 +451,7 @@ impl Driver {
     }
 
     /// A QUIC handshake straight to a known address, on the main socket.
-    fn dial(
-        &mut self,
-        peer: PeerId,
-        addr: SocketAddr,
-        reply: oneshot::Sender<Result<Connection, SessionError>>,
-    ) {
+    fn dial(&mut self, peer: PeerId, addr: SocketAddr, reply: Reply) {
         match self.ensure_quic(0) {
             Ok((mux, ep)) => {
                 let shared = self.shared.clone();
@@ -485,11 +498,18 @@ impl Driver {
                         socket,
                         remote,
                         client,
-                        stalled: None,
                     },
                 );
-                // The punch machine's work is done; QUIC keeps the path.
-                if self.attempt.as_ref().is_some_and(|a| a.peer == peer) {
+                // The punch machine's work is done; QUIC keeps the path. (A
+                // responder may not have seen the Confirm; its peer's
+                // handshake arriving says the same.)
+                if self.attempt.as_ref().is_some_and(|a| {
+                    a.peer == peer
+                        && match a.punch.path() {
+                            Some(p) => p.remote == remote,
+                            None => a.role == Role::Responder,
+                        }
+                }) {
                     self.attempt = None;
                 }
                 self.emit(PeerEvent::SessionStarted {
@@ -514,11 +534,9 @@ impl Driver {
             }
             Internal::Quiet => self.client.refresh(now),
             Internal::Stalled { peer, remote } => {
-                let Some(live) = self.sessions.get_mut(&(peer, remote)) else {
+                let Some(live) = self.sessions.get(&(peer, remote)).copied() else {
                     return;
                 };
-                live.stalled = Some(now);
-                let live = *live;
                 self.emit(PeerEvent::Stalled { peer_id: peer });
                 if live.client {
                     // Our mapping may have changed: a Connect from the new
@@ -526,7 +544,7 @@ impl Driver {
                     // introduces us afresh; after a pause that lets the
                     // peer refresh its own registration.
                     self.client.refresh(now);
-                    self.repunch = Some((now + crate::session::REPUNCH_DELAY, peer));
+                    self.repunch = Some((now + crate::session::REPUNCH_DELAY, peer, remote));
                 } else {
                     // Be reachable at our current address for the peer's
                     // re-punch.
@@ -708,10 +726,38 @@ impl Driver {
                     fresh,
                     start_at,
                 } => {
-                    if self
-                        .attempt
+                    // Policy first: nobody we would refuse gets our probes,
+                    // our sockets or our time.
+                    let refusal = if self.shared.server.is_none() {
+                        Some(format!(
+                            "{from} asked to connect, but this peer does not accept sessions"
+                        ))
+                    } else if self
+                        .shared
+                        .allow
                         .as_ref()
-                        .is_some_and(|a| a.punch.path().is_none())
+                        .is_some_and(|a| !a.contains(&from))
+                    {
+                        Some(format!(
+                            "{from} is not allowed by {} (--allow)",
+                            self.client.peer_id()
+                        ))
+                    } else {
+                        None
+                    };
+                    if let Some(reason) = refusal {
+                        self.client.decline(now, session);
+                        self.emit(PeerEvent::Refused {
+                            peer_id: from,
+                            reason,
+                        });
+                        continue;
+                    }
+                    if self.fresh_pending.is_some()
+                        || self
+                            .attempt
+                            .as_ref()
+                            .is_some_and(|a| a.punch.path().is_none())
                     {
                         tracing::debug!("busy with another attempt; ignoring an introduction");
                         continue;
@@ -777,13 +823,27 @@ impl Driver {
                     if matches!(code, ErrorCode::UnsupportedVersion) {
                         return Err(PeerError::Refused(code.describe()));
                     }
+                    // Our introduction: still waiting for the server, or
+                    // already punching (a Decline can follow the Peer).
+                    let punching = self.attempt.as_ref().is_some_and(|a| {
+                        a.role == Role::Initiator
+                            && Some(a.punch.session()) == session
+                            && a.punch.path().is_none()
+                    });
+                    let ours = session.is_some()
+                        && (punching || session == self.connect_sent.as_ref().map(|c| c.0));
+                    if code == ErrorCode::Declined && !ours {
+                        // The server acknowledging our own Decline.
+                        continue;
+                    }
                     if session.is_some() || !self.client.is_registered() {
                         // Our own introduction was refused: the connect is over.
-                        let ours =
-                            session.is_some() && session == self.connect_sent.as_ref().map(|c| c.0);
                         let peer = peer.or(self.waiting.as_ref().map(|w| w.0));
                         if ours {
                             self.connect_sent = None;
+                            if punching {
+                                self.attempt = None;
+                            }
                             self.fail_connect(code.describe().to_string());
                         }
                         self.emit(PeerEvent::Failed {
@@ -828,10 +888,15 @@ impl Driver {
                 }
             }
         }
+        let repair = match role {
+            Role::Initiator => self.repairing.take(),
+            Role::Responder => None,
+        };
         self.attempt = Some(Attempt {
             peer,
             punch,
             role,
+            repair,
             started,
         });
     }
@@ -847,6 +912,7 @@ impl Driver {
         }
         let role = a.role;
         let started = a.started;
+        let repair = a.repair;
         for ev in evs {
             match ev {
                 PunchEvent::Attempt { strategy } => self.emit(PeerEvent::Attempt {
@@ -876,7 +942,7 @@ impl Driver {
                         self.done = true;
                         continue;
                     }
-                    self.on_punched(peer, path, role);
+                    self.on_punched(peer, path, role, repair);
                 }
                 PunchEvent::Failed { reason } => {
                     self.emit(PeerEvent::Failed {
@@ -906,36 +972,34 @@ impl Driver {
 
     /// A hole is punched: start the QUIC session through it, or point an
     /// existing session at it.
-    fn on_punched(&mut self, peer: PeerId, path: Path, role: Role) {
-        // Staleness bound on "stalled": a stall older than a session's
-        // default idle timeout has ended that session anyway.
-        let repairs = self
-            .sessions
-            .iter_mut()
-            .find(|((p, _), l)| {
-                *p == peer
-                    && l.stalled
-                        .is_some_and(|t| t.elapsed() < crate::session::DEFAULT_IDLE_TIMEOUT)
-            })
-            .map(|(_, l)| {
-                l.stalled = None;
-                *l
-            });
-        if let Some(live) = repairs {
-            // A re-punch for a stalled session: same socket, new address.
-            if let Some((mux, _)) = self.quic.get(live.socket).and_then(|q| q.as_ref()) {
-                if live.socket == path.socket.0 {
-                    mux.set_alias(live.remote, path.remote);
+    fn on_punched(&mut self, peer: PeerId, path: Path, role: Role, repair: Option<SocketAddr>) {
+        if let Some(remote) = repair {
+            // Our stalled session: same socket, the peer at a new address.
+            // (A QUIC server follows its client's migration by itself; a
+            // client needs the socket layer to re-point the address.)
+            match self.sessions.get(&(peer, remote)).copied() {
+                Some(live) if live.socket == path.socket.0 => {
+                    if let Some((mux, _)) = self.quic.get(live.socket).and_then(|q| q.as_ref()) {
+                        mux.set_alias(remote, path.remote);
+                    }
                     self.emit(PeerEvent::PathChanged {
                         peer_id: peer,
                         remote: path.remote,
                     });
-                } else {
-                    tracing::warn!(%peer, "re-punch found a path on another socket; session keeps waiting");
                 }
+                Some(_) => {
+                    tracing::warn!(%peer, "re-punch found a path on another socket; session keeps waiting")
+                }
+                None => tracing::debug!(%peer, "the session ended before its re-punch"),
             }
             self.retire_attempt = true;
             return;
+        }
+        if role == Role::Responder && self.sessions.keys().any(|(p, _)| *p == peer) {
+            // Likely the peer repairing its session with us: QUIC follows
+            // the peer's new address when it arrives. A new session, if it
+            // is one, comes through the accept loop all the same.
+            self.retire_attempt = true;
         }
         let (mux, ep) = match self.ensure_quic(path.socket.0) {
             Ok(q) => q,

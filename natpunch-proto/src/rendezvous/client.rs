@@ -70,6 +70,7 @@ enum Kind {
     Register,
     Connect(u64),
     Accept(u64),
+    Decline(u64),
 }
 
 #[derive(Debug)]
@@ -96,6 +97,9 @@ enum Queued {
         session: u64,
         offer: Offer,
         fresh: Option<SocketAddr>,
+    },
+    Decline {
+        session: u64,
     },
 }
 
@@ -197,7 +201,8 @@ impl RendezvousClient {
         match frame {
             Frame::Register { sig: s, .. }
             | Frame::Connect { sig: s, .. }
-            | Frame::Accept { sig: s, .. } => *s = sig,
+            | Frame::Accept { sig: s, .. }
+            | Frame::Decline { sig: s, .. } => *s = sig,
             _ => {}
         }
     }
@@ -245,6 +250,11 @@ impl RendezvousClient {
         );
     }
 
+    /// Refuses an introduction (see [`Frame::Decline`]).
+    pub fn decline(&mut self, now: Instant, session: u64) {
+        self.submit(now, Queued::Decline { session });
+    }
+
     fn submit(&mut self, now: Instant, q: Queued) {
         match (self.cookie, self.registered) {
             (Some(cookie), true) => self.send_queued(now, cookie, q),
@@ -285,6 +295,15 @@ impl RendezvousClient {
                     session,
                     offer,
                     fresh,
+                    sig: Vec::new(),
+                },
+            ),
+            Queued::Decline { session } => (
+                Kind::Decline(session),
+                Frame::Decline {
+                    peer,
+                    cookie,
+                    session,
                     sig: Vec::new(),
                 },
             ),
@@ -410,6 +429,7 @@ impl RendezvousClient {
                 if let Some(s) = session {
                     self.done(Kind::Connect(s));
                     self.done(Kind::Accept(s));
+                    self.done(Kind::Decline(s));
                 }
                 self.events.push_back(ClientEvent::Error { code, session });
             }

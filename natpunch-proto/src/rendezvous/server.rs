@@ -349,18 +349,28 @@ impl RendezvousServer {
                 let Some(them) = self.regs.get(target).filter(|r| r.expires > now).cloned() else {
                     return self.error(local, from, n, ErrorCode::PeerOffline, Some(*session));
                 };
-                if self.sessions.len() >= MAX_SESSIONS || self.sessions.contains_key(session) {
-                    return self.error(local, from, n, ErrorCode::RateLimited, Some(*session));
+                match self.sessions.get(session) {
+                    // A retransmission (our answer was lost or slow):
+                    // introduce again.
+                    Some(s) if s.initiator == *peer && s.target == *target => {}
+                    Some(_) => {
+                        return self.error(local, from, n, ErrorCode::RateLimited, Some(*session))
+                    }
+                    None if self.sessions.len() >= MAX_SESSIONS => {
+                        return self.error(local, from, n, ErrorCode::RateLimited, Some(*session))
+                    }
+                    None => {
+                        self.sessions.insert(
+                            *session,
+                            Session {
+                                initiator: *peer,
+                                target: *target,
+                                expires: now + SESSION_TTL,
+                            },
+                        );
+                        self.stats.introductions += 1;
+                    }
                 }
-                self.sessions.insert(
-                    *session,
-                    Session {
-                        initiator: *peer,
-                        target: *target,
-                        expires: now + SESSION_TTL,
-                    },
-                );
-                self.stats.introductions += 1;
                 let (start_me, start_them) = stagger(me.rtt, them.rtt);
                 self.send(
                     local,
@@ -432,6 +442,38 @@ impl RendezvousServer {
                         start_in_ms: start_b,
                     },
                 );
+            }
+            Frame::Decline {
+                peer,
+                cookie,
+                session,
+                sig,
+            } => {
+                if let Err(code) = self.authenticate(now, &frame, from, peer, cookie, sig) {
+                    return self.error(local, from, n, code, Some(*session));
+                }
+                self.expire(now);
+                let Some(s) = self
+                    .sessions
+                    .get(session)
+                    .cloned()
+                    .filter(|s| s.target == *peer)
+                else {
+                    return self.error(local, from, n, ErrorCode::NoSession, Some(*session));
+                };
+                self.sessions.remove(session);
+                if let Some(a) = self.regs.get(&s.initiator).cloned() {
+                    self.send(
+                        a.local,
+                        a.addr,
+                        &Frame::Error {
+                            code: ErrorCode::Declined,
+                            session: Some(*session),
+                        },
+                    );
+                }
+                // The acknowledgement, so the target stops retransmitting.
+                self.error(local, from, n, ErrorCode::Declined, Some(*session));
             }
             // Server-to-client frames arriving here are ignored.
             _ => {}

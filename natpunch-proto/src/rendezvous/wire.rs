@@ -105,7 +105,9 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate-limited by the server",
             ErrorCode::UnsupportedVersion => "server speaks another protocol version",
             ErrorCode::NoSession => "session unknown or expired",
-            ErrorCode::Declined => "peer declined the connection",
+            ErrorCode::Declined => {
+                "the peer declined: it does not accept sessions, or not from us (--allow)"
+            }
         }
     }
 }
@@ -180,6 +182,16 @@ pub enum Frame {
         code: ErrorCode,
         session: Option<u64>,
     },
+    /// Target → server, signed: I will not take this session (not
+    /// accepting, or the initiator is not on my allow list). The server
+    /// tells the initiator (`Error` `Declined`) and acknowledges with the
+    /// same error.
+    Decline {
+        peer: PeerId,
+        cookie: Cookie,
+        session: u64,
+        sig: Vec<u8>,
+    },
 }
 
 /// Why a datagram is not a frame we accept.
@@ -242,9 +254,10 @@ pub fn decode(buf: &[u8]) -> Result<Frame, WireError> {
 pub fn signed_bytes(frame: &Frame) -> Vec<u8> {
     let mut f = frame.clone();
     match &mut f {
-        Frame::Register { sig, .. } | Frame::Connect { sig, .. } | Frame::Accept { sig, .. } => {
-            sig.clear()
-        }
+        Frame::Register { sig, .. }
+        | Frame::Connect { sig, .. }
+        | Frame::Accept { sig, .. }
+        | Frame::Decline { sig, .. } => sig.clear(),
         _ => {}
     }
     postcard::to_allocvec(&f).unwrap_or_default()

@@ -166,7 +166,16 @@ impl Shared {
 }
 
 async fn accept_loop(ep: quinn::Endpoint, mux: Arc<MuxSocket>, index: usize, shared: Arc<Shared>) {
-    while let Some(incoming) = ep.accept().await {
+    loop {
+        let incoming = tokio::select! {
+            i = ep.accept() => i,
+            // The Endpoint is gone: take no new sessions (live ones go on).
+            _ = shared.incoming.closed() => None,
+        };
+        let Some(incoming) = incoming else {
+            ep.set_server_config(None);
+            return;
+        };
         let (mux, shared, ep) = (mux.clone(), shared.clone(), ep.clone());
         tokio::spawn(async move {
             let remote = incoming.remote_address();
@@ -231,6 +240,9 @@ impl Endpoint {
         };
         // Checks our key loads before anything goes on the wire.
         tls::client_crypto(&config.peer.identity, peer_id)?;
+        // Queue sizes: events are dropped when nobody reads them; sessions
+        // wait for accept() (a full queue delays the peer's handshake, not
+        // us); internal messages are a few per session per second.
         let (events_tx, events_rx) = mpsc::channel(1024);
         let (incoming_tx, incoming_rx) = mpsc::channel(64);
         let (internal_tx, internal_rx) = mpsc::channel(256);
@@ -284,12 +296,13 @@ impl Endpoint {
         }
         match rx.await {
             Ok(r) => r,
-            Err(_) => Err(SessionError::Stopped(self.stop_reason().await)),
+            Err(_) => Err(SessionError::Stopped(self.stop_reason_now())),
         }
     }
 
     /// Connects to `peer` at a known address (a public or forwarded port),
-    /// without the rendezvous server. The peer must still prove its key.
+    /// without an introduction or punching (the endpoint still measures
+    /// its NAT at start). The peer must still prove its key.
     pub async fn connect_addr(
         &self,
         peer: PeerId,
@@ -306,7 +319,7 @@ impl Endpoint {
         }
         match rx.await {
             Ok(r) => r,
-            Err(_) => Err(SessionError::Stopped(self.stop_reason().await)),
+            Err(_) => Err(SessionError::Stopped(self.stop_reason_now())),
         }
     }
 
@@ -334,8 +347,17 @@ impl Endpoint {
 
     async fn stop_reason(&self) -> String {
         match self.finished().await {
-            Ok(()) => "stopped".into(),
+            Ok(()) => "it was shut down".into(),
             Err(e) => e,
+        }
+    }
+
+    /// Why a request got no answer: the driver's error if it stopped.
+    fn stop_reason_now(&self) -> String {
+        match &*self.finished.borrow() {
+            Some(Err(e)) => e.clone(),
+            Some(Ok(())) => "it was shut down".into(),
+            None => "the request was dropped".into(),
         }
     }
 }

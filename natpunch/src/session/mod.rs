@@ -120,7 +120,8 @@ pub enum SessionError {
 /// Transport settings shared by both sides.
 pub(crate) fn transport(idle: Duration) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(KEEPALIVE));
+    // A short idle timeout needs keepalives inside it (three per timeout).
+    t.keep_alive_interval(Some(KEEPALIVE.min(idle / 3)));
     // An idle timeout above 2^62 µs is impossible; fall back to the default.
     let idle = quinn::IdleTimeout::try_from(idle)
         .unwrap_or(quinn::IdleTimeout::from(quinn::VarInt::from_u32(30_000)));

@@ -24,7 +24,10 @@ use tokio::net::TcpStream;
 
 use super::{close, Connection};
 
+/// First byte of a stream request: a stream from something that is not
+/// natpunch fails at once, not after guessing at its bytes.
 const MAGIC: u8 = b'N';
+/// The stream protocol's version; a later one gets "refused" with a reason.
 const VERSION: u8 = 1;
 /// Stream reset code for a TCP connection reset on the other side.
 pub const RESET_CODE: u32 = 1;
@@ -65,6 +68,8 @@ pub enum ServiceError {
     Stopped(VarInt),
     #[error("the peer reset the stream")]
     Reset,
+    #[error("--expose wants NAME=HOST:PORT (NAME of A-Z a-z 0-9 . _ -), got {0:?}")]
+    BadExpose(String),
     #[error("{0}")]
     Io(#[from] io::Error),
 }
@@ -99,7 +104,7 @@ async fn read_short(recv: &mut RecvStream) -> Result<String, ServiceError> {
     recv.read_exact(&mut b)
         .await
         .map_err(|_| ServiceError::BadHeader)?;
-    String::from_utf8(b).map_err(|_| ServiceError::BadHeader)
+    Ok(String::from_utf8_lossy(&b).into_owned())
 }
 
 /// Acceptor side: reads what the opener wants (bounded: ≤ 259 bytes).
@@ -275,21 +280,14 @@ pub struct Services {
 
 impl Services {
     /// Parses `NAME=HOST:PORT`.
-    pub fn add(&mut self, spec: &str) -> Result<(), String> {
-        let (name, target) = spec
-            .split_once('=')
-            .ok_or_else(|| format!("--expose wants NAME=HOST:PORT, got {spec:?}"))?;
-        if !valid_name(name) {
-            return Err(format!(
-                "--expose: bad service name {name:?} (A-Z a-z 0-9 . _ -)"
-            ));
-        }
-        if target
+    pub fn add(&mut self, spec: &str) -> Result<(), ServiceError> {
+        let bad = || ServiceError::BadExpose(spec.to_string());
+        let (name, target) = spec.split_once('=').ok_or_else(bad)?;
+        let port = target
             .rsplit_once(':')
-            .and_then(|(_, p)| p.parse::<u16>().ok())
-            .is_none()
-        {
-            return Err(format!("--expose: {target:?} is not HOST:PORT"));
+            .and_then(|(_, p)| p.parse::<u16>().ok());
+        if !valid_name(name) || port.is_none() {
+            return Err(bad());
         }
         self.map.insert(name.to_string(), target.to_string());
         Ok(())
@@ -314,7 +312,10 @@ impl Services {
                 &format!("no service named {name:?} here"),
             )
             .await?;
-            return Err(ServiceError::Refused(name.to_string()));
+            return Err(ServiceError::Io(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("asked for {name:?}, which is not exposed"),
+            )));
         };
         match TcpStream::connect(target.as_str()).await {
             Ok(tcp) => {

@@ -41,6 +41,11 @@ use tokio::sync::mpsc;
 /// A datagram for the peer driver: (socket index, source, bytes).
 pub type Datagram = (usize, SocketAddr, Vec<u8>);
 
+/// Largest control datagram we pass on: STUN, rendezvous and probe frames
+/// are all far smaller; a bigger one is garbage and must not make the
+/// driver's queue hold GRO-sized buffers.
+pub const MAX_CONTROL: usize = 2048;
+
 /// RFC 9000 §17.2/§17.3: both header forms set 0x40 (the fixed bit); with
 /// greasing off every QUIC packet we accept starts at 0x40 or above.
 pub fn is_quic(first: u8) -> bool {
@@ -185,6 +190,11 @@ impl MuxSocket {
     }
 
     fn divert_one(&self, from: SocketAddr, data: &[u8]) {
+        if data.len() > MAX_CONTROL {
+            self.stats.divert_overflow.fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(%from, len = data.len(), "oversized control datagram dropped");
+            return;
+        }
         self.stats.diverted.fetch_add(1, Ordering::Relaxed);
         if self
             .divert
