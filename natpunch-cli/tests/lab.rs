@@ -217,7 +217,7 @@ fn non_root_is_refused_with_one_line() {
 }
 
 #[test]
-fn demo_builds_a_lab_and_reports_both_nats() {
+fn demo_builds_a_lab_reports_both_nats_and_carries_data_from_a_to_b() {
     if !lab_available() {
         return;
     }
@@ -228,12 +228,24 @@ fn demo_builds_a_lab_and_reports_both_nats() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    let reports = json_lines(&out.stdout);
+    let lines = json_lines(&out.stdout);
+    let reports: Vec<_> = lines
+        .iter()
+        .filter(|l| l.get("classic").is_some())
+        .collect();
     assert_eq!(reports.len(), 2, "{text}");
     assert_eq!(reports[0]["classic"], "port-restricted-cone");
     assert_eq!(reports[1]["classic"], "symmetric");
     assert_eq!(reports[1]["allocation"]["kind"], "sequential");
     assert_eq!(reports[1]["allocation"]["delta"], 1);
+    // Then 16 MiB from A to B, punched by prediction, every byte intact.
+    let session = lines
+        .iter()
+        .find(|l| l["event"] == "session")
+        .unwrap_or_else(|| panic!("no session line: {text}"));
+    assert_eq!(session["strategy"], "predict");
+    assert_eq!(session["bytes"], 16u64 << 20);
+    assert_eq!(session["intact"], true);
 }
 
 #[test]

@@ -376,3 +376,100 @@ fn an_interrupted_peer_says_so_and_the_other_side_fails_at_once() {
     );
     assert!(took < Duration::from_secs(3), "took {took:?}");
 }
+
+/// A real OpenSSH client and server through `--expose ssh=…` and
+/// `ssh -o ProxyCommand='natpunch … --to ssh'`.
+#[test]
+fn ssh_runs_through_the_session_as_a_proxy_command() {
+    if !require_tool("sshd", "openssh-server") || !require_tool("ssh", "openssh-client") {
+        return;
+    }
+    let s = setup("ssh");
+    let d = &s.dir;
+    let keygen = |name: &str| {
+        let st = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join(name))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    keygen("host_key");
+    keygen("user_key");
+    std::fs::copy(d.join("user_key.pub"), d.join("authorized_keys")).unwrap();
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let user = String::from_utf8(
+        std::process::Command::new("id")
+            .arg("-un")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    let config = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nAuthorizedKeysFile {ak}\nPidFile {pid}\n\
+         UsePAM no\nStrictModes no\nPermitRootLogin yes\nPasswordAuthentication no\nAllowUsers {user}\n",
+        hk = d.join("host_key").display(),
+        ak = d.join("authorized_keys").display(),
+        pid = d.join("sshd.pid").display(),
+    );
+    std::fs::write(d.join("sshd_config"), config).unwrap();
+    // sshd wants its privilege-separation directory.
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let sshd_path = ["/usr/sbin/sshd", "/usr/bin/sshd"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("sshd");
+    let _sshd = spawn(
+        std::process::Command::new(sshd_path)
+            .args(["-D", "-e", "-f"])
+            .arg(d.join("sshd_config")),
+    );
+    let expose = format!("ssh=127.0.0.1:{port}");
+    let l = s.listener(&["--expose", &expose], Stdio::null(), Stdio::null());
+    let proxy = format!(
+        "{} -s {} --key {} --to ssh",
+        env!("CARGO_BIN_EXE_natpunch"),
+        s.server,
+        d.join("a").display()
+    );
+    let proxy = format!("{proxy} -d {}", l.id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let out = std::process::Command::new("ssh")
+            .arg("-F")
+            .arg("/dev/null")
+            .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
+            .arg("-o")
+            .arg(format!(
+                "UserKnownHostsFile={}",
+                d.join("known_hosts").display()
+            ))
+            .arg("-o")
+            .arg(format!("ProxyCommand={proxy}"))
+            .arg("-i")
+            .arg(d.join("user_key"))
+            .arg(format!("{user}@home"))
+            .arg("echo through-natpunch; head -c 100000 /dev/zero | wc -c")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        // sshd may still be starting: "the peer could not reach the service".
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "ssh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout, "through-natpunch\n100000\n");
+}
