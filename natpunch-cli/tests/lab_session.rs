@@ -219,19 +219,14 @@ fn a_session_survives_both_nats_dropping_their_mappings() {
     let second = test_bytes(2 << 20, 2);
     let mut stdin = a.stdin.take().unwrap();
     stdin.write_all(&first).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0) < first.len() as u64 {
-        if Instant::now() > deadline {
-            let _ = a.kill();
-            let out = a.wait_with_output().unwrap();
-            panic!(
-                "the first half never arrived ({} bytes); A said: {}; B said: {:?}",
-                std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0),
-                String::from_utf8_lossy(&out.stderr),
-                l.drain(Duration::from_millis(100))
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    if !wait_for_len(&output, first.len() as u64, Duration::from_secs(30)) {
+        let _ = a.kill();
+        let out = a.wait_with_output().unwrap();
+        panic!(
+            "the first half never arrived; A said: {}; B said: {:?}",
+            String::from_utf8_lossy(&out.stderr),
+            l.drain(Duration::from_millis(100))
+        );
     }
     // Both NATs forget every mapping (conntrack and our EIM/filter sets).
     p.lab.flush_nat(Node::NatA).unwrap();
@@ -271,17 +266,7 @@ fn a_peer_outside_the_allow_list_is_refused_through_the_nats() {
         return;
     }
     let p = lab_pair("port-restricted-cone", "full-cone");
-    let friend = String::from_utf8(
-        natpunch()
-            .args(["id", "--key"])
-            .arg(p.dir.join("friend"))
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_string();
+    let friend = peer_id_of_key(&p.dir.join("friend"));
     let l = start_listener(
         p.peer(Node::HostB, "b")
             .args(["--allow", &friend])
@@ -329,11 +314,10 @@ fn keepalives_hold_an_idle_session_open_through_15s_nat_timeouts() {
         .unwrap();
     let mut stdin = a.stdin.take().unwrap();
     stdin.write_all(b"before the pause\n").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(&output).map(|m| m.len()).unwrap_or(0) < 17 {
-        assert!(Instant::now() < deadline, "the first line never arrived");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert!(
+        wait_for_len(&output, 17, Duration::from_secs(30)),
+        "the first line never arrived"
+    );
     std::thread::sleep(Duration::from_secs(25));
     stdin.write_all(b"after the pause\n").unwrap();
     drop(stdin);

@@ -222,29 +222,9 @@ fn forwarded_reset_reaches_the_other_side_as_a_reset() {
 #[test]
 fn allow_list_and_wrong_key_are_refused_naming_both_ids() {
     let s = setup("refuse");
-    let friend = String::from_utf8(
-        natpunch()
-            .args(["id", "--key"])
-            .arg(s.dir.join("friend"))
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_string();
+    let friend = peer_id_of_key(&s.dir.join("friend"));
     let l = s.listener(&["--allow", &friend], Stdio::null(), Stdio::null());
-    let a_id = String::from_utf8(
-        natpunch()
-            .args(["id", "--key"])
-            .arg(s.dir.join("a"))
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_string();
+    let a_id = peer_id_of_key(&s.dir.join("a"));
     let out = s
         .peer("a")
         .args(["-d", &l.id])

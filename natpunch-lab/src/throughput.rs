@@ -64,11 +64,11 @@ fn transfer(bytes: u64, took: Duration, cpu: Option<f64>) -> Transfer {
     }
 }
 
-/// The data: one pseudo-random block, repeated (xorshift, fixed seed),
-/// so the sink can check every byte at memcmp cost.
-fn pattern() -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..CHUNK)
+/// Deterministic pseudo-random bytes (xorshift64), so that a failure
+/// reproduces; also the tests' data.
+pub fn xorshift_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
         .map(|_| {
             x ^= x << 13;
             x ^= x >> 7;
@@ -76,6 +76,12 @@ fn pattern() -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// The data: one pseudo-random block, repeated, so the sink can check
+/// every byte at memcmp cost.
+fn pattern() -> Vec<u8> {
+    xorshift_bytes(CHUNK, 0x9e37_79b9_7f4a_7c15)
 }
 
 /// What a sink saw.

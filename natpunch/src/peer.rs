@@ -571,15 +571,18 @@ impl Driver {
         let Some(s) = self.sockets.get(t.socket.0) else {
             return;
         };
-        if let Some(ttl_val) = t.ttl {
-            let _ = ttl::set_ttl(s.as_ref(), u32::from(ttl_val));
-        }
-        if let Err(e) = s.send_to(&t.payload, t.destination).await {
+        let sent = match t.ttl {
+            // Per packet: the socket's TTL, which QUIC shares, stays put.
+            Some(ttl_val) => {
+                s.async_io(tokio::io::Interest::WRITABLE, || {
+                    ttl::send_with_ttl(s.as_ref(), &t.payload, t.destination, ttl_val)
+                })
+                .await
+            }
+            None => s.send_to(&t.payload, t.destination).await,
+        };
+        if let Err(e) = sent {
             tracing::trace!(to = %t.destination, error = %e, "send failed");
-        }
-        if t.ttl.is_some() {
-            // Back to the default (64 on Linux) for what follows.
-            let _ = ttl::set_ttl(s.as_ref(), 64);
         }
     }
 

@@ -281,6 +281,61 @@ pub fn read_icmp_errors(sock: &impl AsFd) -> io::Result<Vec<IcmpError>> {
     Ok(out)
 }
 
+/// Sends one datagram with its own TTL (hop limit), set per packet as
+/// ancillary data (`IP_TTL` / `IPV6_HOPLIMIT` in `sendmsg`, ip(7) and
+/// RFC 3542 §6.3), so the socket's default, which QUIC shares, never
+/// changes.
+pub fn send_with_ttl(sock: &impl AsFd, buf: &[u8], dest: SocketAddr, ttl: u8) -> io::Result<usize> {
+    let fd = sock.as_fd().as_raw_fd();
+    let v6 = SockRef::from(sock).local_addr()?.is_ipv6();
+    let dest = socket2::SockAddr::from(match (v6, dest) {
+        // A dual-stack socket reaches IPv4 through a mapped address.
+        (true, SocketAddr::V4(a)) => {
+            SocketAddr::V6(SocketAddrV6::new(a.ip().to_ipv6_mapped(), a.port(), 0, 0))
+        }
+        (_, d) => d,
+    });
+    let (level, kind) = if v6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_TTL)
+    };
+    let mut control = ControlBuf([0; CONTROL_LEN]);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr().cast_mut().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: zeroed msghdr is valid; every pointer set below targets a
+    // buffer that outlives the call, with its true length. The control
+    // buffer is aligned for cmsghdr and CMSG_SPACE(int) ≤ CONTROL_LEN.
+    let n = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = dest.as_ptr().cast_mut().cast();
+        msg.msg_namelen = dest.len();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if cmsg.is_null() {
+            return Err(io::Error::other("no room for the TTL control message"));
+        }
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(
+            libc::CMSG_DATA(cmsg).cast::<libc::c_int>(),
+            libc::c_int::from(ttl),
+        );
+        libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT)
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// A control buffer aligned for `cmsghdr`.
 #[repr(C, align(8))]
 struct ControlBuf([u8; CONTROL_LEN]);
@@ -742,6 +797,64 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Receives one datagram on a socket with `IP_RECVTTL` and returns the
+    /// TTL it arrived with.
+    fn recv_ttl(sock: &std::net::UdpSocket) -> Option<i32> {
+        let fd = sock.as_raw_fd();
+        let mut payload = [0u8; 64];
+        let mut control = ControlBuf([0; CONTROL_LEN]);
+        let mut iov = libc::iovec {
+            iov_base: payload.as_mut_ptr().cast(),
+            iov_len: payload.len(),
+        };
+        // SAFETY: as in recv_error: local buffers with their true lengths.
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.0.as_mut_ptr().cast();
+            msg.msg_controllen = CONTROL_LEN as _;
+            if libc::recvmsg(fd, &mut msg, 0) < 0 {
+                return None;
+            }
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_TTL {
+                    return Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>()));
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn per_packet_ttl_applies_to_that_packet_only() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt with a live fd and an int option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                rx.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVTTL,
+                (&on as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let default = get_ttl(&tx).unwrap();
+        let to = rx.local_addr().unwrap();
+        assert_eq!(send_with_ttl(&tx, b"low", to, 3).unwrap(), 3);
+        assert_eq!(recv_ttl(&rx), Some(3));
+        // The socket's own TTL is untouched: the next plain send uses it.
+        assert_eq!(get_ttl(&tx).unwrap(), default);
+        tx.send_to(b"plain", to).unwrap();
+        assert_eq!(recv_ttl(&rx), Some(default as i32));
+    }
 
     fn v4(s: &str) -> Option<IpAddr> {
         Some(s.parse().unwrap())

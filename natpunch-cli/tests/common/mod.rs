@@ -250,17 +250,28 @@ impl Listener {
     }
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so a failure reproduces.
+/// Deterministic pseudo-random bytes, so a failure reproduces.
 pub fn test_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    natpunch_lab::throughput::xorshift_bytes(len, seed)
+}
+
+/// The peer ID of the key in `path` (created if missing).
+pub fn peer_id_of_key(path: &std::path::Path) -> String {
+    let out = natpunch().args(["id", "--key"]).arg(path).output().unwrap();
+    assert!(out.status.success(), "natpunch id failed");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Waits until the file at `path` holds at least `len` bytes.
+pub fn wait_for_len(path: &std::path::Path, len: u64, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) < len {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
 }
 
 /// Whether this machine can run the NAT lab: root, namespaces, nftables.

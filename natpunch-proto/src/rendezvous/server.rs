@@ -240,6 +240,28 @@ impl RendezvousServer {
         Ok(age)
     }
 
+    /// Checks a target's answer (Accept or Decline) and finds the session
+    /// it answers, which must be addressed to that target.
+    #[allow(clippy::too_many_arguments)]
+    fn answer_session(
+        &mut self,
+        now: Instant,
+        frame: &Frame,
+        from: SocketAddr,
+        peer: &PeerId,
+        cookie: &Cookie,
+        sig: &[u8],
+        session: u64,
+    ) -> Result<Session, ErrorCode> {
+        self.authenticate(now, frame, from, peer, cookie, sig)?;
+        self.expire(now);
+        self.sessions
+            .get(&session)
+            .cloned()
+            .filter(|s| s.target == *peer)
+            .ok_or(ErrorCode::NoSession)
+    }
+
     fn verify(&mut self, frame: &Frame, peer: &PeerId, sig: &[u8]) -> bool {
         let Ok(sig) = <[u8; 64]>::try_from(sig) else {
             self.stats.bad_signature += 1;
@@ -405,17 +427,9 @@ impl RendezvousServer {
                 fresh,
                 sig,
             } => {
-                if let Err(code) = self.authenticate(now, &frame, from, peer, cookie, sig) {
-                    return self.error(local, from, n, code, Some(*session));
-                }
-                self.expire(now);
-                let Some(s) = self
-                    .sessions
-                    .get(session)
-                    .cloned()
-                    .filter(|s| s.target == *peer)
-                else {
-                    return self.error(local, from, n, ErrorCode::NoSession, Some(*session));
+                let s = match self.answer_session(now, &frame, from, peer, cookie, sig, *session) {
+                    Ok(s) => s,
+                    Err(code) => return self.error(local, from, n, code, Some(*session)),
                 };
                 let (Some(a), Some(b)) = (
                     self.regs.get(&s.initiator).cloned(),
@@ -449,17 +463,9 @@ impl RendezvousServer {
                 session,
                 sig,
             } => {
-                if let Err(code) = self.authenticate(now, &frame, from, peer, cookie, sig) {
-                    return self.error(local, from, n, code, Some(*session));
-                }
-                self.expire(now);
-                let Some(s) = self
-                    .sessions
-                    .get(session)
-                    .cloned()
-                    .filter(|s| s.target == *peer)
-                else {
-                    return self.error(local, from, n, ErrorCode::NoSession, Some(*session));
+                let s = match self.answer_session(now, &frame, from, peer, cookie, sig, *session) {
+                    Ok(s) => s,
+                    Err(code) => return self.error(local, from, n, code, Some(*session)),
                 };
                 self.sessions.remove(session);
                 if let Some(a) = self.regs.get(&s.initiator).cloned() {

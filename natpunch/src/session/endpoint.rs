@@ -285,19 +285,8 @@ impl Endpoint {
     /// connection is authenticated: the other side proved it holds the key
     /// of `peer`.
     pub async fn connect(&self, peer: PeerId) -> Result<Connection, SessionError> {
-        let (reply, rx) = oneshot::channel();
-        if self
-            .commands
-            .send(UserCommand::Connect { peer, reply })
+        self.request(|reply| UserCommand::Connect { peer, reply })
             .await
-            .is_err()
-        {
-            return Err(SessionError::Stopped(self.stop_reason().await));
-        }
-        match rx.await {
-            Ok(r) => r,
-            Err(_) => Err(SessionError::Stopped(self.stop_reason_now())),
-        }
     }
 
     /// Connects to `peer` at a known address (a public or forwarded port),
@@ -308,13 +297,17 @@ impl Endpoint {
         peer: PeerId,
         addr: SocketAddr,
     ) -> Result<Connection, SessionError> {
-        let (reply, rx) = oneshot::channel();
-        if self
-            .commands
-            .send(UserCommand::Dial { peer, addr, reply })
+        self.request(|reply| UserCommand::Dial { peer, addr, reply })
             .await
-            .is_err()
-        {
+    }
+
+    /// Sends a command to the driver and waits for its answer.
+    async fn request(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<Connection, SessionError>>) -> UserCommand,
+    ) -> Result<Connection, SessionError> {
+        let (reply, rx) = oneshot::channel();
+        if self.commands.send(command(reply)).await.is_err() {
             return Err(SessionError::Stopped(self.stop_reason().await));
         }
         match rx.await {
