@@ -227,7 +227,7 @@ pub fn run(args: PeerArgs, target: Option<PeerId>) -> anyhow::Result<ExitCode> {
                     // The driver stops after the punch; the reply never comes.
                     let _ = tokio::join!(endpoint.connect(t), endpoint.finished());
                 }
-                endpoint.finished().await.map_err(anyhow::Error::msg)?;
+                endpoint.finished().await?;
                 let s = status.lock().map(|s| *s).unwrap_or_default();
                 return Ok(if s.failed && !s.connected {
                     ExitCode::FAILURE

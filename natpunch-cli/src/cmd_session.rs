@@ -32,6 +32,13 @@ pub fn parse_forward(spec: &str) -> Result<(SocketAddr, String), String> {
 /// (300 ms covers most Internet paths) tells the two apart.
 const STREAM_TO_CLOSE: std::time::Duration = std::time::Duration::from_millis(300);
 
+/// A person at the keyboard, not a file or pipe: netcat's rule then ends
+/// our side of the pipe when the peer's side ends.
+fn stdin_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdin().is_terminal()
+}
+
 /// Pause after a failed TCP accept (EMFILE clears as connections close).
 const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -124,7 +131,15 @@ impl Session<'_> {
         };
         let code = match service::open(&conn, &req).await {
             Ok((send, recv)) => {
-                match service::splice(tokio::io::stdin(), tokio::io::stdout(), send, recv).await {
+                match service::splice_until(
+                    tokio::io::stdin(),
+                    tokio::io::stdout(),
+                    send,
+                    recv,
+                    stdin_is_terminal(),
+                )
+                .await
+                {
                     Ok(moved) => {
                         conn.close_and_wait(close::DONE, "done").await;
                         return Ok(self.done(peer, moved));
@@ -202,7 +217,7 @@ impl Session<'_> {
         loop {
             let Some(conn) = self.endpoint.accept().await else {
                 return Ok(match self.endpoint.finished().await {
-                    Err(e) => self.fail(&e),
+                    Err(e) => self.fail(&e.to_string()),
                     Ok(()) => ExitCode::SUCCESS,
                 });
             };
@@ -284,7 +299,16 @@ async fn serve(
                 let input = stdin.lock().await.take();
                 let _ = service::respond(&mut send, Status::Ok, "").await;
                 let r = match input {
-                    Some(i) => service::splice(i, tokio::io::stdout(), send, recv).await,
+                    Some(i) => {
+                        service::splice_until(
+                            i,
+                            tokio::io::stdout(),
+                            send,
+                            recv,
+                            stdin_is_terminal(),
+                        )
+                        .await
+                    }
                     None => {
                         service::splice(tokio::io::empty(), tokio::io::stdout(), send, recv).await
                     }

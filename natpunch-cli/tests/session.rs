@@ -453,3 +453,63 @@ fn ssh_runs_through_the_session_as_a_proxy_command() {
     );
     assert_eq!(stdout, "through-natpunch\n100000\n");
 }
+
+/// A pseudo-terminal: (master, slave). The slave stands in for a person's
+/// terminal on stdin; nobody types on the master.
+fn pty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two fds it opened; null name/termios/winsize
+    // are allowed.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: both fds are fresh and owned by nobody else.
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(master),
+            std::os::fd::OwnedFd::from_raw_fd(slave),
+        )
+    }
+}
+
+#[test]
+fn a_receiver_typing_nothing_at_a_terminal_exits_when_the_file_has_arrived() {
+    let s = setup("tty");
+    let data = test_bytes(500_000, 9);
+    std::fs::write(s.dir.join("file"), &data).unwrap();
+    let (_master, slave) = pty();
+    // `natpunch -s S > file` at home, stdin a terminal nobody types on.
+    let mut l = s.listener(
+        &[],
+        Stdio::from(slave),
+        std::fs::File::create(s.dir.join("got")).unwrap().into(),
+    );
+    // Without the rule both sides would wait for each other: time-boxed.
+    let a = s
+        .peer("a")
+        .args(["-d", &l.id])
+        .stdin(std::fs::File::open(s.dir.join("file")).unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = output_within(a, Duration::from_secs(20));
+    let st = l.wait(Duration::from_secs(5));
+    let out = out.expect("the sender exits once the receiver has everything");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = st.expect("the receiver exits without a Ctrl-D");
+    assert!(st.success());
+    assert!(std::fs::read(s.dir.join("got")).unwrap() == data);
+}

@@ -329,19 +329,20 @@ impl Endpoint {
 
     /// Waits until the endpoint stops (only on a fatal error, or when
     /// punch-only mode is done) and returns why.
-    pub async fn finished(&self) -> Result<(), String> {
+    pub async fn finished(&self) -> Result<(), SessionError> {
         let mut finished = self.finished.clone();
         let r = match finished.wait_for(|f| f.is_some()).await {
             Ok(f) => f.clone().unwrap_or(Ok(())),
             Err(_) => Err("the endpoint's task ended".into()),
         };
-        r
+        r.map_err(SessionError::Stopped)
     }
 
     async fn stop_reason(&self) -> String {
         match self.finished().await {
             Ok(()) => "it was shut down".into(),
-            Err(e) => e,
+            Err(SessionError::Stopped(why)) => why,
+            Err(e) => e.to_string(),
         }
     }
 

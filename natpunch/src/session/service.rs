@@ -177,11 +177,25 @@ fn is_done(e: &quinn::ConnectionError) -> bool {
 async fn upload<R: AsyncRead + Unpin>(
     mut input: R,
     send: &mut SendStream,
+    mut peer_done: Option<tokio::sync::watch::Receiver<bool>>,
 ) -> Result<u64, ServiceError> {
     let mut buf = vec![0u8; COPY_BUF];
     let mut n = 0u64;
     loop {
-        let got = match input.read(&mut buf).await {
+        let read = async {
+            match peer_done.as_mut() {
+                Some(done) => tokio::select! {
+                    r = input.read(&mut buf) => Some(r),
+                    _ = done.wait_for(|d| *d) => None,
+                },
+                None => Some(input.read(&mut buf).await),
+            }
+        };
+        let Some(read) = read.await else {
+            // The peer finished and our input is interactive: stop here.
+            break;
+        };
+        let got = match read {
             Ok(0) => break,
             Ok(k) => k,
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
@@ -242,14 +256,38 @@ async fn download<W: AsyncWrite + Unpin>(
 pub async fn splice<R, W>(
     input: R,
     output: W,
-    mut send: SendStream,
-    mut recv: RecvStream,
+    send: SendStream,
+    recv: RecvStream,
 ) -> Result<Moved, ServiceError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let (sent, received) = tokio::try_join!(upload(input, &mut send), download(&mut recv, output))?;
+    splice_until(input, output, send, recv, false).await
+}
+
+/// [`splice`], and with `end_with_peer` our side also ends (FIN) once the
+/// peer's side has: netcat's behaviour for a terminal on stdin, so that
+/// `natpunch … > file` ends when the file has arrived.
+pub async fn splice_until<R, W>(
+    input: R,
+    output: W,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    end_with_peer: bool,
+) -> Result<Moved, ServiceError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let down = async {
+        let r = download(&mut recv, output).await;
+        let _ = done_tx.send(r.is_ok());
+        r
+    };
+    let up = upload(input, &mut send, end_with_peer.then_some(done_rx));
+    let (sent, received) = tokio::try_join!(up, down)?;
     Ok(Moved { sent, received })
 }
 
