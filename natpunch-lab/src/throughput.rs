@@ -252,22 +252,28 @@ pub fn pipe(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<PipeRun, La
     let started = Instant::now();
     let got = sink
         .join()
-        .map_err(|_| LabError::Measure("sink panicked".into()))?;
-    let _ = done_tx.send(());
-    let _ = watchdog.join();
+        .map_err(|_| LabError::Measure("sink panicked".into()));
     let _ = source.join();
     let connected = wait_event(&arx, &["connected"], Duration::from_secs(1));
-    if started.elapsed() > TRANSFER_LIMIT || got.bytes != bytes {
+    let failed = match &got {
+        Ok(g) => (started.elapsed() > TRANSFER_LIMIT || g.bytes != bytes)
+            .then(|| format!("natpunch moved {} of {bytes} bytes", g.bytes)),
+        Err(e) => Some(e.to_string()),
+    };
+    if failed.is_some() {
         let _ = achild.kill();
         let _ = bchild.kill();
-        return Err(LabError::Measure(format!(
-            "natpunch moved {} of {bytes} bytes",
-            got.bytes
-        )));
     }
+    // Reaped while the watchdog still guards a hang on the way out.
     let cpu = wait_cpu(&mut achild)
         .zip(wait_cpu(&mut bchild))
         .map(|(x, y)| x + y);
+    let _ = done_tx.send(());
+    let _ = watchdog.join();
+    if let Some(why) = failed {
+        return Err(LabError::Measure(why));
+    }
+    let got = got?;
     Ok(PipeRun {
         transfer: transfer(got.bytes, got.took, cpu),
         strategy: connected

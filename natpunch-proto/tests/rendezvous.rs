@@ -376,6 +376,34 @@ fn a_retransmitted_connect_is_answered_again_and_a_decline_reaches_the_initiator
         declined("198.51.100.8:5000"),
         "B gets its acknowledgement: {r:?}"
     );
+    // A late copy of A's Connect is not introduced again: it is declined.
+    let late = ask(&mut s, now, "198.51.100.7:4000", &connect);
+    assert!(
+        matches!(
+            late.as_slice(),
+            [(
+                _,
+                Frame::Error {
+                    code: ErrorCode::Declined,
+                    session: Some(11)
+                }
+            )]
+        ),
+        "{late:?}"
+    );
+    // A repeated Decline is acknowledged again; A is not told twice.
+    let ckb = cookie(&mut s, now, &b, "198.51.100.8:5000");
+    let again = Frame::Decline {
+        peer: b.peer_id(),
+        cookie: ckb,
+        session: 11,
+        sig: vec![],
+    };
+    let r2 = ask(&mut s, now, "198.51.100.8:5000", &signed(&b, again));
+    assert!(
+        matches!(r2.as_slice(), [(to, Frame::Error { code: ErrorCode::Declined, .. })] if *to == addr("198.51.100.8:5000")),
+        "{r2:?}"
+    );
     // The session is gone: an Accept for it now fails.
     let ckb = cookie(&mut s, now, &b, "198.51.100.8:5000");
     let acc = Frame::Accept {

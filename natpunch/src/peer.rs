@@ -692,12 +692,14 @@ impl Driver {
                     info,
                     start_at,
                 } => {
-                    let Some((s, eph, offer, fresh)) = self.connect_sent.take() else {
-                        continue;
-                    };
-                    if s != session {
+                    // Only the answer to our introduction in progress: a late
+                    // duplicate for an earlier one must not consume it.
+                    if self.connect_sent.as_ref().is_none_or(|c| c.0 != session) {
                         continue;
                     }
+                    let Some((_, eph, offer, fresh)) = self.connect_sent.take() else {
+                        continue;
+                    };
                     let view = SideView {
                         nat: info.nat,
                         observed,
@@ -835,8 +837,10 @@ impl Driver {
                     });
                     let ours = session.is_some()
                         && (punching || session == self.connect_sent.as_ref().map(|c| c.0));
-                    if code == ErrorCode::Declined && !ours {
-                        // The server acknowledging our own Decline.
+                    if session.is_some() && !ours {
+                        // About another session: the acknowledgement of our
+                        // own Decline, or a late answer. Nothing to do here.
+                        tracing::debug!(?code, ?session, "error for another session ignored");
                         continue;
                     }
                     if session.is_some() || !self.client.is_registered() {

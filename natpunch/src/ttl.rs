@@ -288,6 +288,7 @@ pub fn read_icmp_errors(sock: &impl AsFd) -> io::Result<Vec<IcmpError>> {
 pub fn send_with_ttl(sock: &impl AsFd, buf: &[u8], dest: SocketAddr, ttl: u8) -> io::Result<usize> {
     let fd = sock.as_fd().as_raw_fd();
     let v6 = SockRef::from(sock).local_addr()?.is_ipv6();
+    let is_v6_dest = dest.is_ipv6();
     let dest = socket2::SockAddr::from(match (v6, dest) {
         // A dual-stack socket reaches IPv4 through a mapped address.
         (true, SocketAddr::V4(a)) => {
@@ -295,7 +296,9 @@ pub fn send_with_ttl(sock: &impl AsFd, buf: &[u8], dest: SocketAddr, ttl: u8) ->
         }
         (_, d) => d,
     });
-    let (level, kind) = if v6 {
+    // An IPv4 destination (on a dual-stack socket too) goes out by the IPv4
+    // path, which reads IP_TTL and ignores IPV6_HOPLIMIT.
+    let (level, kind) = if v6 && is_v6_dest {
         (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT)
     } else {
         (libc::IPPROTO_IP, libc::IP_TTL)

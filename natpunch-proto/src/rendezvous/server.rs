@@ -88,6 +88,9 @@ struct Session {
     initiator: PeerId,
     target: PeerId,
     expires: Instant,
+    /// The target declined; kept until it expires so that a late or
+    /// repeated Connect or Decline gets the same answer.
+    declined: bool,
 }
 
 /// The server machine.
@@ -364,34 +367,41 @@ impl RendezvousServer {
                 me.addr = from;
                 me.local = local;
                 let me = me.clone();
-                if !self.targets.allow(now, *target) {
+                let retransmission = match self.sessions.get(session) {
+                    Some(s) if s.initiator == *peer && s.target == *target => {
+                        if s.declined {
+                            return self.error(local, from, n, ErrorCode::Declined, Some(*session));
+                        }
+                        true
+                    }
+                    Some(_) => {
+                        return self.error(local, from, n, ErrorCode::RateLimited, Some(*session))
+                    }
+                    None => false,
+                };
+                // A retransmission (our answer was lost or slow) is
+                // introduced again without spending the target's budget.
+                if !retransmission && !self.targets.allow(now, *target) {
                     self.stats.rate_limited += 1;
                     return self.error(local, from, n, ErrorCode::RateLimited, Some(*session));
                 }
                 let Some(them) = self.regs.get(target).filter(|r| r.expires > now).cloned() else {
                     return self.error(local, from, n, ErrorCode::PeerOffline, Some(*session));
                 };
-                match self.sessions.get(session) {
-                    // A retransmission (our answer was lost or slow):
-                    // introduce again.
-                    Some(s) if s.initiator == *peer && s.target == *target => {}
-                    Some(_) => {
-                        return self.error(local, from, n, ErrorCode::RateLimited, Some(*session))
+                if !retransmission {
+                    if self.sessions.len() >= MAX_SESSIONS {
+                        return self.error(local, from, n, ErrorCode::RateLimited, Some(*session));
                     }
-                    None if self.sessions.len() >= MAX_SESSIONS => {
-                        return self.error(local, from, n, ErrorCode::RateLimited, Some(*session))
-                    }
-                    None => {
-                        self.sessions.insert(
-                            *session,
-                            Session {
-                                initiator: *peer,
-                                target: *target,
-                                expires: now + SESSION_TTL,
-                            },
-                        );
-                        self.stats.introductions += 1;
-                    }
+                    self.sessions.insert(
+                        *session,
+                        Session {
+                            initiator: *peer,
+                            target: *target,
+                            expires: now + SESSION_TTL,
+                            declined: false,
+                        },
+                    );
+                    self.stats.introductions += 1;
                 }
                 let (start_me, start_them) = stagger(me.rtt, them.rtt);
                 self.send(
@@ -428,7 +438,10 @@ impl RendezvousServer {
                 sig,
             } => {
                 let s = match self.answer_session(now, &frame, from, peer, cookie, sig, *session) {
-                    Ok(s) => s,
+                    Ok(s) if !s.declined => s,
+                    Ok(_) => {
+                        return self.error(local, from, n, ErrorCode::NoSession, Some(*session))
+                    }
                     Err(code) => return self.error(local, from, n, code, Some(*session)),
                 };
                 let (Some(a), Some(b)) = (
@@ -467,8 +480,12 @@ impl RendezvousServer {
                     Ok(s) => s,
                     Err(code) => return self.error(local, from, n, code, Some(*session)),
                 };
-                self.sessions.remove(session);
-                if let Some(a) = self.regs.get(&s.initiator).cloned() {
+                if let Some(d) = self.sessions.get_mut(session) {
+                    d.declined = true;
+                }
+                // The initiator hears it once; a repeated Decline is only
+                // acknowledged again.
+                if let Some(a) = self.regs.get(&s.initiator).cloned().filter(|_| !s.declined) {
                     self.send(
                         a.local,
                         a.addr,

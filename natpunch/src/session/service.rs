@@ -267,8 +267,8 @@ where
 }
 
 /// [`splice`], and with `end_with_peer` our side also ends (FIN) once the
-/// peer's side has: netcat's behaviour for a terminal on stdin, so that
-/// `natpunch … > file` ends when the file has arrived.
+/// peer has sent something and finished: netcat's behaviour for a terminal
+/// on stdin, so that `natpunch … > file` ends when the file has arrived.
 pub async fn splice_until<R, W>(
     input: R,
     output: W,
@@ -283,7 +283,10 @@ where
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
     let down = async {
         let r = download(&mut recv, output).await;
-        let _ = done_tx.send(r.is_ok());
+        // Only a peer that sent something and then finished ends the
+        // exchange: a peer with nothing to say (stdin /dev/null) half-closes
+        // at once, and a person typing to it must not be cut off.
+        let _ = done_tx.send(r.as_ref().is_ok_and(|n| *n > 0));
         r
     };
     let up = upload(input, &mut send, end_with_peer.then_some(done_rx));
