@@ -47,6 +47,25 @@ impl LabPair {
         c
     }
 
+    /// B listens with stdout into `output`; A connects with a piped stdin
+    /// (and stderr) for the test to feed.
+    fn live_pipe(&self, output: &std::path::Path) -> (Listener, std::process::Child) {
+        let l = start_listener(
+            self.peer(Node::HostB, "b")
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(output).unwrap()),
+        );
+        let a = self
+            .peer(Node::HostA, "a")
+            .args(["-d", &l.id])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (l, a)
+    }
+
     fn netns(&self, node: Node) -> String {
         self.lab.netns(node).expect("node exists").to_string()
     }
@@ -202,19 +221,7 @@ fn a_session_survives_both_nats_dropping_their_mappings() {
     }
     let p = lab_pair("symmetric-sequential", "port-restricted-cone");
     let output = p.dir.join("out");
-    let mut l = start_listener(
-        p.peer(Node::HostB, "b")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&output).unwrap()),
-    );
-    let mut a = p
-        .peer(Node::HostA, "a")
-        .args(["-d", &l.id])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut l, mut a) = p.live_pipe(&output);
     let first = test_bytes(2 << 20, 1);
     let second = test_bytes(2 << 20, 2);
     let mut stdin = a.stdin.take().unwrap();
@@ -299,19 +306,7 @@ fn keepalives_hold_an_idle_session_open_through_15s_nat_timeouts() {
         "port-restricted-cone:timeout=15",
     );
     let output = p.dir.join("out");
-    let mut l = start_listener(
-        p.peer(Node::HostB, "b")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&output).unwrap()),
-    );
-    let mut a = p
-        .peer(Node::HostA, "a")
-        .args(["-d", &l.id])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut l, mut a) = p.live_pipe(&output);
     let mut stdin = a.stdin.take().unwrap();
     stdin.write_all(b"before the pause\n").unwrap();
     assert!(
