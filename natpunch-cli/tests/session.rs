@@ -120,7 +120,6 @@ fn forward_carries_many_concurrent_connections_and_only_named_services() {
     let s = setup("forward");
     let port = serve_bytes(500_000);
     let expose = format!("data=127.0.0.1:{port}");
-    let _l0 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let l = s.listener(&["--expose", &expose], Stdio::null(), Stdio::null());
     let local = TcpListener::bind("127.0.0.1:0").unwrap();
     let lport = local.local_addr().unwrap().port();

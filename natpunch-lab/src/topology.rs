@@ -415,22 +415,14 @@ impl Lab {
         let (inet_ip, up_ip) = (base + 1, base + 2);
         match side {
             Side::Direct => {
-                let host = self.add_ns(host_node, side_letter(i))?;
-                self.wire(
-                    (inet, &format!("h{i}"), &format!("192.0.2.{inet_ip}/28")),
-                    (&host, "eth0", &format!("192.0.2.{up_ip}/28")),
+                self.attach_host(
+                    (inet, &format!("h{i}")),
+                    Ipv4Addr::new(192, 0, 2, inet_ip),
+                    Ipv4Addr::new(192, 0, 2, up_ip),
+                    28,
+                    i,
+                    host_node,
                 )?;
-                ip(&[
-                    "-n",
-                    &host,
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &format!("192.0.2.{inet_ip}"),
-                ])?;
-                self.hosts
-                    .push((host_node, Ipv4Addr::new(192, 0, 2, up_ip)));
             }
             Side::Nat(spec) => {
                 let nat = self.add_ns(nat_node, &format!("nat{}", side_letter(i)))?;
@@ -527,10 +519,31 @@ impl Lab {
 
     /// Host `i` (10.0.i.2) on the NAT namespace's inside interface `lan`.
     fn add_host(&mut self, nat: &str, lan: &str, i: u8, host_node: Node) -> Result<(), LabError> {
+        self.attach_host(
+            (nat, lan),
+            Ipv4Addr::new(10, 0, i, 1),
+            Ipv4Addr::new(10, 0, i, 2),
+            24,
+            i,
+            host_node,
+        )
+    }
+
+    /// Host `i` at `addr`/`prefix`, wired to `up` (namespace, interface),
+    /// which gets `gateway` and is its default route.
+    fn attach_host(
+        &mut self,
+        up: (&str, &str),
+        gateway: Ipv4Addr,
+        addr: Ipv4Addr,
+        prefix: u8,
+        i: u8,
+        host_node: Node,
+    ) -> Result<(), LabError> {
         let host = self.add_ns(host_node, side_letter(i))?;
         self.wire(
-            (nat, lan, &format!("10.0.{i}.1/24")),
-            (&host, "eth0", &format!("10.0.{i}.2/24")),
+            (up.0, up.1, &format!("{gateway}/{prefix}")),
+            (&host, "eth0", &format!("{addr}/{prefix}")),
         )?;
         ip(&[
             "-n",
@@ -539,9 +552,9 @@ impl Lab {
             "add",
             "default",
             "via",
-            &format!("10.0.{i}.1"),
+            &gateway.to_string(),
         ])?;
-        self.hosts.push((host_node, Ipv4Addr::new(10, 0, i, 2)));
+        self.hosts.push((host_node, addr));
         Ok(())
     }
 

@@ -174,7 +174,7 @@ struct Driver {
     /// The QUIC side of a socket, once it carries (or may carry) sessions.
     quic: Vec<Option<(Arc<MuxSocket>, quinn::Endpoint)>>,
     /// Connects asked for before we were registered.
-    queued: VecDeque<(PeerId, Option<Reply>)>,
+    queued: VecDeque<(PeerId, Reply)>,
     /// Who waits for the connect in progress.
     waiting: Option<(PeerId, Reply)>,
     /// The connect in progress repairs the session quinn knows at this
@@ -326,7 +326,7 @@ pub(crate) async fn run(
                 }
             }
             cmd = commands.recv() => match cmd {
-                Some(UserCommand::Connect { peer, reply }) => d.want_connect(Instant::now(), peer, Some(reply)),
+                Some(UserCommand::Connect { peer, reply }) => d.want_connect(Instant::now(), peer, reply),
                 Some(UserCommand::Dial { peer, addr, reply }) => d.dial(peer, addr, reply),
                 // The endpoint is gone: nobody can use what we would do.
                 None => return Ok(()),
@@ -398,9 +398,9 @@ impl Driver {
         Ok((mux, ep))
     }
 
-    /// A connect from the user (with a reply) or a re-punch (without).
-    fn want_connect(&mut self, now: Instant, peer: PeerId, reply: Option<Reply>) {
-        self.connect(now, peer, reply, None);
+    /// A connect from the user.
+    fn want_connect(&mut self, now: Instant, peer: PeerId, reply: Reply) {
+        self.connect(now, peer, Some(reply), None);
     }
 
     /// Starts an introduction to `peer`: for a user (`reply`), or to
@@ -412,15 +412,9 @@ impl Driver {
         reply: Option<Reply>,
         repair: Option<SocketAddr>,
     ) {
-        let busy = self.connect_sent.is_some()
-            || self.fresh_pending.is_some()
-            || self
-                .attempt
-                .as_ref()
-                .is_some_and(|a| a.punch.path().is_none());
-        if self.observed.is_none() || busy {
+        if self.observed.is_none() || self.connect_sent.is_some() || self.punching() {
             match reply {
-                Some(r) => self.queued.push_back((peer, Some(r))),
+                Some(r) => self.queued.push_back((peer, r)),
                 // A re-punch that cannot start now is retried on the next stall.
                 None => tracing::debug!(%peer, "busy; re-punch skipped"),
             }
@@ -474,12 +468,21 @@ impl Driver {
         }
     }
 
-    /// Tells whoever waits for the connect to `peer` how it ended.
-    fn answer(&mut self, peer: PeerId, r: Result<Connection, SessionError>) {
+    /// A fresh mapping or a punch is under way: no new attempt now.
+    fn punching(&self) -> bool {
+        self.fresh_pending.is_some()
+            || self
+                .attempt
+                .as_ref()
+                .is_some_and(|a| a.punch.path().is_none())
+    }
+
+    /// Whoever waits for the connect to `peer`, if anyone.
+    fn take_waiting(&mut self, peer: PeerId) -> Option<Reply> {
         if self.waiting.as_ref().is_some_and(|(p, _)| *p == peer) {
-            if let Some((_, reply)) = self.waiting.take() {
-                let _ = reply.send(r);
-            }
+            self.waiting.take().map(|(_, r)| r)
+        } else {
+            None
         }
     }
 
@@ -538,17 +541,14 @@ impl Driver {
                     return;
                 };
                 self.emit(PeerEvent::Stalled { peer_id: peer });
+                // Be reachable at our current address for a re-punch.
+                self.client.refresh(now);
                 if live.client {
-                    // Our mapping may have changed: a Connect from the new
-                    // address makes the server re-check it (BadCookie) and
-                    // introduces us afresh; after a pause that lets the
-                    // peer refresh its own registration.
-                    self.client.refresh(now);
+                    // We re-punch: a Connect from a new address makes the
+                    // server re-check it (BadCookie) and introduces us
+                    // afresh; after a pause that lets the peer refresh its
+                    // own registration.
                     self.repunch = Some((now + crate::session::REPUNCH_DELAY, peer, remote));
-                } else {
-                    // Be reachable at our current address for the peer's
-                    // re-punch.
-                    self.client.refresh(now);
                 }
             }
         }
@@ -758,12 +758,7 @@ impl Driver {
                         });
                         continue;
                     }
-                    if self.fresh_pending.is_some()
-                        || self
-                            .attempt
-                            .as_ref()
-                            .is_some_and(|a| a.punch.path().is_none())
-                    {
+                    if self.punching() {
                         tracing::debug!("busy with another attempt; ignoring an introduction");
                         continue;
                     }
@@ -1008,22 +1003,24 @@ impl Driver {
             // is one, comes through the accept loop all the same.
             self.retire_attempt = true;
         }
-        let (mux, ep) = match self.ensure_quic(path.socket.0) {
+        let quic = self.ensure_quic(path.socket.0);
+        if let Err(e) = &quic {
+            tracing::warn!(%peer, error = %e, "cannot start QUIC on the punched socket");
+        }
+        // The responder's QUIC handshake arrives at its accept loop.
+        let reply = match role {
+            Role::Initiator => self.take_waiting(peer),
+            Role::Responder => None,
+        };
+        let Some(reply) = reply else {
+            return;
+        };
+        let (mux, ep) = match quic {
             Ok(q) => q,
             Err(e) => {
-                self.answer(peer, Err(e));
+                let _ = reply.send(Err(e));
                 return;
             }
-        };
-        if role != Role::Initiator {
-            // The peer's QUIC handshake arrives at our accept loop.
-            return;
-        }
-        if self.waiting.as_ref().is_none_or(|(p, _)| *p != peer) {
-            return;
-        }
-        let Some((_, reply)) = self.waiting.take() else {
-            return;
         };
         let shared = self.shared.clone();
         tokio::spawn(async move {
