@@ -19,7 +19,12 @@ const STUN_PORT: u16 = 3478;
 #[derive(Debug, Args)]
 pub struct NatArgs {
     /// STUN server, HOST[:PORT] (an RFC 5780 server for the full report).
-    #[arg(short = 'H', long = "host", value_name = "HOST[:PORT]")]
+    #[arg(
+        short = 'H',
+        long = "stun",
+        visible_alias = "host",
+        value_name = "HOST[:PORT]"
+    )]
     pub host: String,
     /// Local IP to send from (default: the one routing picks).
     #[arg(short = 'i', long = "source-ip")]
@@ -93,7 +98,12 @@ pub fn print_report(report: &NatReport, json: bool) {
 #[derive(Debug, Args)]
 pub struct StunArgs {
     /// STUN server, HOST[:PORT].
-    #[arg(short = 'H', long = "host", value_name = "HOST[:PORT]")]
+    #[arg(
+        short = 'H',
+        long = "stun",
+        visible_alias = "host",
+        value_name = "HOST[:PORT]"
+    )]
     pub host: String,
     /// Use TCP (RFC 8489 §6.2.2) instead of UDP.
     #[arg(long)]

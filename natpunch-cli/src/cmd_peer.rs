@@ -1,14 +1,13 @@
 //! `natpunch -s SERVER [-d PEER_ID]`, `natpunch listen` and
-//! `natpunch connect`: register with a rendezvous server and punch through
-//! to a peer.
+//! `natpunch connect PEER_ID`: register with a rendezvous server and punch
+//! through to a peer.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
-
-use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
@@ -18,18 +17,19 @@ use natpunch::peer::PeerEvent;
 use natpunch::session::service::Services;
 use natpunch::session::{Endpoint, EndpointConfig};
 use natpunch_proto::identity::PeerId;
+use natpunch_proto::punch::Role;
+
+use crate::output::Out;
 
 /// The STUN/rendezvous port (RFC 8489 §18.6).
 const DEFAULT_PORT: u16 = 3478;
 
+/// Options of both sides.
 #[derive(Debug, Args, Clone)]
-pub struct PeerArgs {
+pub struct CommonArgs {
     /// Rendezvous ("punch") server, HOST[:PORT].
     #[arg(short = 's', long = "server", value_name = "SERVER[:PORT]")]
     pub server: Option<String>,
-    /// Connect to this peer ID (without it: register and wait).
-    #[arg(short = 'd', long = "dest", value_name = "PEER_ID")]
-    pub dest: Option<PeerId>,
     /// STUN server for NAT discovery (default: the rendezvous server).
     #[arg(short = 'H', long = "stun", value_name = "HOST[:PORT]")]
     pub stun: Option<String>,
@@ -45,6 +45,9 @@ pub struct PeerArgs {
     /// Events as JSON on stderr, one object per line.
     #[arg(long)]
     pub json: bool,
+    /// Print nothing but errors (implied by --to, for ssh's ProxyCommand).
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
     /// Identity key file (created with mode 0600 if missing).
     #[arg(long, value_name = "FILE")]
     pub key: Option<PathBuf>,
@@ -52,37 +55,68 @@ pub struct PeerArgs {
     /// without a session or data.
     #[arg(long)]
     pub once: bool,
-    /// Listener: keep accepting sessions after the first one ends.
-    #[arg(long)]
-    pub keep_open: bool,
-    /// Listener: offer the local TCP service HOST:PORT to peers under NAME
-    /// (repeatable; implies --keep-open). Nothing else is reachable.
-    #[arg(long, value_name = "NAME=HOST:PORT")]
-    pub expose: Vec<String>,
-    /// Listener: accept sessions only from this peer (repeatable).
-    #[arg(long, value_name = "PEER_ID")]
-    pub allow: Vec<PeerId>,
-    /// Connector: listen on LOCAL_ADDR:PORT and carry each TCP connection to
-    /// the peer's service NAME (repeatable).
-    #[arg(long, value_name = "LOCAL_ADDR:PORT=NAME")]
-    pub forward: Vec<String>,
-    /// Connector: join stdin/stdout to the peer's service NAME (for ssh's
-    /// ProxyCommand).
-    #[arg(long, value_name = "NAME")]
-    pub to: Option<String>,
-    /// Connector: the peer has a public or forwarded port here; dial it
-    /// directly instead of punching.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub direct: Option<String>,
     /// End a session whose path stays silent this many seconds.
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(2..=3600))]
     pub idle_timeout: u64,
     /// Give up punching after this many seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub timeout: u64,
-    /// Retransmission timeout of NAT discovery in ms.
+    /// First retransmission timeout of NAT discovery in ms (later ones
+    /// follow the measured round trip).
     #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=5000))]
     pub rto_ms: u64,
+}
+
+/// Options of the listening side.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ListenOpts {
+    /// Keep accepting sessions after the first one ends (pipe sessions are
+    /// served one after another).
+    #[arg(long)]
+    pub keep_open: bool,
+    /// Offer the local TCP service HOST:PORT to peers under NAME
+    /// (repeatable; implies --keep-open). Nothing else is reachable.
+    #[arg(long, value_name = "NAME=HOST:PORT")]
+    pub expose: Vec<String>,
+    /// Accept sessions only from this peer (repeatable).
+    #[arg(long, value_name = "PEER_ID")]
+    pub allow: Vec<PeerId>,
+}
+
+/// Options of the connecting side.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ConnectOpts {
+    /// Listen on LOCAL_ADDR:PORT and carry each TCP connection to the
+    /// peer's service NAME (repeatable).
+    #[arg(long, value_name = "LOCAL_ADDR:PORT=NAME")]
+    pub forward: Vec<String>,
+    /// Join stdin/stdout to the peer's service NAME (ssh's ProxyCommand).
+    #[arg(long, value_name = "NAME")]
+    pub to: Option<String>,
+    /// The peer has a public or forwarded port here; dial it directly
+    /// instead of punching.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub direct: Option<String>,
+}
+
+/// `natpunch listen`.
+#[derive(Debug, Args)]
+pub struct ListenArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub listen: ListenOpts,
+}
+
+/// `natpunch connect PEER_ID`.
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// The peer to connect to.
+    pub peer_id: PeerId,
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub connect: ConnectOpts,
 }
 
 fn key_path(key: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -106,55 +140,66 @@ pub fn print_id(key: Option<PathBuf>) -> anyhow::Result<ExitCode> {
 }
 
 /// Checks the flag combinations; `Err` is the one line for exit code 2.
-fn check_usage(args: &PeerArgs, connecting: bool) -> Result<(), String> {
-    if args.server.is_none() {
+fn check_usage(
+    common: &CommonArgs,
+    target: Option<PeerId>,
+    listen: &ListenOpts,
+    connect: &ConnectOpts,
+) -> Result<(), String> {
+    if common.server.is_none() {
         return Err("a rendezvous server is needed: -s SERVER[:PORT] (see --help)".into());
     }
-    if connecting {
+    if target.is_some() {
         for (set, flag) in [
-            (!args.expose.is_empty(), "--expose"),
-            (!args.allow.is_empty(), "--allow"),
-            (args.keep_open, "--keep-open"),
+            (!listen.expose.is_empty(), "--expose"),
+            (!listen.allow.is_empty(), "--allow"),
+            (listen.keep_open, "--keep-open"),
         ] {
             if set {
                 return Err(format!("{flag} is for the listening side (without -d)"));
             }
         }
-        if args.to.is_some() && !args.forward.is_empty() {
+        if connect.to.is_some() && !connect.forward.is_empty() {
             return Err("--to and --forward do not go together".into());
         }
     } else {
         for (set, flag) in [
-            (!args.forward.is_empty(), "--forward"),
-            (args.to.is_some(), "--to"),
-            (args.direct.is_some(), "--direct"),
+            (!connect.forward.is_empty(), "--forward"),
+            (connect.to.is_some(), "--to"),
+            (connect.direct.is_some(), "--direct"),
         ] {
             if set {
-                return Err(format!("{flag} needs -d PEER_ID"));
+                return Err(format!("{flag} needs a peer to connect to (-d PEER_ID)"));
             }
         }
     }
-    if args.once && (args.to.is_some() || !args.forward.is_empty() || !args.expose.is_empty()) {
+    if common.once
+        && (connect.to.is_some() || !connect.forward.is_empty() || !listen.expose.is_empty())
+    {
         return Err("--once only punches; it carries no data".into());
     }
     Ok(())
 }
 
-pub fn run(args: PeerArgs, target: Option<PeerId>) -> anyhow::Result<ExitCode> {
-    let target = target.or(args.dest);
-    if let Err(line) = check_usage(&args, target.is_some()) {
+pub fn run(
+    common: CommonArgs,
+    target: Option<PeerId>,
+    listen: ListenOpts,
+    connect: ConnectOpts,
+) -> anyhow::Result<ExitCode> {
+    if let Err(line) = check_usage(&common, target, &listen, &connect) {
         eprintln!("natpunch: {line}");
         return Ok(ExitCode::from(2));
     }
     let mut services = Services::default();
-    for spec in &args.expose {
+    for spec in &listen.expose {
         if let Err(line) = services.add(spec) {
             eprintln!("natpunch: {line}");
             return Ok(ExitCode::from(2));
         }
     }
     let mut forwards = Vec::new();
-    for spec in &args.forward {
+    for spec in &connect.forward {
         match crate::cmd_session::parse_forward(spec) {
             Ok(f) => forwards.push(f),
             Err(line) => {
@@ -163,15 +208,19 @@ pub fn run(args: PeerArgs, target: Option<PeerId>) -> anyhow::Result<ExitCode> {
             }
         }
     }
-    let path = key_path(&args.key)?;
+    // ssh reads a ProxyCommand's stderr onto the user's terminal: stay
+    // quiet there unless asked (-v) or scripted (--json).
+    let quiet = common.quiet || connect.to.is_some();
+    let out = Out::new(common.json, quiet);
+    let path = key_path(&common.key)?;
     let (identity, created) = keyfile::load_or_create(&path)?;
-    if created && !args.json {
-        eprintln!("natpunch: created a new identity key in {}", path.display());
+    if created {
+        out.note(&format!("created a new identity key in {}", path.display()));
     }
     let rt = crate::runtime()?;
     let result = rt.block_on(async move {
-        let v6 = args.source_ip.is_some_and(|i| i.is_ipv6());
-        let direct = match &args.direct {
+        let v6 = common.source_ip.is_some_and(|i| i.is_ipv6());
+        let direct = match &connect.direct {
             Some(d) => {
                 let addr = resolve(d, 0, v6).await?;
                 if addr.port() == 0 {
@@ -182,28 +231,33 @@ pub fn run(args: PeerArgs, target: Option<PeerId>) -> anyhow::Result<ExitCode> {
             }
             None => None,
         };
-        let server = resolve(args.server.as_deref().unwrap_or_default(), DEFAULT_PORT, v6).await?;
-        let stun = match &args.stun {
+        let server = resolve(
+            common.server.as_deref().unwrap_or_default(),
+            DEFAULT_PORT,
+            v6,
+        )
+        .await?;
+        let stun = match &common.stun {
             Some(h) => Some(resolve(h, DEFAULT_PORT, server.is_ipv6()).await?),
             None => None,
         };
         let mut cfg = EndpointConfig::new(identity, server);
         cfg.peer.stun = stun;
-        cfg.peer.source_ip = args.source_ip;
-        cfg.peer.source_port = args.source_port;
-        cfg.peer.ttl = args.ttl;
-        cfg.peer.punch.timeout = Duration::from_secs(args.timeout);
-        cfg.peer.rto = Duration::from_millis(args.rto_ms);
-        cfg.peer.once = args.once;
+        cfg.peer.source_ip = common.source_ip;
+        cfg.peer.source_port = common.source_port;
+        cfg.peer.ttl = common.ttl;
+        cfg.peer.punch.timeout = Duration::from_secs(common.timeout);
+        cfg.peer.rto = Duration::from_millis(common.rto_ms);
+        cfg.peer.once = common.once;
         cfg.accept = target.is_none();
-        cfg.idle_timeout = Duration::from_secs(args.idle_timeout);
-        if !args.allow.is_empty() {
-            cfg.allow = Some(args.allow.iter().copied().collect::<HashSet<_>>());
+        cfg.idle_timeout = Duration::from_secs(common.idle_timeout);
+        if !listen.allow.is_empty() {
+            cfg.allow = Some(listen.allow.iter().copied().collect::<HashSet<_>>());
         }
         let endpoint = Endpoint::bind(cfg)?;
         let status = Arc::new(Mutex::new(Seen::default()));
         let printer = {
-            let (json, status) = (args.json, status.clone());
+            let status = status.clone();
             let events = endpoint.events();
             tokio::spawn(async move {
                 let Some(mut rx) = events else { return };
@@ -211,23 +265,25 @@ pub fn run(args: PeerArgs, target: Option<PeerId>) -> anyhow::Result<ExitCode> {
                     if let Ok(mut s) = status.lock() {
                         s.note(&ev);
                     }
-                    print_event(&ev, json);
+                    print_event(&out, &ev);
                 }
             })
         };
         let session = crate::cmd_session::Session {
             endpoint: &endpoint,
-            json: args.json,
-            idle_secs: args.idle_timeout,
+            out,
+            idle_secs: common.idle_timeout,
             live: Default::default(),
         };
         let work = async {
-            if args.once {
+            if common.once {
                 if let Some(t) = target {
                     // The driver stops after the punch; the reply never comes.
                     let _ = tokio::join!(endpoint.connect(t), endpoint.finished());
                 }
-                endpoint.finished().await?;
+                if let Err(e) = endpoint.finished().await {
+                    return Ok(session.fail_session(&e));
+                }
                 let s = status.lock().map(|s| *s).unwrap_or_default();
                 return Ok(if s.failed && !s.connected {
                     ExitCode::FAILURE
@@ -236,8 +292,12 @@ pub fn run(args: PeerArgs, target: Option<PeerId>) -> anyhow::Result<ExitCode> {
                 });
             }
             match target {
-                Some(t) => session.connect(t, direct, args.to.clone(), forwards).await,
-                None => session.listen(services, args.keep_open).await,
+                Some(t) => {
+                    session
+                        .connect(t, direct, connect.to.clone(), forwards)
+                        .await
+                }
+                None => session.listen(services, listen.keep_open).await,
             }
         };
         let code = tokio::select! {
@@ -248,6 +308,9 @@ pub fn run(args: PeerArgs, target: Option<PeerId>) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(130))
             }
         };
+        // A listener leaves cleanly: the server stops introducing others
+        // to it at once.
+        endpoint.close().await;
         // Let the last events reach the terminal.
         tokio::time::sleep(Duration::from_millis(20)).await;
         printer.abort();
@@ -275,20 +338,17 @@ impl Seen {
     }
 }
 
-fn print_event(ev: &PeerEvent, json: bool) {
-    use crate::output::json_line_stderr as j;
+fn print_event(out: &Out, ev: &PeerEvent) {
+    use serde_json::json;
     match ev {
-        PeerEvent::NatMeasured { report, opener_ttl } => {
-            if json {
-                j(
-                    &serde_json::json!({"event": "nat", "classic": report.classic, "mapped": report.mapped,
-                    "mapping": report.mapping, "filtering": report.filtering,
-                    "allocation": {"kind": report.allocation.kind, "delta": report.allocation.delta},
-                    "opener_ttl": opener_ttl}),
-                );
-            } else {
-                eprintln!(
-                    "natpunch: NAT {} (mapped {}, allocation {}{})",
+        PeerEvent::NatMeasured { report, opener_ttl } => out.event(
+            json!({"event": "nat", "classic": report.classic, "mapped": report.mapped,
+                "mapping": report.mapping, "filtering": report.filtering,
+                "allocation": {"kind": report.allocation.kind, "delta": report.allocation.delta},
+                "opener_ttl": opener_ttl}),
+            || {
+                format!(
+                    "NAT {} (mapped {}, allocation {}{})",
                     report.classic.as_str(),
                     report.mapped.map(|m| m.to_string()).unwrap_or_default(),
                     report
@@ -301,115 +361,114 @@ fn print_event(ev: &PeerEvent, json: bool) {
                         .delta
                         .map(|d| format!(" {d:+}"))
                         .unwrap_or_default()
-                );
-            }
-        }
-        PeerEvent::Registered { peer_id, observed } => {
-            if json {
-                j(
-                    &serde_json::json!({"event": "registered", "peer_id": peer_id.to_string(), "observed": observed}),
-                );
-            } else {
-                // stdout is for the peer's data; the ID goes to stderr.
-                eprintln!("natpunch: registered as {peer_id} (seen as {observed})");
-            }
-        }
-        PeerEvent::Incoming { from } => {
-            if json {
-                j(&serde_json::json!({"event": "incoming", "peer_id": from.to_string()}));
-            } else {
-                eprintln!("natpunch: {from} wants to connect");
-            }
-        }
-        PeerEvent::Attempt { peer_id, strategy } => {
-            if json {
-                j(
-                    &serde_json::json!({"event": "attempt", "peer_id": peer_id.to_string(), "strategy": strategy.as_str()}),
-                );
-            } else {
-                eprintln!(
-                    "natpunch: punching to {peer_id}: trying {}…",
-                    strategy.as_str()
-                );
-            }
-        }
+                )
+            },
+        ),
+        PeerEvent::Registered { peer_id, observed } => out.event(
+            json!({"event": "registered", "peer_id": peer_id.to_string(), "observed": observed}),
+            // stdout is for the peer's data; the ID goes to stderr.
+            || format!("registered as {peer_id} (seen as {observed})"),
+        ),
+        PeerEvent::ServerLost { server } => out.event(
+            json!({"event": "server-lost", "server": server}),
+            || format!("the rendezvous server {server} stopped answering; peers cannot reach us until it is back (retrying every second)"),
+        ),
+        PeerEvent::ServerBack { server } => out.event(
+            json!({"event": "server-back", "server": server}),
+            || format!("the rendezvous server {server} answers again"),
+        ),
+        PeerEvent::Displaced { peer_id } => out.warn(
+            json!({"event": "displaced", "peer_id": peer_id.to_string()}),
+            &format!("another process registered with this key ({peer_id}); this one gets no new sessions until that one leaves"),
+        ),
+        PeerEvent::Incoming { from } => out.event(
+            json!({"event": "incoming", "peer_id": from.to_string()}),
+            || format!("{from} wants to connect"),
+        ),
+        PeerEvent::Attempt { peer_id, strategy } => out.event(
+            json!({"event": "attempt", "peer_id": peer_id.to_string(), "strategy": strategy.as_str()}),
+            || format!("punching to {peer_id}: trying {}…", strategy.as_str()),
+        ),
         PeerEvent::Connected {
             peer_id,
             strategy,
             remote,
+            role,
             elapsed,
             probes_sent,
             bytes_sent,
-        } => {
-            if json {
-                j(
-                    &serde_json::json!({"event": "connected", "peer_id": peer_id.to_string(), "path": "direct",
-                    "transport": "udp", "strategy": strategy.as_str(), "remote": remote,
-                    "elapsed_ms": elapsed.as_millis() as u64, "probes_sent": probes_sent, "bytes_sent": bytes_sent}),
-                );
-            } else {
-                eprintln!(
-                    "natpunch: connected to {peer_id} directly at {remote} by {} in {} ms ({probes_sent} probes, {bytes_sent} bytes)",
-                    strategy.as_str(),
-                    elapsed.as_millis()
-                );
-            }
+            reused,
+        } => out.event(
+            json!({"event": "connected", "peer_id": peer_id.to_string(), "path": "direct",
+                "transport": "udp", "strategy": strategy.as_str(), "remote": remote,
+                "role": match role { Role::Initiator => "initiator", Role::Responder => "responder" },
+                "reused": reused,
+                "elapsed_ms": elapsed.as_millis() as u64, "probes_sent": probes_sent, "bytes_sent": bytes_sent}),
+            || {
+                if *reused {
+                    format!("connected to {peer_id} at {remote} over the live path")
+                } else {
+                    format!(
+                        "connected to {peer_id} directly at {remote} by {} in {} ms ({})",
+                        strategy.as_str(),
+                        elapsed.as_millis(),
+                        probes_and_bytes(*probes_sent, *bytes_sent)
+                    )
+                }
+            },
+        ),
+        PeerEvent::Failed { peer_id, error } => {
+            // Our own connect's failure is said once, by the session, as
+            // the final line; the JSON event is the script's record.
+            out.json_only(json!({"event": "failed", "peer_id": peer_id.to_string(),
+                "code": error.code(), "reason": error.to_string()}));
         }
-        PeerEvent::Failed { peer_id, reason } => {
-            if json {
-                j(
-                    &serde_json::json!({"event": "failed", "peer_id": peer_id.map(|p| p.to_string()), "reason": reason}),
-                );
-            } else {
-                eprintln!("natpunch: failed: {reason}");
-            }
-        }
-        PeerEvent::PathLost { peer_id } => {
-            if json {
-                j(&serde_json::json!({"event": "path-lost", "peer_id": peer_id.to_string()}));
-            } else {
-                eprintln!("natpunch: path to {peer_id} lost");
-            }
-        }
-        PeerEvent::SessionStarted { peer_id, remote } => {
-            if json {
-                j(
-                    &serde_json::json!({"event": "session", "peer_id": peer_id.to_string(), "remote": remote}),
-                );
-            } else {
-                eprintln!("natpunch: encrypted session with {peer_id} at {remote}");
-            }
-        }
-        PeerEvent::PathChanged { peer_id, remote } => {
-            if json {
-                j(
-                    &serde_json::json!({"event": "path-changed", "peer_id": peer_id.to_string(), "remote": remote}),
-                );
-            } else {
-                eprintln!("natpunch: path to {peer_id} moved to {remote}");
-            }
-        }
-        PeerEvent::Stalled { peer_id } => {
-            if json {
-                j(&serde_json::json!({"event": "stalled", "peer_id": peer_id.to_string()}));
-            } else {
-                eprintln!("natpunch: path to {peer_id} stopped answering; punching again");
-            }
-        }
-        PeerEvent::SessionEnded { peer_id } => {
-            if json {
-                j(&serde_json::json!({"event": "session-ended", "peer_id": peer_id.to_string()}));
-            }
-        }
-        PeerEvent::Refused { peer_id, reason } => {
-            if json {
-                j(
-                    &serde_json::json!({"event": "refused", "peer_id": peer_id.to_string(), "reason": reason}),
-                );
-            } else {
-                eprintln!("natpunch: refused a session: {reason}");
-            }
-        }
+        PeerEvent::Refused { peer_id, reason } => out.event(
+            json!({"event": "refused", "peer_id": peer_id.to_string(), "code": reason.code(),
+                "reason": refusal(peer_id, *reason)}),
+            || format!("refused a session: {}", refusal(peer_id, *reason)),
+        ),
+        PeerEvent::SessionStarted { peer_id, remote } => out.event(
+            json!({"event": "session", "peer_id": peer_id.to_string(), "remote": remote}),
+            || format!("encrypted session with {peer_id} at {remote}"),
+        ),
+        PeerEvent::PathChanged { peer_id, remote } => out.event(
+            json!({"event": "path-changed", "peer_id": peer_id.to_string(), "remote": remote}),
+            || format!("path to {peer_id} moved to {remote}"),
+        ),
+        PeerEvent::PathRepaired {
+            peer_id,
+            remote,
+            strategy,
+        } => out.event(
+            json!({"event": "path-repaired", "peer_id": peer_id.to_string(), "remote": remote,
+                "strategy": strategy.as_str()}),
+            || format!("path to {peer_id} works again at {remote} (punched by {})", strategy.as_str()),
+        ),
+        PeerEvent::Stalled { peer_id } => out.event(
+            json!({"event": "stalled", "peer_id": peer_id.to_string()}),
+            || format!("path to {peer_id} stopped answering; punching again"),
+        ),
+        PeerEvent::SessionEnded { peer_id, end } => out.json_only(
+            json!({"event": "session-ended", "peer_id": peer_id.to_string(), "code": end.code()}),
+        ),
         other => tracing::debug!(?other, "unprinted peer event"),
+    }
+}
+
+fn probes_and_bytes(probes: u64, bytes: u64) -> String {
+    let p = if probes == 1 { "probe" } else { "probes" };
+    format!("{probes} {p}, {bytes} bytes")
+}
+
+fn refusal(peer: &PeerId, reason: natpunch_proto::rendezvous::wire::DeclineReason) -> String {
+    use natpunch_proto::rendezvous::wire::DeclineReason as D;
+    match reason {
+        D::NotAllowed => format!("{peer} is not allowed (--allow)"),
+        D::NotAccepting => {
+            format!("{peer} asked to connect, but this peer does not accept sessions")
+        }
+        D::Busy => format!("{peer} asked to connect while too many connections were being set up"),
+        _ => format!("{peer} was turned away"),
     }
 }

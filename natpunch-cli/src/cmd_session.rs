@@ -5,11 +5,13 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use natpunch::session::service::{self, describe_end, Request, Services, Status};
-use natpunch::session::{close, Connection, Endpoint};
+use natpunch::session::service::{self, Request, Services, Status};
+use natpunch::session::{chain, close, Connection, Endpoint, SessionEnd, SessionError};
 use natpunch_proto::identity::PeerId;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
+
+use crate::output::Out;
 
 /// `LOCAL_ADDR:PORT=NAME`.
 pub fn parse_forward(spec: &str) -> Result<(SocketAddr, String), String> {
@@ -44,45 +46,53 @@ const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100
 
 pub struct Session<'a> {
     pub endpoint: &'a Endpoint,
-    pub json: bool,
+    pub out: Out,
     pub idle_secs: u64,
     /// Sessions to close when interrupted.
     pub live: std::sync::Mutex<Vec<Connection>>,
 }
 
-impl Session<'_> {
-    fn fail(&self, what: &str) -> ExitCode {
-        if self.json {
-            crate::output::json_line_stderr(
-                &serde_json::json!({"event": "failed", "reason": what}),
-            );
+/// Why a stream failed, in terms of the session if it ended too.
+async fn explain(conn: &Connection, e: &service::ServiceError, idle_secs: u64) -> (String, String) {
+    use service::ServiceError as E;
+    if let E::Stopped(_) | E::Reset = e {
+        // A peer that goes away drops its streams (STOP_SENDING) just
+        // before it closes the session: its reason says more.
+        let _ = tokio::time::timeout(STREAM_TO_CLOSE, conn.closed()).await;
+    }
+    match (conn.end(), e) {
+        (end, E::Connection(_) | E::Io(_) | E::Stopped(_) | E::Reset)
+            if end != SessionEnd::Open =>
+        {
+            (
+                end.code().to_string(),
+                end.describe(conn.peer_id(), idle_secs),
+            )
         }
-        eprintln!("natpunch: {what}");
+        _ => ("stream".to_string(), e.to_string()),
+    }
+}
+
+impl Session<'_> {
+    /// The connect or the endpoint failed: one line (or one JSON event).
+    pub fn fail_session(&self, e: &SessionError) -> ExitCode {
+        // With --json the driver already reported a failed connect as its
+        // `failed` event; everything else is said here, once.
+        if !(self.out.json() && matches!(e, SessionError::Connect(_))) {
+            self.out.failed(None, e.code(), &chain(e));
+        }
+        ExitCode::FAILURE
+    }
+
+    fn fail(&self, peer: PeerId, (code, reason): (String, String)) -> ExitCode {
+        self.out.failed(Some(peer.to_string()), &code, &reason);
         ExitCode::FAILURE
     }
 
     fn done(&self, peer: PeerId, moved: service::Moved) -> ExitCode {
-        if self.json {
-            crate::output::json_line_stderr(&serde_json::json!({"event": "done",
-                "peer_id": peer.to_string(), "sent": moved.sent, "received": moved.received}));
-        }
+        self.out.json_only(serde_json::json!({"event": "done",
+            "peer_id": peer.to_string(), "sent": moved.sent, "received": moved.received}));
         ExitCode::SUCCESS
-    }
-
-    /// Why a stream failed, in terms of the session if it ended too.
-    async fn explain(&self, conn: &Connection, e: &service::ServiceError) -> String {
-        use service::ServiceError as E;
-        if let E::Stopped(_) | E::Reset = e {
-            // A peer that goes away drops its streams (STOP_SENDING) just
-            // before it closes the session: its reason says more.
-            let _ = tokio::time::timeout(STREAM_TO_CLOSE, conn.closed()).await;
-        }
-        match (conn.quic().close_reason(), e) {
-            (Some(_), E::Connection(_) | E::Io(_) | E::Stopped(_) | E::Reset) => {
-                describe_end(conn, self.idle_secs)
-            }
-            _ => e.to_string(),
-        }
     }
 
     fn track(&self, conn: &Connection) {
@@ -119,7 +129,7 @@ impl Session<'_> {
         };
         let conn = match conn {
             Ok(c) => c,
-            Err(e) => return Ok(self.fail(&e.to_string())),
+            Err(e) => return Ok(self.fail_session(&e)),
         };
         self.track(&conn);
         if !forwards.is_empty() {
@@ -129,7 +139,14 @@ impl Session<'_> {
             Some(name) => Request::Service(name),
             None => Request::Pipe,
         };
-        let code = match service::open(&conn, &req).await {
+        let out = self.out;
+        let waiting = move || {
+            out.event(
+                serde_json::json!({"event": "queued", "peer_id": peer.to_string()}),
+                || format!("{peer} is serving another pipe session; waiting for our turn"),
+            )
+        };
+        let code = match service::open_waiting(&conn, &req, waiting).await {
             Ok((send, recv)) => {
                 match service::splice_until(
                     tokio::io::stdin(),
@@ -144,10 +161,10 @@ impl Session<'_> {
                         conn.close_and_wait(close::DONE, "done").await;
                         return Ok(self.done(peer, moved));
                     }
-                    Err(e) => self.fail(&self.explain(&conn, &e).await),
+                    Err(e) => self.fail(peer, explain(&conn, &e, self.idle_secs).await),
                 }
             }
-            Err(e) => self.fail(&self.explain(&conn, &e).await),
+            Err(e) => self.fail(peer, explain(&conn, &e, self.idle_secs).await),
         };
         conn.close_and_wait(close::ERROR, "error").await;
         Ok(code)
@@ -164,18 +181,19 @@ impl Session<'_> {
                 Ok(l) => l,
                 Err(e) => {
                     conn.close_and_wait(close::ERROR, "local error").await;
-                    return Ok(self.fail(&format!("--forward: cannot listen on {local}: {e}")));
+                    return Ok(self.fail(
+                        conn.peer_id(),
+                        (
+                            "forward-bind".into(),
+                            format!("--forward: cannot listen on {local}: {e}"),
+                        ),
+                    ));
                 }
             };
-            if self.json {
-                crate::output::json_line_stderr(&serde_json::json!({"event": "forwarding",
-                    "local": local, "service": name}));
-            } else {
-                eprintln!(
-                    "natpunch: forwarding {local} to {}'s {name}",
-                    conn.peer_id()
-                );
-            }
+            self.out.event(
+                serde_json::json!({"event": "forwarding", "local": local, "service": name}),
+                || format!("forwarding {local} to {}'s {name}", conn.peer_id()),
+            );
             let conn = conn.clone();
             tasks.spawn(async move {
                 loop {
@@ -206,28 +224,32 @@ impl Session<'_> {
         }
         conn.closed().await;
         tasks.abort_all();
-        Ok(self.fail(&describe_end(&conn, self.idle_secs)))
+        let end = conn.end();
+        Ok(self.fail(
+            conn.peer_id(),
+            (
+                end.code().into(),
+                end.describe(conn.peer_id(), self.idle_secs),
+            ),
+        ))
     }
 
     pub async fn listen(&self, services: Services, keep_open: bool) -> anyhow::Result<ExitCode> {
         let keep_open = keep_open || !services.is_empty();
+        let pipe = Arc::new(Pipe {
+            stdin: Mutex::new(Some(tokio::io::stdin())),
+            turn: Mutex::new(()),
+        });
         let services = Arc::new(services);
-        // The pipe's stdin can be read by one session only.
-        let stdin = Arc::new(Mutex::new(Some(tokio::io::stdin())));
         loop {
             let Some(conn) = self.endpoint.accept().await else {
                 return Ok(match self.endpoint.finished().await {
-                    Err(e) => self.fail(&e.to_string()),
+                    Err(e) => self.fail_session(&e),
                     Ok(()) => ExitCode::SUCCESS,
                 });
             };
             self.track(&conn);
-            let job = serve(
-                conn.clone(),
-                services.clone(),
-                stdin.clone(),
-                self.idle_secs,
-            );
+            let job = serve(conn.clone(), services.clone(), pipe.clone(), self.idle_secs);
             if keep_open {
                 tokio::spawn(job);
                 continue;
@@ -250,10 +272,19 @@ impl Session<'_> {
             };
             return Ok(match result {
                 Ok(moved) => self.done(conn.peer_id(), moved),
-                Err(e) => self.fail(&e),
+                Err(why) => self.fail(conn.peer_id(), why),
             });
         }
     }
+}
+
+/// The listener's one stdin and stdout: pipe sessions take turns (as
+/// netcat -k does), so two senders' bytes never mix.
+struct Pipe {
+    /// Read by the first pipe session only.
+    stdin: Mutex<Option<tokio::io::Stdin>>,
+    /// Held while a pipe session writes to stdout.
+    turn: Mutex<()>,
 }
 
 /// Serves one accepted session: each stream is a pipe or a service. Ends
@@ -261,14 +292,18 @@ impl Session<'_> {
 async fn serve(
     conn: Connection,
     services: Arc<Services>,
-    stdin: Arc<Mutex<Option<tokio::io::Stdin>>>,
+    pipe: Arc<Pipe>,
     idle_secs: u64,
-) -> Result<service::Moved, String> {
+) -> Result<service::Moved, (String, String)> {
     let peer = conn.peer_id();
+    let ended = |conn: &Connection| {
+        let end = conn.end();
+        (end.code().to_string(), end.describe(peer, idle_secs))
+    };
     loop {
         let (mut send, mut recv) = match conn.accept_bi().await {
             Ok(s) => s,
-            Err(_) => return Err(describe_end(&conn, idle_secs)),
+            Err(_) => return Err(ended(&conn)),
         };
         let req = match service::read_request(&mut recv).await {
             Ok(r) => r,
@@ -296,7 +331,16 @@ async fn serve(
                 .await;
             }
             Request::Pipe => {
-                let input = stdin.lock().await.take();
+                let turn = match pipe.turn.try_lock() {
+                    Ok(t) => t,
+                    Err(_) => {
+                        // Another pipe session has stdout: this one waits,
+                        // and its sender is told why.
+                        let _ = service::respond(&mut send, Status::Queued, "").await;
+                        pipe.turn.lock().await
+                    }
+                };
+                let input = pipe.stdin.lock().await.take();
                 let _ = service::respond(&mut send, Status::Ok, "").await;
                 let r = match input {
                     Some(i) => {
@@ -313,15 +357,16 @@ async fn serve(
                         service::splice(tokio::io::empty(), tokio::io::stdout(), send, recv).await
                     }
                 };
+                drop(turn);
                 return match r {
                     Ok(m) => {
                         conn.close_and_wait(close::DONE, "done").await;
                         Ok(m)
                     }
                     Err(e) => {
-                        let why = match conn.quic().close_reason() {
-                            Some(_) => describe_end(&conn, idle_secs),
-                            None => e.to_string(),
+                        let why = match conn.end() {
+                            SessionEnd::Open => ("stream".to_string(), e.to_string()),
+                            _ => ended(&conn),
                         };
                         conn.close_and_wait(close::ERROR, "error").await;
                         Err(why)

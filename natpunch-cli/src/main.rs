@@ -15,7 +15,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Connect two computers directly through NATs, or tell you why not.
+/// Connect two computers directly through NATs and firewalls, encrypted,
+/// or tell you why not. Peer mode: `natpunch -s SERVER` registers and waits
+/// for peers, `natpunch -s SERVER -d PEER_ID` connects to one; then it
+/// pipes stdin and stdout like netcat, or forwards TCP ports.
 #[derive(Debug, Parser)]
 #[command(
     name = "natpunch",
@@ -23,14 +26,21 @@ use clap::{Parser, Subcommand};
     about,
     propagate_version = true,
     args_conflicts_with_subcommands = true,
-    after_help = "Peer mode (the original tool's flags):\n  natpunch -s SERVER            register, print our peer ID, wait\n  natpunch -s SERVER -d PEER_ID  connect to a peer"
+    after_help = "Peer mode (the original tool's flags):\n  natpunch -s SERVER             register, print our peer ID, wait (like `listen`)\n  natpunch -s SERVER -d PEER_ID  connect to a peer (like `connect PEER_ID`)"
 )]
 struct Cli {
     /// More logging on stderr (-v info, -vv debug, -vvv trace).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     #[command(flatten)]
-    peer: cmd_peer::PeerArgs,
+    common: cmd_peer::CommonArgs,
+    /// Connect to this peer ID (without it: register and wait).
+    #[arg(short = 'd', long = "dest", value_name = "PEER_ID")]
+    dest: Option<natpunch_proto::identity::PeerId>,
+    #[command(flatten)]
+    listen: cmd_peer::ListenOpts,
+    #[command(flatten)]
+    connect: cmd_peer::ConnectOpts,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -38,9 +48,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Register with a rendezvous server and wait for peers.
-    Listen(cmd_peer::PeerArgs),
+    Listen(cmd_peer::ListenArgs),
     /// Connect to a peer through a rendezvous server.
-    Connect(ConnectArgs),
+    Connect(cmd_peer::ConnectArgs),
     /// Print this host's peer ID (creating the key file if needed).
     Id(IdArgs),
     /// Run the STUN (RFC 8489/5780) and rendezvous server.
@@ -64,14 +74,6 @@ struct IdArgs {
     /// Identity key file (created with mode 0600 if missing).
     #[arg(long, value_name = "FILE")]
     key: Option<std::path::PathBuf>,
-}
-
-#[derive(Debug, clap::Args)]
-struct ConnectArgs {
-    /// The peer to connect to.
-    peer_id: natpunch_proto::identity::PeerId,
-    #[command(flatten)]
-    peer: cmd_peer::PeerArgs,
 }
 
 fn init_logging(verbose: u8) {
@@ -124,11 +126,11 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     let result = match cli.command {
-        None if cli.peer.server.is_none() => {
+        None if cli.common.server.is_none() => {
             eprintln!("natpunch: nothing to do: give a command or -s SERVER (see --help)");
             return ExitCode::from(2);
         }
-        None => cmd_peer::run(cli.peer, None),
+        None => cmd_peer::run(cli.common, cli.dest, cli.listen, cli.connect),
         Some(c) => run_command(c),
     };
     match result {
@@ -142,9 +144,11 @@ fn main() -> ExitCode {
 
 fn run_command(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Listen(a) => cmd_peer::run(a, None),
+        Command::Listen(a) => cmd_peer::run(a.common, None, a.listen, Default::default()),
         Command::Id(a) => cmd_peer::print_id(a.key),
-        Command::Connect(a) => cmd_peer::run(a.peer, Some(a.peer_id)),
+        Command::Connect(a) => {
+            cmd_peer::run(a.common, Some(a.peer_id), Default::default(), a.connect)
+        }
         Command::Server(a) => cmd_server::run(a),
         Command::Nat(a) => cmd_nat::run_nat(a),
         Command::Stun(a) => cmd_nat::run_stun(a),

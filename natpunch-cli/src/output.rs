@@ -20,6 +20,68 @@ pub fn json_line_stderr(v: &serde_json::Value) {
     let _ = err.flush();
 }
 
+/// How a peer command talks on stderr: JSON events for scripts (nothing
+/// else, so every line parses), or lines for people, which `--quiet`
+/// reduces to warnings and errors.
+#[derive(Debug, Clone, Copy)]
+pub struct Out {
+    json: bool,
+    quiet: bool,
+}
+
+impl Out {
+    pub fn new(json: bool, quiet: bool) -> Self {
+        Self { json, quiet }
+    }
+
+    pub fn json(&self) -> bool {
+        self.json
+    }
+
+    /// An event: its JSON object, or its line (unless quiet).
+    pub fn event(&self, v: serde_json::Value, text: impl FnOnce() -> String) {
+        if self.json {
+            json_line_stderr(&v);
+        } else if !self.quiet {
+            eprintln!("natpunch: {}", text());
+        }
+    }
+
+    /// An event people must see even when quiet.
+    pub fn warn(&self, v: serde_json::Value, text: &str) {
+        if self.json {
+            json_line_stderr(&v);
+        } else {
+            eprintln!("natpunch: {text}");
+        }
+    }
+
+    /// An event only scripts need.
+    pub fn json_only(&self, v: serde_json::Value) {
+        if self.json {
+            json_line_stderr(&v);
+        }
+    }
+
+    /// A line only people need (not in JSON, not when quiet).
+    pub fn note(&self, text: &str) {
+        if !self.json && !self.quiet {
+            eprintln!("natpunch: {text}");
+        }
+    }
+
+    /// The final failure: one `failed` event with a stable code, or one
+    /// line.
+    pub fn failed(&self, peer: Option<String>, code: &str, reason: &str) {
+        if self.json {
+            json_line_stderr(&serde_json::json!({"event": "failed", "peer_id": peer,
+                "code": code, "reason": reason}));
+        } else {
+            eprintln!("natpunch: {reason}");
+        }
+    }
+}
+
 fn yes_no(b: Option<bool>, unknown: &str) -> String {
     match b {
         Some(true) => "yes".into(),

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::expect::{expected, expected_shared, mismatches, Expected};
 use crate::grid::{GridRow, Outcome};
-use natpunch_proto::punch::{classify, PairKind, SideView, Strategy};
+use natpunch_proto::punch::{classify, NoPath, PairKind, SideView, Strategy};
 use natpunch_proto::rendezvous::NatSummary;
 
 use crate::spec::{NatSpec, Side, SpecError, TopologySpec, PRESETS};
@@ -645,6 +645,7 @@ pub fn expected_connect(t: &TopologySpec) -> (Option<Strategy>, String) {
                 delta: e.delta,
                 opener_ttl: None,
                 nat: Some(e.nat),
+                pending: Default::default(),
             },
             observed: format!("{ip}:3478")
                 .parse()
@@ -683,7 +684,12 @@ pub fn expected_connect(t: &TopologySpec) -> (Option<Strategy>, String) {
             "random symmetric against a port-restricted cone: many mappings meet many probes"
                 .to_string()
         }
-        PairKind::Impossible(r) => r.clone(),
+        PairKind::Impossible => NoPath {
+            me: a.nat,
+            peer: b.nat,
+        }
+        .to_string(),
+        PairKind::Undecided => "a side's NAT is not known".to_string(),
     };
     // The lab measures the opener TTL, so a Ttl pair is labelled ttl.
     (kind.strategy(), reason)

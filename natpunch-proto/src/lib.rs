@@ -11,8 +11,13 @@
 //!   client transactions and the Binding server.
 //! - [`nat`]: NAT behaviour discovery (RFC 5780 §4) and the port allocation
 //!   pattern, producing a [`nat::NatReport`].
+//! - [`rendezvous`]: registration and introductions (server and client).
+//! - [`punch`]: the hole-punching ladder, one attempt.
+//! - [`coordinator`]: the connection core: every attempt, and per remote
+//!   peer the path its traffic takes.
 //! - [`ratelimit`]: bounded per-source token buckets for servers.
 
+pub mod coordinator;
 pub mod identity;
 pub mod nat;
 pub mod punch;

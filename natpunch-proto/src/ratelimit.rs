@@ -86,6 +86,26 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
         }
     }
 
+    /// How long until `source` has a token again (zero if it has one now).
+    pub fn retry_after(&self, now: Instant, source: K) -> Duration {
+        let Some(b) = self.buckets.get(&source) else {
+            return Duration::ZERO;
+        };
+        if self.limit.is_unlimited() || self.limit.rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        let elapsed = now
+            .checked_duration_since(b.last)
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64();
+        let missing = 1.0 - (b.tokens + elapsed * self.limit.rate);
+        if missing <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(missing / self.limit.rate)
+        }
+    }
+
     /// Drops full buckets (sources that are idle long enough to be back at
     /// their burst), or if none are full, the one idle the longest.
     fn evict(&mut self, now: Instant) {
@@ -131,6 +151,10 @@ mod tests {
         let t1 = t0 + Duration::from_millis(100);
         assert!(r.allow(t1, ip));
         assert!(!r.allow(t1, ip));
+        // The next token is 100 ms away.
+        let wait = r.retry_after(t1, ip);
+        assert!(wait > Duration::from_millis(99) && wait <= Duration::from_millis(100));
+        assert_eq!(r.retry_after(t1 + wait, ip), Duration::ZERO);
     }
 
     #[test]

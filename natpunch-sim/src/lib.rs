@@ -8,6 +8,8 @@
 //! run against it in a loop that finishes in milliseconds. The real-kernel
 //! counterpart is the netns lab.
 
+pub mod world;
+
 use std::net::{IpAddr, SocketAddr};
 
 use natpunch_proto::nat::Behaviour;
@@ -78,6 +80,10 @@ impl Nat {
 
     pub fn public_ip(&self) -> IpAddr {
         self.config.public_ip
+    }
+
+    pub fn config(&self) -> &NatConfig {
+        &self.config
     }
 
     fn key_for(&self, dst: SocketAddr) -> Option<SocketAddr> {

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use natpunch_proto::nat::{
-    AllocationKind, Behaviour, Classic, Discovery, DiscoveryConfig, NatReport,
+    AllocationKind, Behaviour, Classic, Discovery, DiscoveryConfig, Fact, NatReport,
 };
 use natpunch_proto::stun::server::{Server, ServerConfig, Transport, DEFAULT_RATE_LIMIT};
 use natpunch_proto::SocketId;
@@ -218,4 +218,151 @@ fn lifetime_brackets_the_expiry() {
     let l = r.lifetime.expect("lifetime measured");
     assert_eq!(l.alive, Some(Duration::from_secs(30)));
     assert_eq!(l.expired, Some(Duration::from_secs(60)));
+}
+
+/// Quick discovery (what a connecting peer runs) through `nat` with
+/// `delay` each way between the host and the server: each fact with the
+/// virtual time it arrived, and the final report.
+fn run_quick(nat: NatConfig, delay: Duration) -> (Vec<(Duration, Fact)>, NatReport) {
+    let mut server = Server::new(ServerConfig {
+        primary: addr(P),
+        alternate: Some(addr(A)),
+        software: None,
+        rate_limit: DEFAULT_RATE_LIMIT,
+    });
+    let host_ip: IpAddr = "10.0.0.2".parse().unwrap();
+    let mut nat = Nat::new(nat);
+    let mut cfg = DiscoveryConfig::new(addr(P), 7);
+    cfg.quick = true;
+    let locals: Vec<SocketAddr> = (0..cfg.socket_count())
+        .map(|i| SocketAddr::new(host_ip, 40000 + i as u16 * 7))
+        .collect();
+    let mut d = Discovery::new(cfg, locals.clone());
+    let t0 = Instant::now();
+    let mut now = t0;
+    // In flight: (arrival, destination is the host?, packet).
+    let mut queue: Vec<(Instant, bool, Packet)> = Vec::new();
+    let mut facts = Vec::new();
+    d.start(now);
+    for _ in 0..100_000 {
+        while let Some(t) = d.poll_transmit() {
+            let pkt = Packet {
+                src: locals[t.socket.0],
+                dst: t.destination,
+                payload: t.payload,
+            };
+            if let Some(p) = nat.outbound(pkt) {
+                queue.push((now + delay, false, p));
+            }
+        }
+        while let Some(f) = d.poll_fact() {
+            facts.push((now - t0, f));
+        }
+        if let Some(r) = d.poll_report() {
+            return (facts, r);
+        }
+        let next_packet = queue.iter().map(|q| q.0).min();
+        now = match (next_packet, d.poll_timeout()) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).expect("something to wait for"),
+        };
+        let due: Vec<(Instant, bool, Packet)> =
+            queue.iter().filter(|q| q.0 <= now).cloned().collect();
+        queue.retain(|q| q.0 > now);
+        for (_, to_host, p) in due {
+            if to_host {
+                if let Some(p) = nat.inbound(p) {
+                    if let Some(i) = locals.iter().position(|l| *l == p.dst) {
+                        d.handle_input(now, SocketId(i), p.src, &p.payload);
+                    }
+                }
+            } else {
+                let mut out = vec![];
+                if let Some(r) =
+                    server.handle(now, Transport::Udp, p.dst, p.src, &p.payload, &mut out)
+                {
+                    queue.push((
+                        now + delay,
+                        true,
+                        Packet {
+                            src: r.from,
+                            dst: r.to,
+                            payload: out,
+                        },
+                    ));
+                }
+            }
+        }
+        d.handle_timeout(now);
+    }
+    panic!("quick discovery did not finish");
+}
+
+/// What a connecting peer needs arrives in two round trips (mapping and
+/// allocation, with a fresh mapping), and filtering about ten round trips
+/// later, not 3.75 s: the same verdicts as the careful run.
+#[test]
+fn quick_discovery_reports_each_fact_as_soon_as_it_is_known() {
+    let delay = Duration::from_millis(20);
+    let rtt = delay * 2;
+    for m in BEHAVIOURS {
+        for f in BEHAVIOURS {
+            for (alloc, kind, delta) in [
+                (PortAllocation::Preserving, AllocationKind::Preserving, None),
+                (
+                    PortAllocation::Sequential {
+                        start: 20000,
+                        delta: 2,
+                    },
+                    AllocationKind::Sequential,
+                    Some(2),
+                ),
+                (PortAllocation::Random, AllocationKind::Random, None),
+            ] {
+                let (facts, report) = run_quick(nat(m, f, alloc, false), delay);
+                let what = format!("{m:?}/{f:?}/{alloc:?}: {facts:?}");
+                let Some((
+                    t,
+                    Fact::Mapping {
+                        mapping,
+                        allocation,
+                        delta: d,
+                        latest,
+                        ..
+                    },
+                )) = facts
+                    .iter()
+                    .find(|(_, f)| matches!(f, Fact::Mapping { .. }))
+                    .cloned()
+                else {
+                    panic!("no mapping fact: {what}");
+                };
+                assert_eq!(mapping, Some(m), "{what}");
+                assert_eq!(allocation, Some(kind), "{what}");
+                assert_eq!(d, delta, "{what}");
+                assert!(t <= rtt * 2 + Duration::from_millis(1), "{what}");
+                // The newest mapping is on the sequential NAT's grid, and
+                // the last one it made.
+                if let (Some(l), Some(step)) = (latest, delta) {
+                    assert_eq!((l.port() - 20000) % step as u16, 0, "{what}");
+                    assert_eq!(
+                        Some(l.port()),
+                        report.samples.iter().map(|s| s.mapped.port()).max(),
+                        "{what}"
+                    );
+                }
+                let Some((tf, Fact::Filtering { filtering })) = facts
+                    .iter()
+                    .find(|(_, f)| matches!(f, Fact::Filtering { .. }))
+                    .cloned()
+                else {
+                    panic!("no filtering fact: {what}");
+                };
+                assert_eq!(filtering, Some(f), "{what}");
+                assert!(tf < Duration::from_millis(1500), "{what}");
+                assert_eq!(report.mapping, Some(m), "{what}");
+                assert_eq!(report.filtering, Some(f), "{what}");
+            }
+        }
+    }
 }

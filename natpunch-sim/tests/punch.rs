@@ -1,659 +1,486 @@
-//! Rendezvous + punching ladder through simulated NATs on a virtual clock:
-//! every technique, end to end, in milliseconds of real time.
+//! The connection core (the coordinator the CLI runs) through simulated
+//! NATs on a virtual clock: every technique end to end, connects that do
+//! not wait for NAT discovery, many peers at once, loss, declines, a
+//! server restart, a second process with the same key, and a path that a
+//! re-punch repairs.
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
-use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::collections::HashSet;
+use std::time::Duration;
 
-use natpunch_proto::identity::{Ephemeral, Identity, PeerId};
-use natpunch_proto::nat::{AllocationKind, Behaviour};
-use natpunch_proto::punch::{make_offer, Punch, PunchConfig, PunchEvent, Role, SideView, Strategy};
-use natpunch_proto::rendezvous::{
-    ClientEvent, NatSummary, PeerInfo, RendezvousClient, RendezvousServer,
-};
-use natpunch_proto::{SocketId, Transmit};
-use natpunch_sim::{Nat, NatConfig, Packet, PortAllocation};
+use natpunch_proto::coordinator::{ConnectError, HostEvent, Policy};
+use natpunch_proto::identity::PeerId;
+use natpunch_proto::nat::Behaviour::{self, *};
+use natpunch_proto::punch::{PunchFailure, Strategy};
+use natpunch_proto::rendezvous::wire::DeclineReason;
+use natpunch_sim::world::{HostSpec, World};
+use natpunch_sim::PortAllocation;
 
-const SERVER: &str = "192.0.2.1:3478";
-/// Where a host sends to take a fresh mapping (the server's other address).
-const ALT: &str = "192.0.2.2:3478";
-/// One-way latency of every hop in the simulation.
-const HOP: Duration = Duration::from_millis(10);
+/// One-way delay per access link, as in the lab's benchmark.
+const HOP: Duration = Duration::from_millis(20);
 
-fn addr(s: &str) -> SocketAddr {
-    s.parse().unwrap()
-}
+/// A NAT preset, as the lab names them.
+#[derive(Debug, Clone, Copy)]
+struct Nat(Behaviour, Behaviour, PortAllocation);
 
-struct Host {
-    id: Identity,
-    ip: IpAddr,
-    nat: Option<Nat>,
-    nat_summary: NatSummary,
-    sockets: Vec<SocketAddr>,
-    client: RendezvousClient,
-    punch: Option<Punch>,
-    observed: Option<SocketAddr>,
-    fresh: Option<SocketAddr>,
-    outcome: Option<PunchEvent>,
-}
+const FULL_CONE: Nat = Nat(
+    EndpointIndependent,
+    EndpointIndependent,
+    PortAllocation::Preserving,
+);
+const PORT_RESTRICTED: Nat = Nat(
+    EndpointIndependent,
+    AddressAndPortDependent,
+    PortAllocation::Preserving,
+);
+const SYM_SEQ: Nat = Nat(
+    AddressAndPortDependent,
+    AddressAndPortDependent,
+    PortAllocation::Sequential {
+        start: 20000,
+        delta: 1,
+    },
+);
+const SYM_SEQ2: Nat = Nat(
+    AddressAndPortDependent,
+    AddressAndPortDependent,
+    PortAllocation::Sequential {
+        start: 30000,
+        delta: 2,
+    },
+);
+const SYM_RANDOM: Nat = Nat(
+    AddressAndPortDependent,
+    AddressAndPortDependent,
+    PortAllocation::Random,
+);
 
-impl Host {
-    fn new(seed: u8, ip: &str, nat: Option<NatConfig>) -> Host {
-        let id = Identity::from_seed([seed; 32]);
-        let ip: IpAddr = ip.parse().unwrap();
-        let nat_summary = match &nat {
-            None => NatSummary {
-                mapping: Some(Behaviour::EndpointIndependent),
-                filtering: Some(Behaviour::EndpointIndependent),
-                allocation: Some(AllocationKind::Preserving),
-                delta: None,
-                opener_ttl: None,
-                nat: Some(false),
-            },
-            Some(c) => NatSummary {
-                mapping: Some(c.mapping),
-                filtering: Some(c.filtering),
-                allocation: Some(match c.allocation {
-                    PortAllocation::Preserving => AllocationKind::Preserving,
-                    PortAllocation::Sequential { .. } => AllocationKind::Sequential,
-                    PortAllocation::Random => AllocationKind::Random,
-                }),
-                delta: match c.allocation {
-                    PortAllocation::Sequential { delta, .. } => Some(delta),
-                    _ => None,
-                },
-                opener_ttl: Some(2),
-                nat: Some(true),
-            },
-        };
-        let info = PeerInfo {
-            nat: nat_summary,
-            candidates: vec![SocketAddr::new(ip, 40000)],
-        };
-        Host {
-            client: RendezvousClient::new(id.clone(), addr(SERVER), SocketId(0), info),
-            id,
-            ip,
-            nat: nat.map(Nat::new),
-            nat_summary,
-            sockets: vec![SocketAddr::new(ip, 40000)],
-            punch: None,
-            observed: None,
-            fresh: None,
-            outcome: None,
-        }
-    }
-
-    fn peer_id(&self) -> PeerId {
-        self.id.peer_id()
-    }
-
-    /// Takes a fresh mapping from socket 0 (the NAT's next allocation).
-    fn take_fresh(&mut self) -> Option<SocketAddr> {
-        let src = self.sockets[0];
-        let p = Packet {
-            src,
-            dst: addr(ALT),
-            payload: vec![],
-        };
-        let mapped = match self.nat.as_mut() {
-            Some(n) => n.outbound(p).map(|p| p.src),
-            None => Some(src),
-        };
-        self.fresh = mapped;
-        mapped
-    }
-
-    fn ensure_sockets(&mut self, n: usize) {
-        while self.sockets.len() < n {
-            let port = 40000 + self.sockets.len() as u16 * 3;
-            self.sockets.push(SocketAddr::new(self.ip, port));
-        }
+fn listener() -> Policy {
+    Policy {
+        accept: true,
+        allow: None,
     }
 }
 
-/// A datagram in flight: (arrival, tie-break, destination, src, dst, payload).
-type InFlight = (Instant, u64, usize, SocketAddr, SocketAddr, Vec<u8>);
-
-struct World {
-    now: Instant,
-    server: RendezvousServer,
-    hosts: [Host; 2],
-    queue: BinaryHeap<Reverse<InFlight>>,
-    counter: u64,
+fn connector() -> Policy {
+    Policy::default()
 }
 
-/// Destination index: 0/1 = host, 2 = server.
-const TO_SERVER: usize = 2;
+/// How soon discovery reports a warm host's facts (before any connect),
+/// and a cold one's (two round trips: tests I, then II and III).
+const WARM: Duration = Duration::ZERO;
+const COLD: Duration = Duration::from_millis(80);
 
-impl World {
-    fn route_out(&mut self, from_host: usize, t: Transmit) {
-        let src = self.hosts[from_host].sockets[t.socket.0];
-        let mut pkt = Packet {
-            src,
-            dst: t.destination,
-            payload: t.payload,
-        };
-        if let Some(n) = self.hosts[from_host].nat.as_mut() {
-            match n.outbound(pkt) {
-                Some(p) => pkt = p,
-                None => return,
-            }
-            // Hairpinned back inside.
-            if pkt.dst.ip() == self.hosts[from_host].ip {
-                self.push(from_host, pkt.src, pkt.dst, pkt.payload);
-                return;
-            }
-        }
-        if pkt.dst == addr(SERVER) {
-            self.push(TO_SERVER, pkt.src, pkt.dst, pkt.payload);
-            return;
-        }
-        for h in 0..2 {
-            let host = &mut self.hosts[h];
-            let arrives = match host.nat.as_mut() {
-                Some(n) if n.public_ip() == pkt.dst.ip() => n.inbound(pkt.clone()),
-                None if host.ip == pkt.dst.ip() => Some(pkt.clone()),
-                _ => continue,
-            };
-            if let Some(p) = arrives {
-                self.push(h, p.src, p.dst, p.payload);
-            }
-            return;
-        }
-    }
-
-    fn push(&mut self, to: usize, src: SocketAddr, dst: SocketAddr, payload: Vec<u8>) {
-        self.counter += 1;
-        self.queue.push(Reverse((
-            self.now + HOP,
-            self.counter,
-            to,
-            src,
-            dst,
-            payload,
-        )));
-    }
-
-    fn flush(&mut self) {
-        while let Some(o) = self.server.poll_transmit() {
-            // Server → host: through the host's NAT.
-            for h in 0..2 {
-                let host = &mut self.hosts[h];
-                let arrives = match host.nat.as_mut() {
-                    Some(n) if n.public_ip() == o.to.ip() => n.inbound(Packet {
-                        src: o.from,
-                        dst: o.to,
-                        payload: o.payload.clone(),
-                    }),
-                    None if host.ip == o.to.ip() => Some(Packet {
-                        src: o.from,
-                        dst: o.to,
-                        payload: o.payload.clone(),
-                    }),
-                    _ => continue,
-                };
-                if let Some(p) = arrives {
-                    self.push(h, p.src, p.dst, p.payload);
-                }
-                break;
-            }
-        }
-        for h in 0..2 {
-            let mut out = Vec::new();
-            while let Some(t) = self.hosts[h].client.poll_transmit() {
-                out.push(t);
-            }
-            if let Some(p) = self.hosts[h].punch.as_mut() {
-                while let Some(t) = p.poll_transmit() {
-                    out.push(t);
-                }
-            }
-            for t in out {
-                self.route_out(h, t);
-            }
-        }
-    }
-
-    fn events(&mut self, initiator_target: PeerId) {
-        let now = self.now;
-        for h in 0..2 {
-            while let Some(ev) = self.hosts[h].client.poll_event() {
-                let other = 1 - h;
-                match ev {
-                    ClientEvent::Registered { observed } => self.hosts[h].observed = Some(observed),
-                    ClientEvent::Peer {
-                        session,
-                        peer,
-                        observed,
-                        info,
-                        start_at,
-                    } => {
-                        let host = &mut self.hosts[h];
-                        let me = SideView {
-                            nat: host.nat_summary,
-                            observed: host.observed.unwrap(),
-                            fresh: host.fresh,
-                            candidates: vec![host.sockets[0]],
-                        };
-                        let peer_view = SideView {
-                            nat: info.nat,
-                            observed,
-                            fresh: None,
-                            candidates: info.candidates,
-                        };
-                        let eph = Ephemeral::from_secret([h as u8 + 50; 32]);
-                        let offer = make_offer(&host.id, session, Role::Initiator, &eph);
-                        let p = Punch::new(
-                            PunchConfig::new(9),
-                            Role::Initiator,
-                            session,
-                            host.peer_id(),
-                            peer,
-                            eph,
-                            &offer,
-                            me,
-                            peer_view,
-                            now,
-                            start_at,
-                        );
-                        host.ensure_sockets(p.sockets_needed());
-                        host.punch = Some(p);
-                    }
-                    ClientEvent::Incoming {
-                        session,
-                        from,
-                        observed,
-                        info,
-                        offer,
-                        fresh,
-                        start_at,
-                    } => {
-                        let host = &mut self.hosts[h];
-                        let my_fresh =
-                            if host.nat_summary.mapping != Some(Behaviour::EndpointIndependent) {
-                                host.take_fresh()
-                            } else {
-                                None
-                            };
-                        let me = SideView {
-                            nat: host.nat_summary,
-                            observed: host.observed.unwrap(),
-                            fresh: my_fresh,
-                            candidates: vec![host.sockets[0]],
-                        };
-                        let peer_view = SideView {
-                            nat: info.nat,
-                            observed,
-                            fresh,
-                            candidates: info.candidates,
-                        };
-                        let eph = Ephemeral::from_secret([h as u8 + 60; 32]);
-                        let my_offer = make_offer(&host.id, session, Role::Responder, &eph);
-                        let mut p = Punch::new(
-                            PunchConfig::new(10),
-                            Role::Responder,
-                            session,
-                            host.peer_id(),
-                            from,
-                            eph,
-                            &my_offer,
-                            me,
-                            peer_view,
-                            now,
-                            start_at,
-                        );
-                        p.set_peer_offer(&offer.ephemeral, &offer.sig);
-                        host.ensure_sockets(p.sockets_needed());
-                        host.punch = Some(p);
-                        host.client.accept(now, session, my_offer, my_fresh);
-                    }
-                    ClientEvent::Accepted {
-                        offer,
-                        fresh,
-                        start_at,
-                        ..
-                    } => {
-                        if let Some(p) = self.hosts[h].punch.as_mut() {
-                            p.set_peer_offer(&offer.ephemeral, &offer.sig);
-                            p.set_peer_fresh(now, fresh, start_at);
-                        }
-                    }
-                    ClientEvent::Go { start_at, .. } => {
-                        if let Some(p) = self.hosts[h].punch.as_mut() {
-                            p.set_peer_fresh(now, None, start_at);
-                        }
-                    }
-                    other_ev => panic!("host {h}: unexpected {other_ev:?} (other {other})"),
-                }
-            }
-            if let Some(p) = self.hosts[h].punch.as_mut() {
-                while let Some(ev) = p.poll_event() {
-                    if matches!(ev, PunchEvent::Connected { .. } | PunchEvent::Failed { .. }) {
-                        self.hosts[h].outcome = Some(ev);
-                    }
-                }
-            }
-        }
-        let _ = initiator_target;
-    }
-
-    fn next_wake(&self) -> Option<Instant> {
-        let mut t = self.queue.peek().map(|Reverse(x)| x.0);
-        for h in &self.hosts {
-            for x in [
-                h.client.poll_timeout(),
-                h.punch.as_ref().and_then(|p| p.poll_timeout()),
-            ]
-            .into_iter()
-            .flatten()
-            {
-                t = Some(t.map_or(x, |y| y.min(x)));
-            }
-        }
-        t
-    }
-
-    fn step(&mut self, target: PeerId) -> bool {
-        let Some(t) = self.next_wake() else {
-            return false;
-        };
-        self.now = self.now.max(t);
-        let now = self.now;
-        while self.queue.peek().is_some_and(|Reverse(x)| x.0 <= now) {
-            let Reverse((_, _, to, src, dst, payload)) = self.queue.pop().unwrap();
-            if to == TO_SERVER {
-                self.server.handle(now, addr(SERVER), src, &payload);
-            } else {
-                let host = &mut self.hosts[to];
-                let Some(sock) = host.sockets.iter().position(|s| *s == dst) else {
-                    continue;
-                };
-                if !host.client.handle_input(now, src, &payload) {
-                    if let Some(p) = host.punch.as_mut() {
-                        p.handle_input(now, SocketId(sock), src, &payload);
-                    }
-                }
-            }
-        }
-        for h in &mut self.hosts {
-            h.client.handle_timeout(now);
-            if let Some(p) = h.punch.as_mut() {
-                p.handle_timeout(now);
-            }
-        }
-        self.events(target);
-        self.flush();
-        true
-    }
-}
-
-fn nat(
-    ip: &str,
-    mapping: Behaviour,
-    filtering: Behaviour,
-    allocation: PortAllocation,
-    seed: u64,
-) -> Option<NatConfig> {
-    Some(NatConfig {
-        public_ip: ip.parse().unwrap(),
-        mapping,
-        filtering,
-        allocation,
-        hairpin: true,
+fn host(w: &mut World, seed: u8, nat: Option<Nat>, policy: Policy, facts: Duration) -> usize {
+    let nat = nat.map(|Nat(m, f, a)| w.add_nat(m, f, a, u64::from(seed)));
+    w.add_host(HostSpec {
         seed,
+        nat,
+        policy,
+        facts_after: Some(facts),
     })
 }
 
-/// Runs A → B; returns both outcomes.
-fn run(
-    a: Option<NatConfig>,
-    b: Option<NatConfig>,
-) -> (Option<PunchEvent>, Option<PunchEvent>, Duration) {
-    let mut w = World {
-        now: Instant::now(),
-        server: RendezvousServer::new([3; 32]),
-        hosts: [Host::new(1, "10.0.1.2", a), Host::new(2, "10.0.2.2", b)],
-        queue: BinaryHeap::new(),
-        counter: 0,
-    };
-    if w.hosts[0].nat.is_none() {
-        w.hosts[0] = Host::new(1, "203.0.113.5", None);
-    }
-    if w.hosts[1].nat.is_none() {
-        w.hosts[1] = Host::new(2, "203.0.113.6", None);
-    }
-    let t0 = w.now;
-    for h in &mut w.hosts {
-        h.client.start(t0);
-    }
-    w.flush();
-    let target = w.hosts[1].peer_id();
-    let mut connected_at = None;
-    for _ in 0..200_000 {
-        if w.hosts[0].client.is_registered()
-            && w.hosts[1].client.is_registered()
-            && w.hosts[0].punch.is_none()
-            && connected_at.is_none()
-        {
-            connected_at = Some(w.now);
-            let fresh = if w.hosts[0].nat_summary.mapping != Some(Behaviour::EndpointIndependent) {
-                w.hosts[0].take_fresh()
-            } else {
-                None
-            };
-            let eph = Ephemeral::from_secret([50; 32]);
-            let offer = make_offer(&w.hosts[0].id, 77, Role::Initiator, &eph);
-            let now = w.now;
-            w.hosts[0].client.connect(now, target, 77, offer, fresh);
-            w.flush();
-        }
-        if w.hosts[0].outcome.is_some() && w.hosts[1].outcome.is_some() {
-            break;
-        }
-        if !w.step(target) || w.now > t0 + Duration::from_secs(60) {
-            break;
-        }
-    }
-    let elapsed = w.now - connected_at.unwrap_or(t0);
-    (
-        w.hosts[0].outcome.clone(),
-        w.hosts[1].outcome.clone(),
-        elapsed,
-    )
-}
-
-fn strategy(e: &Option<PunchEvent>) -> Option<Strategy> {
-    match e {
-        Some(PunchEvent::Connected { strategy, .. }) => Some(*strategy),
+fn connected(w: &World, h: usize) -> Option<(Duration, Strategy)> {
+    w.find(h, |e| match e {
+        HostEvent::Connected { strategy, .. } => Some(*strategy),
         _ => None,
+    })
+    .map(|(t, s)| (t.saturating_duration_since(w.start), s))
+}
+
+fn failure(w: &World, h: usize) -> Option<ConnectError> {
+    w.find(h, |e| match e {
+        HostEvent::ConnectFailed { error, .. } => Some(error.clone()),
+        _ => None,
+    })
+    .map(|(_, e)| e)
+}
+
+struct Outcome {
+    a: Option<Strategy>,
+    b: Option<Strategy>,
+    /// From A's connect to A's `Connected`.
+    took: Option<Duration>,
+    failure: Option<ConnectError>,
+}
+
+/// B listens (warm: it has run a while), then A connects, cold (its facts
+/// arrive `a_facts` after it starts, while the connect is under way).
+fn pair(a: Option<Nat>, b: Option<Nat>, a_facts: Duration, loss: f64, seed: u64) -> Outcome {
+    let mut w = World::new(HOP, loss, seed);
+    let hb = host(&mut w, 2, b, listener(), WARM);
+    let target = w.hosts[hb].peer_id;
+    assert!(
+        w.run_until(Duration::from_secs(5), |w| w
+            .find(hb, |e| matches!(e, HostEvent::Registered { .. })
+                .then_some(()))
+            .is_some()),
+        "B never registered"
+    );
+    let ha = host(&mut w, 1, a, connector(), a_facts);
+    let t0 = w.now;
+    w.connect(ha, target, 1);
+    w.run_until(Duration::from_secs(20), |w| {
+        (connected(w, ha).is_some() && connected(w, hb).is_some()) || failure(w, ha).is_some()
+    });
+    let ca = connected(&w, ha);
+    Outcome {
+        a: ca.map(|c| c.1),
+        b: connected(&w, hb).map(|c| c.1),
+        took: ca.map(|c| c.0.saturating_sub(t0.saturating_duration_since(w.start))),
+        failure: failure(&w, ha),
     }
 }
 
-use Behaviour::*;
+/// The physical floor of a connect: A reaches B through the server (one
+/// hop each way on each access link) plus one A↔B round trip.
+fn floor() -> Duration {
+    HOP * 2 + HOP * 4
+}
+
+fn assert_pair(a: Nat, b: Nat, want: Strategy) {
+    for (facts, what) in [(WARM, "warm"), (COLD, "cold")] {
+        let o = pair(Some(a), Some(b), facts, 0.0, 1);
+        assert_eq!(o.a, Some(want), "{a:?} / {b:?} ({what}): A {:?}", o.failure);
+        assert_eq!(o.b, Some(want), "{a:?} / {b:?} ({what}): B");
+    }
+}
 
 #[test]
 fn cone_pairs_connect_by_cone() {
-    let (a, b, t) = run(
-        nat(
-            "198.51.100.2",
-            EndpointIndependent,
-            AddressAndPortDependent,
-            PortAllocation::Preserving,
-            1,
-        ),
-        nat(
-            "198.51.100.3",
-            EndpointIndependent,
-            AddressAndPortDependent,
-            PortAllocation::Preserving,
-            2,
-        ),
-    );
-    assert_eq!(strategy(&a), Some(Strategy::Cone), "{a:?}");
-    assert_eq!(strategy(&b), Some(Strategy::Cone), "{b:?}");
-    // Floor: B learns at 2 hops + A↔B RTT of 4 hops... a few hops of slack.
-    assert!(t < Duration::from_millis(250), "{t:?}");
+    assert_pair(PORT_RESTRICTED, PORT_RESTRICTED, Strategy::Cone);
+    assert_pair(FULL_CONE, PORT_RESTRICTED, Strategy::Cone);
 }
 
 #[test]
 fn cone_and_sequential_symmetric_connect_by_prediction() {
-    for (a, b) in [
-        (
-            nat(
-                "198.51.100.2",
-                EndpointIndependent,
-                AddressAndPortDependent,
-                PortAllocation::Preserving,
-                1,
-            ),
-            nat(
-                "198.51.100.3",
-                AddressAndPortDependent,
-                AddressAndPortDependent,
-                PortAllocation::Sequential {
-                    start: 20000,
-                    delta: 2,
-                },
-                2,
-            ),
-        ),
-        (
-            nat(
-                "198.51.100.2",
-                AddressAndPortDependent,
-                AddressAndPortDependent,
-                PortAllocation::Sequential {
-                    start: 20000,
-                    delta: 1,
-                },
-                1,
-            ),
-            nat(
-                "198.51.100.3",
-                EndpointIndependent,
-                AddressAndPortDependent,
-                PortAllocation::Preserving,
-                2,
-            ),
-        ),
-    ] {
-        let (ea, eb, _) = run(a, b);
-        assert_eq!(strategy(&ea), Some(Strategy::Predict), "{ea:?}");
-        assert_eq!(strategy(&eb), Some(Strategy::Predict), "{eb:?}");
-    }
+    assert_pair(PORT_RESTRICTED, SYM_SEQ, Strategy::Predict);
+    assert_pair(SYM_SEQ, PORT_RESTRICTED, Strategy::Predict);
+    assert_pair(FULL_CONE, SYM_SEQ2, Strategy::Predict);
 }
 
 #[test]
 fn two_sequential_symmetric_nats_connect_by_ttl_prediction() {
-    for delta in [1, 2] {
-        let (a, b, _) = run(
-            nat(
-                "198.51.100.2",
-                AddressAndPortDependent,
-                AddressAndPortDependent,
-                PortAllocation::Sequential {
-                    start: 20000,
-                    delta,
-                },
-                1,
-            ),
-            nat(
-                "198.51.100.3",
-                AddressAndPortDependent,
-                AddressAndPortDependent,
-                PortAllocation::Sequential {
-                    start: 30000,
-                    delta,
-                },
-                2,
-            ),
-        );
-        assert_eq!(strategy(&a), Some(Strategy::Ttl), "delta {delta}: {a:?}");
-        assert_eq!(strategy(&b), Some(Strategy::Ttl), "delta {delta}: {b:?}");
-    }
+    assert_pair(SYM_SEQ, SYM_SEQ2, Strategy::Ttl);
+    assert_pair(SYM_SEQ2, SYM_SEQ, Strategy::Ttl);
 }
 
 #[test]
 fn port_restricted_and_random_symmetric_connect_by_birthday() {
-    for (seed, initiator_is_easy) in [(1, true), (2, false), (3, true)] {
-        let easy = nat(
-            "198.51.100.2",
-            EndpointIndependent,
-            AddressAndPortDependent,
-            PortAllocation::Preserving,
-            seed,
-        );
-        let hard = nat(
-            "198.51.100.3",
-            AddressAndPortDependent,
-            AddressAndPortDependent,
-            PortAllocation::Random,
-            seed + 100,
-        );
-        let (a, b, t) = if initiator_is_easy {
-            run(easy, hard)
-        } else {
-            run(hard, easy)
-        };
-        assert_eq!(strategy(&a), Some(Strategy::Birthday), "{a:?}");
-        assert_eq!(strategy(&b), Some(Strategy::Birthday), "{b:?}");
-        assert!(t < Duration::from_secs(5), "{t:?}");
-    }
+    assert_pair(PORT_RESTRICTED, SYM_RANDOM, Strategy::Birthday);
+    assert_pair(SYM_RANDOM, PORT_RESTRICTED, Strategy::Birthday);
 }
 
 #[test]
 fn full_cone_and_random_symmetric_connect_by_cone() {
-    let (a, b, _) = run(
-        nat(
-            "198.51.100.2",
-            EndpointIndependent,
-            EndpointIndependent,
-            PortAllocation::Preserving,
-            1,
-        ),
-        nat(
-            "198.51.100.3",
-            AddressAndPortDependent,
-            AddressAndPortDependent,
-            PortAllocation::Random,
-            2,
-        ),
-    );
-    assert_eq!(strategy(&a), Some(Strategy::Cone), "{a:?}");
-    assert_eq!(strategy(&b), Some(Strategy::Cone), "{b:?}");
+    assert_pair(FULL_CONE, SYM_RANDOM, Strategy::Cone);
 }
 
 #[test]
 fn two_random_symmetric_nats_fail_with_a_reason() {
-    let (a, _, _) = run(
-        nat(
-            "198.51.100.2",
-            AddressAndPortDependent,
-            AddressAndPortDependent,
-            PortAllocation::Random,
-            1,
-        ),
-        nat(
-            "198.51.100.3",
-            AddressAndPortDependent,
-            AddressAndPortDependent,
-            PortAllocation::Random,
-            2,
-        ),
-    );
-    match a {
-        Some(PunchEvent::Failed { reason }) => {
-            assert!(reason.contains("no direct path possible"), "{reason}")
-        }
+    let o = pair(Some(SYM_RANDOM), Some(SYM_RANDOM), COLD, 0.0, 1);
+    match o.failure {
+        Some(ConnectError::Punch {
+            failure: PunchFailure::NoPathPossible(why),
+            ..
+        }) => assert!(why.to_string().contains("no direct path possible"), "{why}"),
         other => panic!("{other:?}"),
     }
 }
 
 #[test]
 fn direct_hosts_connect() {
-    let (a, b, _) = run(None, None);
-    assert_eq!(strategy(&a), Some(Strategy::Cone), "{a:?}");
-    assert_eq!(strategy(&b), Some(Strategy::Cone), "{b:?}");
+    let o = pair(None, None, COLD, 0.0, 1);
+    assert_eq!(o.a, Some(Strategy::Cone));
+    assert_eq!(o.b, Some(Strategy::Cone));
+}
+
+/// A cold connect does not wait for discovery: a cone pair connects within
+/// twice the physical floor of the connect itself, counted from the
+/// process start (here: from the connect, which is the first thing it does).
+#[test]
+fn a_cold_connect_takes_about_two_floors_not_seconds() {
+    for (a, b, bound) in [
+        (PORT_RESTRICTED, PORT_RESTRICTED, 2.0),
+        (PORT_RESTRICTED, SYM_SEQ, 3.0),
+        (SYM_SEQ, PORT_RESTRICTED, 3.0),
+        (SYM_SEQ, SYM_SEQ2, 3.0),
+    ] {
+        let o = pair(Some(a), Some(b), COLD, 0.0, 1);
+        let took = o
+            .took
+            .unwrap_or_else(|| panic!("{a:?} / {b:?}: {:?}", o.failure));
+        let ratio = took.as_secs_f64() / floor().as_secs_f64();
+        eprintln!("{a:?} / {b:?}: cold connect in {took:?} = {ratio:.2} x the floor");
+        assert!(
+            ratio <= bound,
+            "{a:?} / {b:?}: {took:?} is {ratio:.2} x the floor"
+        );
+    }
+}
+
+/// With 10 % loss on every access link, every connect still succeeds
+/// directly, and quickly.
+#[test]
+fn ten_percent_loss_costs_little() {
+    let mut times = Vec::new();
+    for seed in 0..40 {
+        let o = pair(
+            Some(PORT_RESTRICTED),
+            Some(PORT_RESTRICTED),
+            COLD,
+            0.10,
+            seed,
+        );
+        assert_eq!(o.a, Some(Strategy::Cone), "seed {seed}: {:?}", o.failure);
+        times.push(o.took.unwrap_or_default());
+    }
+    times.sort();
+    let p95 = times[times.len() * 95 / 100 - 1];
+    eprintln!(
+        "10 % loss: median {:?}, p95 {p95:?}",
+        times[times.len() / 2]
+    );
+    assert!(p95 <= floor() * 4, "p95 {p95:?}");
+}
+
+/// Forty connectors behind one NAT, each with its own key, at the same
+/// moment: every one connects (no "busy", no prediction confusion).
+#[test]
+fn forty_connectors_at_once_all_connect() {
+    for (their_nat, listener_nat) in [
+        (PORT_RESTRICTED, PORT_RESTRICTED),
+        (PORT_RESTRICTED, SYM_SEQ),
+    ] {
+        let mut w = World::new(HOP, 0.0, 7);
+        let hb = host(&mut w, 200, Some(listener_nat), listener(), WARM);
+        let target = w.hosts[hb].peer_id;
+        w.run_until(Duration::from_secs(5), |w| {
+            w.find(hb, |e| {
+                matches!(e, HostEvent::Registered { .. }).then_some(())
+            })
+            .is_some()
+        });
+        let Nat(m, f, a) = their_nat;
+        let shared = w.add_nat(m, f, a, 99);
+        let hosts: Vec<usize> = (0..40)
+            .map(|i| {
+                w.add_host(HostSpec {
+                    seed: 10 + i,
+                    nat: Some(shared),
+                    policy: connector(),
+                    facts_after: Some(COLD),
+                })
+            })
+            .collect();
+        for (i, h) in hosts.iter().enumerate() {
+            w.connect(*h, target, i as u64);
+        }
+        w.run_until(Duration::from_secs(30), |w| {
+            hosts
+                .iter()
+                .all(|h| connected(w, *h).is_some() || failure(w, *h).is_some())
+                && w.connected_to(hb).len() == 40
+        });
+        let ok = hosts
+            .iter()
+            .filter(|h| connected(&w, **h).is_some())
+            .count();
+        let failures: Vec<_> = hosts.iter().filter_map(|h| failure(&w, *h)).collect();
+        let ids: HashSet<PeerId> = w.connected_to(hb);
+        eprintln!(
+            "{their_nat:?} x40 → {listener_nat:?}: {ok}/40 in {:?}",
+            w.elapsed()
+        );
+        assert_eq!(ok, 40, "{failures:?}");
+        assert_eq!(ids.len(), 40);
+    }
+}
+
+#[test]
+fn declines_are_typed_and_nobody_is_probed() {
+    let mut w = World::new(HOP, 0.0, 1);
+    let friend = natpunch_proto::identity::Identity::from_seed([42; 32]).peer_id();
+    let hb = host(
+        &mut w,
+        2,
+        Some(PORT_RESTRICTED),
+        Policy {
+            accept: true,
+            allow: Some([friend].into_iter().collect()),
+        },
+        WARM,
+    );
+    let hc = host(&mut w, 3, Some(PORT_RESTRICTED), connector(), WARM);
+    w.run_until(Duration::from_secs(2), |_| false);
+    let ha = host(&mut w, 1, Some(PORT_RESTRICTED), connector(), COLD);
+    let (b, c) = (w.hosts[hb].peer_id, w.hosts[hc].peer_id);
+    let me = w.hosts[ha].peer_id;
+    w.connect(ha, b, 1);
+    w.connect(ha, me, 2);
+    w.run_until(Duration::from_secs(10), |w| {
+        w.hosts[ha]
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, HostEvent::ConnectFailed { .. }))
+            .count()
+            >= 2
+    });
+    let failures: Vec<(u64, ConnectError)> = w.hosts[ha]
+        .events
+        .iter()
+        .filter_map(|(_, e)| match e {
+            HostEvent::ConnectFailed { request, error, .. } => Some((*request, error.clone())),
+            _ => None,
+        })
+        .collect();
+    assert!(failures.contains(&(
+        1,
+        ConnectError::Declined {
+            peer: b,
+            reason: DeclineReason::NotAllowed
+        }
+    )));
+    assert!(failures.contains(&(2, ConnectError::OwnPeerId { peer: me })));
+    // The listener said why, and never punched.
+    assert!(w
+        .find(hb, |e| matches!(
+            e,
+            HostEvent::Refused {
+                reason: DeclineReason::NotAllowed,
+                ..
+            }
+        )
+        .then_some(()))
+        .is_some());
+    assert!(w
+        .find(hb, |e| matches!(e, HostEvent::Attempt { .. }).then_some(()))
+        .is_none());
+    // A peer that only connects out (C) is not registered: offline.
+    w.connect(ha, c, 3);
+    w.run_until(Duration::from_secs(10), |w| {
+        w.hosts[ha]
+            .events
+            .iter()
+            .any(|(_, e)| matches!(e, HostEvent::ConnectFailed { request: 3, .. }))
+    });
+    assert!(w.hosts[ha].events.iter().any(|(_, e)| matches!(
+        e,
+        HostEvent::ConnectFailed {
+            request: 3,
+            error: ConnectError::Offline { .. },
+            ..
+        }
+    )));
+}
+
+/// The server restarts: the listener notices, says so, and is reachable
+/// again within 5 s of the server's return.
+#[test]
+fn a_listener_is_back_within_five_seconds_of_a_server_restart() {
+    let mut w = World::new(HOP, 0.0, 3);
+    let hb = host(&mut w, 2, Some(PORT_RESTRICTED), listener(), WARM);
+    w.run_until(Duration::from_secs(2), |_| false);
+    w.server_up = false;
+    w.run_until(Duration::from_secs(6), |_| false);
+    assert!(w
+        .find(hb, |e| matches!(e, HostEvent::ServerLost { .. })
+            .then_some(()))
+        .is_some());
+    w.restart_server();
+    w.server_up = true;
+    let back = w.now;
+    let registered_again = |w: &World| {
+        w.hosts[hb]
+            .events
+            .iter()
+            .any(|(t, e)| *t > back && matches!(e, HostEvent::Registered { .. }))
+    };
+    assert!(w.run_until(Duration::from_secs(5), registered_again));
+    let took = w.now.saturating_duration_since(back);
+    assert!(w
+        .find(hb, |e| matches!(e, HostEvent::ServerBack { .. })
+            .then_some(()))
+        .is_some());
+    // And a connect works.
+    let target = w.hosts[hb].peer_id;
+    let ha = host(&mut w, 1, Some(PORT_RESTRICTED), connector(), COLD);
+    w.connect(ha, target, 1);
+    assert!(w.run_until(Duration::from_secs(5), |w| connected(w, ha).is_some()));
+    eprintln!("re-registered {took:?} after the server came back");
+    assert!(took <= Duration::from_secs(5));
+}
+
+/// A second listener with the same key takes the registration over; the
+/// first is told, and takes it back once the second leaves.
+#[test]
+fn a_second_process_with_one_key_displaces_the_first_which_is_told() {
+    let mut w = World::new(HOP, 0.0, 4);
+    let first = host(&mut w, 2, Some(PORT_RESTRICTED), listener(), WARM);
+    w.run_until(Duration::from_secs(2), |_| false);
+    let second = host(&mut w, 2, Some(FULL_CONE), listener(), WARM);
+    assert!(w.run_until(Duration::from_secs(2), |w| w
+        .find(first, |e| matches!(e, HostEvent::Displaced).then_some(()))
+        .is_some()));
+    w.close(second);
+    let left = w.now;
+    assert!(w.run_until(Duration::from_secs(5), |w| w.hosts[first]
+        .events
+        .iter()
+        .any(|(t, e)| *t > left && matches!(e, HostEvent::Registered { .. }))));
+    eprintln!(
+        "the first listener is registered again {:?} after the second left",
+        w.now.saturating_duration_since(left)
+    );
+}
+
+/// Both NATs forget every mapping under a live session: the initiator
+/// re-punches and the path moves, without the session layer noticing.
+#[test]
+fn a_stalled_path_is_repaired_by_a_new_punch() {
+    for (a, b) in [(SYM_SEQ, PORT_RESTRICTED), (PORT_RESTRICTED, SYM_RANDOM)] {
+        let mut w = World::new(HOP, 0.0, 5);
+        let hb = host(&mut w, 2, Some(b), listener(), WARM);
+        w.run_until(Duration::from_secs(1), |_| false);
+        let ha = host(&mut w, 1, Some(a), connector(), WARM);
+        let target = w.hosts[hb].peer_id;
+        w.connect(ha, target, 1);
+        assert!(
+            w.run_until(Duration::from_secs(10), |w| connected(w, ha).is_some()
+                && connected(w, hb).is_some())
+        );
+        let remote = w
+            .find(ha, |e| match e {
+                HostEvent::Connected { remote, .. } => Some(*remote),
+                _ => None,
+            })
+            .map(|x| x.1)
+            .expect("remote");
+        let before = w.hosts[ha].routes.get(&remote).copied();
+        let stalled_at = w.now;
+        let now = w.now;
+        w.hosts[ha].host.session_up(now, remote);
+        for n in &mut w.nats {
+            n.flush();
+        }
+        w.hosts[ha].host.path_stalled(now, remote);
+        w.drain(ha);
+        // B's session layer sees its peer fall silent: it registers again
+        // (its NAT forgot the mapping toward the server too).
+        w.hosts[hb].host.peer_quiet(now);
+        w.drain(hb);
+        assert!(
+            w.run_until(Duration::from_secs(15), |w| w
+                .find(ha, |e| matches!(e, HostEvent::PathRepaired { .. })
+                    .then_some(()))
+                .is_some()),
+            "{a:?} / {b:?}: no new path: {:?}",
+            w.hosts[ha].events.iter().map(|e| &e.1).collect::<Vec<_>>()
+        );
+        let after = w.hosts[ha].routes.get(&remote).copied();
+        eprintln!(
+            "{a:?} / {b:?}: repaired {:?} after the stall, path {before:?} → {after:?}",
+            w.now.saturating_duration_since(stalled_at)
+        );
+    }
 }

@@ -5,7 +5,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use natpunch_proto::nat::{Discovery, DiscoveryConfig, NatReport};
+use natpunch_proto::nat::{Discovery, DiscoveryConfig, Fact, NatReport};
 use natpunch_proto::stun::message::{framed_len, Message, TransactionId};
 use natpunch_proto::stun::transaction::{Client, Outcome, Timing};
 use natpunch_proto::SocketId;
@@ -69,6 +69,23 @@ impl NatOptions {
 /// answers still yields a report (`udp-blocked`); the caller decides
 /// whether that is an error.
 pub async fn discover(opts: NatOptions) -> Result<NatReport, NatError> {
+    run(opts, None).await
+}
+
+/// Quick discovery for a peer that is connecting: each [`Fact`] goes to
+/// `facts` as soon as it is measured; the report comes at the end.
+pub async fn survey(
+    mut opts: NatOptions,
+    facts: mpsc::UnboundedSender<Fact>,
+) -> Result<NatReport, NatError> {
+    opts.discovery.quick = true;
+    run(opts, Some(facts)).await
+}
+
+async fn run(
+    opts: NatOptions,
+    facts: Option<mpsc::UnboundedSender<Fact>>,
+) -> Result<NatReport, NatError> {
     let ip = match opts.source_ip {
         Some(ip) => ip,
         None => route_source(opts.server)?,
@@ -123,6 +140,11 @@ pub async fn discover(opts: NatOptions) -> Result<NatReport, NatError> {
                 if let Err(e) = s.send_to(&t.payload, t.destination).await {
                     tracing::debug!(to = %t.destination, error = %e, "send failed");
                 }
+            }
+        }
+        while let Some(f) = d.poll_fact() {
+            if let Some(tx) = &facts {
+                let _ = tx.send(f);
             }
         }
         if let Some(r) = d.poll_report() {

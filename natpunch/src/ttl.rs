@@ -63,12 +63,11 @@ pub mod defaults {
     /// packet.
     pub const MAX_TTL: u8 = 16;
 
-    /// How long to wait for each hop's time-exceeded error or the server's
-    /// answer: 500 ms, RFC 8489 §6.2.1's initial RTO, since the last hop is
-    /// an ordinary STUN transaction. Routers answer in one RTT but
-    /// rate-limit ICMP (Linux: a burst of 6, then 1/s per destination), so
-    /// a silent hop costs the whole wait; `MAX_TTL` silent hops must fit
-    /// in 10 s.
+    /// How long to wait for the server's answer after the probes, and for
+    /// silent hops after the server answered: 500 ms, RFC 8489 §6.2.1's
+    /// initial RTO, since the last hop is an ordinary STUN transaction.
+    /// All probes leave at once and every router answers in one RTT, so a
+    /// run normally ends well before this.
     pub const PER_HOP_TIMEOUT: Duration = Duration::from_millis(500);
 }
 
@@ -563,13 +562,18 @@ pub fn opener_ttl(hops: &[Option<IpAddr>]) -> Option<u8> {
 }
 
 /// Traceroutes from `local_ip` to the STUN server `target` with one
-/// Binding request per TTL from 1 to `max_ttl`, waiting up to
-/// `per_hop_timeout` after each for the hop's time-exceeded error or the
-/// server's answer (any STUN response, success or error, or a port
-/// unreachable from the target means it was reached; probing stops
-/// there). A destination-unreachable from a router ends the path early.
-/// Errors arriving late are matched to their probe by the transaction ID
-/// quoted in them. See the module doc for how `opener_ttl` is chosen.
+/// Binding request per TTL from 1 to `max_ttl`, all sent at once (each
+/// with its own TTL), so the whole path is known in about one round trip
+/// to the target. Each router sees exactly one expiring probe, so ICMP
+/// rate limits (Linux: per destination) do not bite. Any STUN response
+/// (success or error) or a port unreachable from the target means the
+/// target was reached at that TTL; a destination-unreachable from a router
+/// ends the path early. Errors are matched to their probe by the
+/// transaction ID quoted in them. The run ends when every hop before the
+/// target has answered, or `per_hop_timeout` after the target did (hops
+/// that send no ICMP stay unknown), or `per_hop_timeout` after the sends if
+/// the target never answers. See the module doc for how `opener_ttl` is
+/// chosen.
 pub async fn discover_hops(
     local_ip: IpAddr,
     target: SocketAddr,
@@ -580,11 +584,6 @@ pub async fn discover_hops(
         return Err(TtlError::FamilyMismatch { local_ip, target });
     }
     let sock = bind_probe_socket(SocketAddr::new(local_ip, 0))?;
-    let ttl_option = if local_ip.is_ipv6() {
-        "IPV6_UNICAST_HOPS"
-    } else {
-        "IP_TTL"
-    };
     let mut run = Run {
         target,
         ids: Vec::new(),
@@ -600,67 +599,65 @@ pub async fn discover_hops(
         run.ids.push(id);
         run.hops.push(None);
         let req = Message::binding_request(TransactionId::new(id)).to_bytes();
-        set_ttl(&sock, u32::from(ttl)).map_err(|source| TtlError::SetOption {
-            option: ttl_option,
-            source,
-        })?;
         send_probe(&sock, &mut run, ttl, &req).await?;
-        let deadline = tokio::time::Instant::now() + per_hop_timeout;
-        while run.hops[usize::from(ttl - 1)].is_none() && !run.done() {
-            let ready = match tokio::time::timeout_at(
-                deadline,
-                sock.ready(Interest::READABLE | Interest::ERROR),
-            )
-            .await
-            {
-                Err(_) => break,
-                Ok(r) => r.map_err(|source| TtlError::Receive { source })?,
-            };
-            if ready.is_error() {
-                // try_io clears the error readiness only when the closure
-                // says WouldBlock, i.e. once the queue is empty.
-                match sock.try_io(Interest::ERROR, || {
-                    let v = read_icmp_errors(&sock)?;
-                    if v.is_empty() {
-                        Err(io::ErrorKind::WouldBlock.into())
-                    } else {
-                        Ok(v)
-                    }
-                }) {
-                    Ok(v) => v.into_iter().for_each(|e| run.apply(ttl, e)),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(source) => return Err(TtlError::Receive { source }),
+    }
+    let mut deadline = tokio::time::Instant::now() + per_hop_timeout;
+    let mut reached = false;
+    while !run.complete() {
+        if !reached && run.target_distance.is_some() {
+            // Hops that have not answered by now are given a little longer.
+            reached = true;
+            deadline = deadline.min(tokio::time::Instant::now() + per_hop_timeout);
+        }
+        let ready = match tokio::time::timeout_at(
+            deadline,
+            sock.ready(Interest::READABLE | Interest::ERROR),
+        )
+        .await
+        {
+            Err(_) => break,
+            Ok(r) => r.map_err(|source| TtlError::Receive { source })?,
+        };
+        if ready.is_error() {
+            // try_io clears the error readiness only when the closure
+            // says WouldBlock, i.e. once the queue is empty.
+            match sock.try_io(Interest::ERROR, || {
+                let v = read_icmp_errors(&sock)?;
+                if v.is_empty() {
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(v)
                 }
-            }
-            if ready.is_readable() {
-                loop {
-                    match sock.try_recv_from(&mut buf) {
-                        Ok((n, from)) => {
-                            recv_errors = 0;
-                            run.answer(from, &buf[..n]);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        // The errno of a queued ICMP error surfaces once
-                        // here (sk_err); the error queue has its details.
-                        Err(source) => {
-                            recv_errors += 1;
-                            tracing::trace!(error = %source, "receive error");
-                            if recv_errors >= MAX_RECV_ERRORS {
-                                return Err(TtlError::Receive { source });
-                            }
-                        }
-                    }
-                }
+            }) {
+                Ok(v) => v.into_iter().for_each(|e| run.apply(max_ttl, e)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(source) => return Err(TtlError::Receive { source }),
             }
         }
-        if run.done() {
-            break;
+        if ready.is_readable() {
+            loop {
+                match sock.try_recv_from(&mut buf) {
+                    Ok((n, from)) => {
+                        recv_errors = 0;
+                        run.answer(from, &buf[..n]);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // The errno of a queued ICMP error surfaces once
+                    // here (sk_err); the error queue has its details.
+                    Err(source) => {
+                        recv_errors += 1;
+                        tracing::trace!(error = %source, "receive error");
+                        if recv_errors >= MAX_RECV_ERRORS {
+                            return Err(TtlError::Receive { source });
+                        }
+                    }
+                }
+            }
         }
     }
     // Anything that arrived while we were finishing.
     if let Ok(v) = read_icmp_errors(&sock) {
-        let last = u8::try_from(run.ids.len()).unwrap_or(u8::MAX);
-        v.into_iter().for_each(|e| run.apply(last, e));
+        v.into_iter().for_each(|e| run.apply(max_ttl, e));
     }
     let mut hops = run.hops;
     if let Some(d) = run.target_distance {
@@ -694,9 +691,9 @@ fn bind_probe_socket(addr: SocketAddr) -> Result<UdpSocket, TtlError> {
     UdpSocket::from_std(s.into()).map_err(bind)
 }
 
-/// Sends one probe. A pending ICMP error fails the next send once with
-/// its errno (ip(7), IP_RECVERR), so we drain the queue first and retry
-/// once after draining again.
+/// Sends one probe with its own TTL. A pending ICMP error fails the next
+/// send once with its errno (ip(7), IP_RECVERR), so we drain the queue
+/// first and retry once after draining again.
 async fn send_probe(sock: &UdpSocket, run: &mut Run, ttl: u8, req: &[u8]) -> Result<(), TtlError> {
     let drain = |run: &mut Run| {
         if let Ok(v) = read_icmp_errors(sock) {
@@ -704,21 +701,22 @@ async fn send_probe(sock: &UdpSocket, run: &mut Run, ttl: u8, req: &[u8]) -> Res
         }
     };
     drain(run);
-    let first = sock.send_to(req, run.target).await;
-    let Err(e) = first else {
+    let target = run.target;
+    let send = || async {
+        sock.async_io(Interest::WRITABLE, || send_with_ttl(sock, req, target, ttl))
+            .await
+    };
+    let Err(e) = send().await else {
         tracing::trace!(ttl, "probe sent");
         return Ok(());
     };
     tracing::trace!(ttl, error = %e, "probe send failed, retrying once");
     drain(run);
-    sock.send_to(req, run.target)
-        .await
-        .map(|_| ())
-        .map_err(|source| TtlError::Send {
-            ttl,
-            target: run.target,
-            source,
-        })
+    send().await.map(|_| ()).map_err(|source| TtlError::Send {
+        ttl,
+        target,
+        source,
+    })
 }
 
 /// State of one [`discover_hops`] run.
@@ -732,8 +730,14 @@ struct Run {
 }
 
 impl Run {
-    fn done(&self) -> bool {
-        self.target_distance.is_some() || self.path_ended
+    /// Every hop before the target (or the end of the path) answered.
+    fn complete(&self) -> bool {
+        let end = match (self.target_distance, self.path_ended) {
+            (Some(d), _) => usize::from(d).saturating_sub(1),
+            (None, true) => self.hops.iter().rposition(Option::is_some).unwrap_or(0),
+            (None, false) => return false,
+        };
+        self.hops.iter().take(end).all(Option::is_some)
     }
 
     /// The index of the probe whose transaction ID starts at byte 8 of a

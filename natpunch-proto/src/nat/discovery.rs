@@ -14,6 +14,18 @@
 //! so the observed ports are in creation order, which sequential-allocation
 //! detection needs. Filtering, hairpin and lifetime tests create no
 //! mappings and run concurrently after that.
+//!
+//! **Quick mode** ([`DiscoveryConfig::quick`]) is what a peer runs while it
+//! connects: the facts the punching ladder needs arrive as [`Fact`]s as
+//! soon as they are measured, in about two round trips instead of seconds.
+//! Every socket's first request leaves at once (the NAT creates their
+//! mappings in send order; a sample whose answer took much longer than the
+//! rest was probably retransmitted, so out of order, and is left out of
+//! the allocation verdict). Tests II and III follow test I's answer
+//! together. The filtering tests' RTO comes from the measured round trip
+//! (RFC 8489 §6.2.1 lets a client base it on an RTT estimate), so a
+//! filtering verdict takes about ten round trips, not 3.75 s. No hairpin
+//! or lifetime test. `natpunch nat` keeps the careful mode.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -22,7 +34,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::allocation;
-use super::report::{Behaviour, Classic, Lifetime, MappingSample, NatReport};
+use super::report::{AllocationKind, Behaviour, Classic, Lifetime, MappingSample, NatReport};
 use crate::stun::message::{Attribute, Class, Message, TransactionId};
 use crate::stun::transaction::{Client, Event, Outcome, Timing, Transmit};
 use crate::SocketId;
@@ -31,6 +43,44 @@ use crate::SocketId;
 /// three mapping-test destinations that gives 5 to 8 new mappings, enough
 /// for a delta to repeat 4+ times.
 pub const DEFAULT_ALLOCATION_SOCKETS: usize = 6;
+
+/// Quick mode: an allocation sample whose answer took more than this many
+/// times the fastest one was probably retransmitted, so its mapping may
+/// have been created out of order; it is left out of the verdict.
+pub const QUICK_SLOW_SAMPLE: u32 = 2;
+/// Quick mode's filtering-test RTO: twice the measured round trip plus
+/// 20 ms of scheduling slack, within these bounds (the lower one still
+/// covers loopback jitter, the upper one is the RFC's default initial
+/// RTO). Four sends, then three RTOs of waiting: ten RTOs in all.
+pub const QUICK_MIN_RTO: Duration = Duration::from_millis(50);
+pub const QUICK_MAX_RTO: Duration = Duration::from_millis(500);
+
+/// A fact about our NAT, reported in quick mode as soon as it is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Fact {
+    /// Mapping behaviour and port allocation, and the newest mapping the
+    /// NAT made for us (a fresh mapping for port prediction).
+    Mapping {
+        nat: Option<bool>,
+        mapping: Option<Behaviour>,
+        allocation: Option<AllocationKind>,
+        delta: Option<i32>,
+        latest: Option<SocketAddr>,
+        /// The round trip to the STUN server.
+        rtt: Option<Duration>,
+    },
+    Filtering {
+        filtering: Option<Behaviour>,
+    },
+    /// The limited TTL that opens our NAT(s) (measured outside this
+    /// machine, by hop discovery).
+    OpenerTtl {
+        ttl: Option<u8>,
+    },
+    /// The STUN server never answered: UDP blocked, or the server is down.
+    Unreachable,
+}
 
 /// Intervals probed by `--lifetime`. Spans RFC 4787 REQ-5's 2-minute
 /// minimum and the 30 s that many home routers use, up to 5 minutes.
@@ -57,6 +107,8 @@ pub struct DiscoveryConfig {
     pub timing: Timing,
     /// Seed for transaction IDs, so runs can be replayed.
     pub seed: u64,
+    /// Quick mode (see the module documentation).
+    pub quick: bool,
 }
 
 impl DiscoveryConfig {
@@ -67,6 +119,7 @@ impl DiscoveryConfig {
             lifetime_steps: Vec::new(),
             timing: Timing::probe(),
             seed,
+            quick: false,
         }
     }
 
@@ -94,6 +147,8 @@ enum Purpose {
     LifetimeOpen(usize),
     /// Checking lifetime socket i.
     LifetimeCheck(usize),
+    /// Quick mode: a mapping-creating request, by creation index.
+    Quick(usize),
 }
 
 /// One step of the serial chain.
@@ -130,6 +185,20 @@ pub struct Discovery {
     notes: Vec<String>,
     report: Option<NatReport>,
     done: bool,
+    quick: Quick,
+    facts: std::collections::VecDeque<Fact>,
+}
+
+/// Quick mode's bookkeeping.
+#[derive(Debug, Default)]
+struct Quick {
+    /// Samples by creation index, with their round trips.
+    samples: Vec<Option<(MappingSample, Duration)>>,
+    /// Requests by creation index not finished yet.
+    outstanding: usize,
+    mapping_reported: bool,
+    filtering_reported: bool,
+    filter_started: bool,
 }
 
 impl Discovery {
@@ -161,6 +230,8 @@ impl Discovery {
             notes: Vec::new(),
             report: None,
             done: false,
+            quick: Quick::default(),
+            facts: std::collections::VecDeque::new(),
         }
     }
 
@@ -200,6 +271,10 @@ impl Discovery {
                 self.locals.len()
             ));
             self.finish();
+            return;
+        }
+        if self.config.quick {
+            self.quick_start(now);
             return;
         }
         let server = self.config.server;
@@ -407,6 +482,10 @@ impl Discovery {
                 let resp = resp.cloned();
                 self.chain_done(now, i, mapped, resp.as_ref(), ev.rtt);
             }
+            Purpose::Quick(i) => {
+                let resp = resp.cloned();
+                self.quick_done(now, i, mapped, resp.as_ref(), ev.rtt);
+            }
             Purpose::Filter { change_ip } => {
                 let answered = matches!(ev.outcome, Outcome::Success { .. });
                 if change_ip {
@@ -438,6 +517,9 @@ impl Discovery {
     }
 
     fn maybe_finish(&mut self) {
+        if self.config.quick {
+            self.quick_progress();
+        }
         // `purposes` empties only once every transaction's event has been
         // handled, even when several end at the same instant.
         if self.done || self.chain_next < self.chain.len() || !self.purposes.is_empty() {
@@ -526,6 +608,208 @@ impl Discovery {
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.client.poll_transmit()
+    }
+
+    /// Quick mode: the next fact measured.
+    pub fn poll_fact(&mut self) -> Option<Fact> {
+        self.facts.pop_front()
+    }
+
+    /// Quick mode: every socket's first request at once; creation index i
+    /// is socket i's request to the primary address.
+    fn quick_start(&mut self, now: Instant) {
+        let n = 2 + self.config.allocation_sockets;
+        self.quick.samples = vec![None; n];
+        self.quick.outstanding = n;
+        let server = self.config.server;
+        for i in 0..n {
+            self.send(now, SocketId(i), server, Purpose::Quick(i), None);
+        }
+    }
+
+    fn quick_done(
+        &mut self,
+        now: Instant,
+        i: usize,
+        mapped: Option<SocketAddr>,
+        resp: Option<&Message>,
+        rtt: Duration,
+    ) {
+        self.quick.outstanding = self.quick.outstanding.saturating_sub(1);
+        let socket = match i {
+            // Tests II and III go from socket 0.
+            i if i >= 2 + self.config.allocation_sockets => 0,
+            i => i,
+        };
+        let destination = match (i, self.other) {
+            (i, Some(o)) if i == 2 + self.config.allocation_sockets => {
+                SocketAddr::new(o.ip(), self.config.server.port())
+            }
+            (i, Some(o)) if i == 3 + self.config.allocation_sockets => o,
+            _ => self.config.server,
+        };
+        if let (Some(m), Some(slot)) = (mapped, self.quick.samples.get_mut(i)) {
+            *slot = Some((
+                MappingSample {
+                    local: self.locals[socket],
+                    destination,
+                    mapped: m,
+                },
+                rtt,
+            ));
+        }
+        if i == 0 {
+            self.mapped[0] = mapped;
+            self.first_rtt = resp.is_some().then_some(rtt);
+            match resp {
+                None => {
+                    self.notes
+                        .push("no answer from the server: UDP blocked or server down".into());
+                    self.facts.push_back(Fact::Unreachable);
+                    self.quick.filtering_reported = true;
+                    self.quick.mapping_reported = true;
+                    self.finish();
+                    return;
+                }
+                Some(r) => self.other = r.other_address(),
+            }
+            let server = self.config.server;
+            match self.other {
+                Some(o) if o.ip() != server.ip() && o.port() != server.port() => {
+                    // Tests II and III together, and the filtering tests
+                    // with an RTO from this round trip.
+                    let base = 2 + self.config.allocation_sockets;
+                    self.quick.samples.resize(base + 2, None);
+                    self.quick.outstanding += 2;
+                    let ii = SocketAddr::new(o.ip(), server.port());
+                    self.send(now, SocketId(0), ii, Purpose::Quick(base), None);
+                    self.send(now, SocketId(0), o, Purpose::Quick(base + 1), None);
+                    self.quick_filter(now, rtt);
+                }
+                Some(_) => {
+                    self.notes
+                        .push("server's OTHER-ADDRESS does not differ in both IP and port".into());
+                    self.other = None;
+                }
+                None => self.notes.push(
+                    "server has no OTHER-ADDRESS (not RFC 5780): mapping and filtering not measured"
+                        .into(),
+                ),
+            }
+        }
+        if self.other.is_some() {
+            let base = 2 + self.config.allocation_sockets;
+            if i == base {
+                self.mapped[1] = mapped;
+            } else if i == base + 1 {
+                self.mapped[2] = mapped;
+            }
+        }
+        self.maybe_finish();
+    }
+
+    fn quick_filter(&mut self, now: Instant, rtt: Duration) {
+        if self.quick.filter_started {
+            return;
+        }
+        self.quick.filter_started = true;
+        let rto = (rtt * 2 + Duration::from_millis(20)).clamp(QUICK_MIN_RTO, QUICK_MAX_RTO);
+        let timing = Timing {
+            rto,
+            rc: 4,
+            rm: 3,
+            ti: self.config.timing.ti,
+        };
+        let server = self.config.server;
+        for change_ip in [true, false] {
+            let cr = Attribute::ChangeRequest {
+                change_ip,
+                change_port: true,
+            };
+            let tid = self.tid();
+            let mut req = Message::binding_request(tid);
+            req.attributes.push(cr);
+            self.client
+                .start(now, SocketId(1), server, &req, timing, false);
+            self.purposes.push((tid, Purpose::Filter { change_ip }));
+            self.filter_pending += 1;
+        }
+    }
+
+    /// Reports what quick mode has measured, once each.
+    fn quick_progress(&mut self) {
+        if !self.quick.mapping_reported && self.quick.outstanding == 0 {
+            self.quick.mapping_reported = true;
+            let mapping = match (self.other, self.mapped) {
+                (Some(_), [Some(m1), Some(m2), m3]) => Some(if m1 == m2 {
+                    Behaviour::EndpointIndependent
+                } else if Some(m2) == m3 {
+                    Behaviour::AddressDependent
+                } else {
+                    Behaviour::AddressAndPortDependent
+                }),
+                _ => None,
+            };
+            let fastest = self
+                .quick
+                .samples
+                .iter()
+                .flatten()
+                .map(|(_, rtt)| *rtt)
+                .min()
+                .unwrap_or_default();
+            let ordered: Vec<MappingSample> = self
+                .quick
+                .samples
+                .iter()
+                .flatten()
+                .filter(|(_, rtt)| *rtt <= fastest * QUICK_SLOW_SAMPLE + Duration::from_millis(5))
+                .map(|(s, _)| s.clone())
+                .collect();
+            let allocation = super::allocation::classify(&ordered);
+            // The newest mapping the NAT made (a reused one, as tests II and
+            // III get through an endpoint-independent NAT, is not new).
+            let mut seen: Vec<(SocketAddr, SocketAddr)> = Vec::new();
+            let mut latest = None;
+            for (s, _) in self.quick.samples.iter().flatten() {
+                if !seen.contains(&(s.local, s.mapped)) {
+                    seen.push((s.local, s.mapped));
+                    latest = Some(s.mapped);
+                }
+            }
+            let local = self.locals.first().copied();
+            let nat = self.mapped[0].zip(local).map(|(m, l)| m != l);
+            self.samples = self
+                .quick
+                .samples
+                .iter()
+                .flatten()
+                .map(|(s, _)| s.clone())
+                .collect();
+            self.facts.push_back(Fact::Mapping {
+                nat,
+                mapping,
+                allocation: allocation.kind,
+                delta: allocation.delta,
+                latest,
+                rtt: self.first_rtt,
+            });
+            if self.other.is_none() {
+                // No RFC 5780 server: filtering cannot be measured either.
+                self.quick.filtering_reported = true;
+                self.facts.push_back(Fact::Filtering { filtering: None });
+            }
+        }
+        if !self.quick.filtering_reported && self.quick.filter_started && self.filter_pending == 0 {
+            self.quick.filtering_reported = true;
+            let filtering = match (self.filter_ip_port, self.filter_port) {
+                (Some(true), _) => Some(Behaviour::EndpointIndependent),
+                (Some(false), Some(true)) => Some(Behaviour::AddressDependent),
+                (Some(false), Some(false)) => Some(Behaviour::AddressAndPortDependent),
+                _ => None,
+            };
+            self.facts.push_back(Fact::Filtering { filtering });
+        }
     }
 
     /// The next instant to call [`Discovery::handle_timeout`].

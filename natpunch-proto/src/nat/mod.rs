@@ -9,7 +9,7 @@ pub mod allocation;
 pub mod discovery;
 pub mod report;
 
-pub use discovery::{Discovery, DiscoveryConfig};
+pub use discovery::{Discovery, DiscoveryConfig, Fact};
 pub use report::{
     Allocation, AllocationKind, Behaviour, Classic, Lifetime, MappingSample, NatReport,
 };

@@ -15,7 +15,6 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::cone;
 use super::plan::{PlanConfig, SideView, Stream};
 use super::wire::Strategy;
 use crate::SocketId;
@@ -32,46 +31,47 @@ pub fn success_probability(n: u32, m: u32) -> f64 {
     1.0 - (1.0 - f64::from(n) / ports).powf(f64::from(m))
 }
 
-pub fn streams(me: &SideView, peer: &SideView, cfg: &PlanConfig) -> Vec<Stream> {
-    if me.easy() {
-        // Distinct random ports, seeded so a run can be replayed.
-        let mut ports: Vec<u16> = (FIRST_PORT..=u16::MAX).collect();
-        ports.shuffle(&mut StdRng::seed_from_u64(cfg.seed));
-        ports.truncate(cfg.birthday_probes as usize);
-        let ip = peer.observed.ip();
-        let gap = Duration::from_secs(1) / cfg.spray_rate.max(1);
-        vec![Stream {
-            strategy: Strategy::Birthday,
-            socket: SocketId(0),
-            targets: ports.into_iter().map(|p| SocketAddr::new(ip, p)).collect(),
-            offset: Duration::ZERO,
-            interval: Duration::from_secs(3600),
-            rounds: 1,
-            gap,
-            first_ttl: None,
-        }]
-    } else {
-        let mut v = cone::streams(peer, cfg, Strategy::Birthday);
-        for k in 1..=cfg.birthday_sockets as usize {
+/// The easy side sprays distinct random ports of the hard side's IP,
+/// seeded so a run can be replayed.
+pub fn easy_streams(peer: &SideView, cfg: &PlanConfig) -> Vec<Stream> {
+    let mut ports: Vec<u16> = (FIRST_PORT..=u16::MAX).collect();
+    ports.shuffle(&mut StdRng::seed_from_u64(cfg.seed));
+    ports.truncate(cfg.birthday_probes as usize);
+    let ip = peer.observed.ip();
+    let gap = Duration::from_secs(1) / cfg.spray_rate.max(1);
+    vec![Stream {
+        strategy: Strategy::Birthday,
+        socket: SocketId(0),
+        targets: ports.into_iter().map(|p| SocketAddr::new(ip, p)).collect(),
+        offset: Duration::ZERO,
+        interval: Duration::from_secs(3600),
+        rounds: 1,
+        gap,
+        first_ttl: None,
+    }]
+}
+
+/// The hard side's sockets 1..=n each open one mapping toward the easy
+/// side's observed address.
+pub fn hard_streams(peer: &SideView, cfg: &PlanConfig) -> Vec<Stream> {
+    (1..=cfg.birthday_sockets as usize)
+        .map(|k| Stream {
             // With a known limited TTL, each socket only opens its mapping
             // and never reaches the cone's NAT: a probe arriving there would
             // leave a conntrack entry that makes a Linux NAT re-map the very
             // spray probe that hits this mapping (a "clash"). The hit is
             // answered by our ack. Without a TTL, probe the cone directly.
-            v.push(Stream {
-                strategy: Strategy::Birthday,
-                socket: SocketId(k),
-                targets: vec![peer.observed],
-                // Spread the burst over ~50 ms so the NAT is not flooded.
-                offset: Duration::from_micros(200 * k as u64),
-                interval: HARD_INTERVAL,
-                rounds: if cfg.ttl.is_some() { 1 } else { u32::MAX },
-                gap: Duration::ZERO,
-                first_ttl: cfg.ttl,
-            });
-        }
-        v
-    }
+            strategy: Strategy::Birthday,
+            socket: SocketId(k),
+            targets: vec![peer.observed],
+            // Spread the burst over ~50 ms so the NAT is not flooded.
+            offset: Duration::from_micros(200 * k as u64),
+            interval: HARD_INTERVAL,
+            rounds: if cfg.ttl.is_some() { 1 } else { u32::MAX },
+            gap: Duration::ZERO,
+            first_ttl: cfg.ttl,
+        })
+        .collect()
 }
 
 #[cfg(test)]

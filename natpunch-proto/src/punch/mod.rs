@@ -1,11 +1,17 @@
 //! The hole-punching ladder, sans-IO.
 //!
 //! [`Punch`] runs one attempt between two peers that the rendezvous server
-//! introduced. From both NAT reports it picks the technique the pair needs
-//! ([`plan::classify`]); each technique is its own module producing probe
-//! streams ([`lan`], [`cone`], [`predict`], [`ttl`], [`birthday`]). The
-//! machine sends them on schedule, answers the peer's probes, and reports
-//! `Connected` once a path is confirmed both ways.
+//! introduced. Facts about either NAT may arrive while it runs (a peer
+//! that just started is still measuring); on every new fact it classifies
+//! the pair again ([`plan::classify`]) and starts the groups of probe
+//! streams the technique needs ([`plan::groups`]), never stopping the ones
+//! already running, so it escalates rather than restarts. Each technique
+//! is its own module producing probe streams ([`lan`], [`cone`],
+//! [`predict`], [`ttl`], [`birthday`]). Prediction and anything a
+//! symmetric NAT sends wait for the server's coordinated start ("go"),
+//! which comes once both mappings are known; a cone's direct probes start
+//! at once. The machine sends the streams on schedule, answers the peer's
+//! probes, and reports `Connected` once a path is confirmed both ways.
 //!
 //! Authentication: each peer signs an ephemeral X25519 key with its
 //! identity key (the *offer*); both derive the session key from the two
@@ -13,7 +19,10 @@
 //! offer until the peer has shown it holds the key; acks, confirms and
 //! keepalives always carry a MAC. A stray or forged packet never counts:
 //! the initiator connects only on an authenticated ack of its own probe,
-//! the responder only on the initiator's authenticated confirm.
+//! the responder only on the initiator's authenticated confirm. Once
+//! connected, the machine keeps the key: it answers probes on new paths
+//! and validates a path on request ([`Punch::validate`]), which is how a
+//! session follows a NAT that rebinds.
 
 pub mod birthday;
 pub mod cone;
@@ -27,11 +36,12 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-pub use plan::{classify, PairKind, PlanConfig, SideView, Stream};
+pub use plan::{classify, Group, NoPath, PairKind, PlanConfig, SideView, Stream};
 pub use wire::Strategy;
 
 use crate::identity::{self, Ephemeral, PeerId};
 use crate::rendezvous::wire::{context, offer_bytes, Offer};
+use crate::rendezvous::NatSummary;
 use crate::{SocketId, Transmit};
 use wire::{Kind, PunchFrame};
 
@@ -55,21 +65,19 @@ pub mod defaults {
     pub const SPRAY_RATE: u32 = 2000;
     /// Give up after this long without a confirmed path.
     pub const TIMEOUT: Duration = Duration::from_secs(10);
-    /// Keepalive on a connected path: below the 30 s UDP timeout of many
-    /// home NATs (RFC 4787 REQ-5 asks for 2 min; routers do less).
-    pub const KEEPALIVE: Duration = Duration::from_secs(15);
-    /// A connected path with nothing received for this long is dead: three
-    /// missed keepalives.
-    pub const PATH_DEAD: Duration = Duration::from_secs(45);
     /// Confirms the initiator re-sends while the responder keeps probing.
     pub const MAX_CONFIRMS: u32 = 8;
+    /// Probes sent to validate a new path of a connected pair (one per
+    /// [`INTERVAL`]) before it counts as dead.
+    pub const VALIDATION_TRIES: u32 = 10;
 }
 
-/// Peer-reflexive paths probed back at most (bounds work per attempt).
+/// Peer-reflexive paths probed back, and paths heard from, at most (bounds
+/// work and memory per attempt).
 const MAX_REFLEXIVE: usize = 64;
 
 /// Our role: the initiator nominates the path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     Initiator,
     Responder,
@@ -80,8 +88,6 @@ pub enum Role {
 pub struct PunchConfig {
     pub plan: PlanConfig,
     pub timeout: Duration,
-    pub keepalive: Duration,
-    pub path_dead: Duration,
 }
 
 impl PunchConfig {
@@ -97,17 +103,61 @@ impl PunchConfig {
                 seed,
             },
             timeout: defaults::TIMEOUT,
-            keepalive: defaults::KEEPALIVE,
-            path_dead: defaults::PATH_DEAD,
         }
     }
 }
 
-/// The confirmed path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A path: which of our sockets, and the peer's address as seen from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Path {
     pub socket: SocketId,
     pub remote: SocketAddr,
+}
+
+/// Why an attempt found no path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PunchFailure {
+    /// The two NATs admit no direct path: a relay is needed.
+    #[error("{0}")]
+    NoPathPossible(NoPath),
+    /// Nothing got through in time.
+    #[error("no direct path within {} s (tried: {}; {})", .after.as_secs(), tried_list(.tried), probes(*.probes_sent))]
+    TimedOut {
+        after: Duration,
+        tried: Vec<Strategy>,
+        probes_sent: u64,
+    },
+}
+
+impl PunchFailure {
+    /// A stable machine-readable name.
+    pub fn code(&self) -> &'static str {
+        match self {
+            PunchFailure::NoPathPossible(_) => "no-path-possible",
+            PunchFailure::TimedOut { .. } => "punch-timed-out",
+        }
+    }
+}
+
+fn tried_list(tried: &[Strategy]) -> String {
+    if tried.is_empty() {
+        "nothing, the NAT facts never arrived".into()
+    } else {
+        tried
+            .iter()
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+fn probes(n: u64) -> String {
+    if n == 1 {
+        "1 probe sent".into()
+    } else {
+        format!("{n} probes sent")
+    }
 }
 
 /// What happened.
@@ -117,6 +167,10 @@ pub enum PunchEvent {
     Attempt {
         strategy: Strategy,
     },
+    /// An authenticated frame arrived on a path not heard from before.
+    Heard {
+        path: Path,
+    },
     Connected {
         path: Path,
         strategy: Strategy,
@@ -125,10 +179,14 @@ pub enum PunchEvent {
         bytes_sent: u64,
     },
     Failed {
-        reason: String,
+        failure: PunchFailure,
     },
-    /// The connected path went silent.
-    PathLost {
+    /// A path asked for with [`Punch::validate`] answered.
+    PathValidated {
+        path: Path,
+    },
+    /// A path asked for with [`Punch::validate`] never answered.
+    PathDead {
         path: Path,
     },
 }
@@ -149,6 +207,14 @@ enum State {
     Done,
 }
 
+/// A path being validated on a connected pair.
+#[derive(Debug, Clone, Copy)]
+struct Validating {
+    path: Path,
+    next: Instant,
+    tries: u32,
+}
+
 /// One attempt.
 pub struct Punch {
     cfg: PunchConfig,
@@ -165,21 +231,23 @@ pub struct Punch {
     key: Option<[u8; 32]>,
     peer_has_key: bool,
     start_at: Instant,
+    /// The coordinated start of prediction, once the server set it.
+    go_at: Option<Instant>,
     created: Instant,
     deadline: Instant,
     streams: Vec<Running>,
-    planned: bool,
+    /// Groups started (each starts once).
+    started: Vec<Group>,
     /// Peer-reflexive paths already probed back.
     reflexive: Vec<Path>,
-    /// When prediction streams start (once both fresh mappings exist).
-    prediction_at: Option<Instant>,
+    /// Paths an authenticated frame came from.
+    heard: Vec<Path>,
     attempted: Vec<Strategy>,
     state: State,
     path: Option<Path>,
     winner: Option<Strategy>,
     confirms: u32,
-    last_rx: Instant,
-    next_keepalive: Option<Instant>,
+    validating: Vec<Validating>,
     seq: u32,
     probes_sent: u64,
     bytes_sent: u64,
@@ -237,9 +305,36 @@ pub fn verify_offer(
     .is_ok()
 }
 
+/// The streams of `group` that `me` sends to `peer`.
+fn group_streams(
+    group: Group,
+    me: &SideView,
+    peer: &SideView,
+    cfg: &PlanConfig,
+    label: Strategy,
+) -> Vec<Stream> {
+    match group {
+        Group::Lan => lan::streams(me, peer, cfg),
+        Group::Direct => cone::streams(peer, cfg, label),
+        Group::PredictEasy => predict::easy_streams(peer, cfg),
+        Group::Ttl => ttl::streams(me, peer, cfg),
+        Group::BirthdayEasy => birthday::easy_streams(peer, cfg),
+        Group::BirthdayHard => birthday::hard_streams(peer, cfg),
+    }
+}
+
+/// Extra sockets `group` needs (birthday: the hard side's many mappings).
+fn extra_sockets(group: Group, cfg: &PlanConfig) -> usize {
+    if group == Group::BirthdayHard {
+        cfg.birthday_sockets as usize
+    } else {
+        0
+    }
+}
+
 impl Punch {
     /// A new attempt. `offer` must be [`make_offer`] of `eph`. `start_at`
-    /// is the coordinated moment from the server.
+    /// is the coordinated moment from the server's introduction.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: PunchConfig,
@@ -257,7 +352,7 @@ impl Punch {
         let kind = classify(&me, &peer);
         let sig: [u8; 64] = offer.sig.as_slice().try_into().unwrap_or([0; 64]);
         let deadline = start_at.max(now) + cfg.timeout;
-        let mut p = Self {
+        Self {
             role,
             session,
             peer_id,
@@ -271,19 +366,19 @@ impl Punch {
             key: None,
             peer_has_key: false,
             start_at,
+            go_at: None,
             created: now,
             deadline,
             streams: Vec::new(),
-            planned: false,
+            started: Vec::new(),
             reflexive: Vec::new(),
-            prediction_at: None,
+            heard: Vec::new(),
             attempted: Vec::new(),
             state: State::Waiting,
             path: None,
             winner: None,
             confirms: 0,
-            last_rx: now,
-            next_keepalive: None,
+            validating: Vec::new(),
             seq: 0,
             probes_sent: 0,
             bytes_sent: 0,
@@ -291,24 +386,25 @@ impl Punch {
             out: VecDeque::new(),
             events: VecDeque::new(),
             cfg,
-        };
-        if let PairKind::Impossible(reason) = &p.kind {
-            p.state = State::Done;
-            p.events.push_back(PunchEvent::Failed {
-                reason: reason.clone(),
-            });
         }
-        p
     }
 
-    /// The technique this pair needs.
-    pub fn kind(&self) -> &PairKind {
-        &self.kind
+    /// The technique the pair needs, as far as the facts tell now.
+    pub fn kind(&self) -> PairKind {
+        self.kind
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
     }
 
     /// Sockets the caller must provide (socket 0 is the main one).
     pub fn sockets_needed(&self) -> usize {
-        1 + plan::extra_sockets(&self.kind, &self.me, &self.cfg.plan)
+        1 + self
+            .started
+            .iter()
+            .map(|g| extra_sockets(*g, &self.cfg.plan))
+            .sum::<usize>()
     }
 
     pub fn path(&self) -> Option<Path> {
@@ -319,7 +415,16 @@ impl Punch {
         self.session
     }
 
-    /// The session key, once both offers are known (for the data session).
+    pub fn is_connected(&self) -> bool {
+        self.state == State::Connected
+    }
+
+    /// Still looking for a path (not connected, not failed).
+    pub fn is_punching(&self) -> bool {
+        matches!(self.state, State::Waiting | State::Punching)
+    }
+
+    /// The session key, once both offers are known.
     pub fn session_key(&self) -> Option<[u8; 32]> {
         self.key
     }
@@ -329,31 +434,95 @@ impl Punch {
         self.rejected
     }
 
+    pub fn probes_sent(&self) -> u64 {
+        self.probes_sent
+    }
+
     /// The peer's offer arrived through the server.
     pub fn set_peer_offer(&mut self, ephemeral: &[u8; 32], sig: &[u8]) {
         self.accept_offer(ephemeral, sig);
     }
 
-    /// Both fresh mappings are taken (the server's `Accepted` for the
-    /// initiator, `Go` for the responder): prediction starts at `start_at`.
-    /// `fresh` is the peer's fresh mapping if this message carries it.
-    pub fn set_peer_fresh(&mut self, now: Instant, fresh: Option<SocketAddr>, start_at: Instant) {
+    /// New facts about our own NAT (and our fresh mapping).
+    pub fn update_me(&mut self, now: Instant, nat: NatSummary, fresh: Option<SocketAddr>) {
+        self.me.nat = nat;
+        if fresh.is_some() {
+            self.me.fresh = fresh;
+        }
+        self.replan(now);
+    }
+
+    /// New facts about the peer's NAT (and its fresh mapping).
+    pub fn update_peer(&mut self, now: Instant, nat: NatSummary, fresh: Option<SocketAddr>) {
+        self.peer.nat = nat;
         if fresh.is_some() {
             self.peer.fresh = fresh;
         }
-        if self.prediction_at.is_some() {
-            return;
-        }
-        self.prediction_at = Some(start_at);
-        if self.planned && self.state == State::Punching {
-            self.start_prediction(now);
+        self.replan(now);
+    }
+
+    /// The limited TTL of our openers, once hop discovery found it (streams
+    /// started from now on open our NAT with it).
+    pub fn set_opener_ttl(&mut self, ttl: Option<u8>) {
+        if self.cfg.plan.ttl.is_none() {
+            self.cfg.plan.ttl = ttl;
         }
     }
 
-    fn start_prediction(&mut self, now: Instant) {
-        let Some(at) = self.prediction_at else { return };
-        let extra = plan::prediction_streams(&self.kind, &self.me, &self.peer, &self.cfg.plan);
-        self.add_streams(now, at, extra);
+    /// The server's coordinated start: both mappings are known, and what
+    /// waited for it starts at `start_at`.
+    pub fn go(&mut self, now: Instant, start_at: Instant) {
+        if self.go_at.is_some() {
+            return;
+        }
+        self.go_at = Some(start_at);
+        self.replan(now);
+    }
+
+    /// Starts the groups the facts now call for; fails the attempt when
+    /// the facts say no direct path can exist.
+    fn replan(&mut self, now: Instant) {
+        if self.state != State::Punching {
+            return;
+        }
+        self.kind = classify(&self.me, &self.peer);
+        if self.kind == PairKind::Impossible {
+            self.fail(PunchFailure::NoPathPossible(NoPath {
+                me: self.me.nat,
+                peer: self.peer.nat,
+            }));
+            return;
+        }
+        let label = self.kind.strategy().unwrap_or(Strategy::Cone);
+        // Streams already running now count for the technique we know.
+        for r in &mut self.streams {
+            if r.stream.strategy != Strategy::Lan && self.kind.strategy().is_some() {
+                r.stream.strategy = label;
+            }
+        }
+        let groups = match self.kind {
+            PairKind::Undecided => vec![Group::Direct],
+            k => plan::groups(k, &self.me),
+        };
+        for g in groups {
+            if self.started.contains(&g) {
+                continue;
+            }
+            let early = plan::starts_early(g, &self.me, &self.peer);
+            let at = match (early, self.go_at) {
+                (true, _) => self.start_at,
+                (false, Some(go)) => go,
+                (false, None) => continue,
+            };
+            let streams = group_streams(g, &self.me, &self.peer, &self.cfg.plan, label);
+            if streams.is_empty() {
+                // Not ready (a prediction without the peer's fresh mapping):
+                // tried again on the next fact.
+                continue;
+            }
+            self.started.push(g);
+            self.add_streams(now, at, streams);
+        }
     }
 
     fn peer_role(&self) -> Role {
@@ -464,6 +633,9 @@ impl Punch {
         if !wire::is_punch(data) {
             return false;
         }
+        if self.state == State::Done {
+            return true;
+        }
         let f = match wire::decode(data) {
             Ok(f) if f.session == self.session => f,
             _ => {
@@ -494,21 +666,24 @@ impl Punch {
         if f.mac.is_some() {
             self.peer_has_key = true;
         }
-        self.last_rx = now;
-        self.on_frame(now, socket, from, &f);
-        true
-    }
-
-    fn on_frame(&mut self, now: Instant, socket: SocketId, from: SocketAddr, f: &PunchFrame) {
         let path = Path {
             socket,
             remote: from,
         };
+        if !self.heard.contains(&path) && self.heard.len() < MAX_REFLEXIVE {
+            self.heard.push(path);
+            self.events.push_back(PunchEvent::Heard { path });
+        }
+        self.on_frame(now, path, &f);
+        true
+    }
+
+    fn on_frame(&mut self, now: Instant, path: Path, f: &PunchFrame) {
         match f.kind {
             Kind::Probe => {
                 if self.key.is_some() {
                     let ack = self.frame(Kind::Ack, f.strategy);
-                    self.send(socket, from, ack, None, false);
+                    self.send(path.socket, path.remote, ack, None, false);
                 }
                 // A probe from an address we never aimed at (a mapping the
                 // peer's NAT made just now) is a peer-reflexive candidate:
@@ -519,7 +694,7 @@ impl Punch {
                 {
                     self.reflexive.push(path);
                     let probe = self.frame(Kind::Probe, f.strategy);
-                    self.send(socket, from, probe, None, true);
+                    self.send(path.socket, path.remote, probe, None, true);
                 }
                 if self.role == Role::Initiator
                     && self.path == Some(path)
@@ -529,7 +704,11 @@ impl Punch {
                 }
             }
             Kind::Ack => {
-                if self.role == Role::Initiator && self.state != State::Connected {
+                if let Some(i) = self.validating.iter().position(|v| v.path == path) {
+                    self.validating.swap_remove(i);
+                    self.events.push_back(PunchEvent::PathValidated { path });
+                }
+                if self.role == Role::Initiator && self.state == State::Punching {
                     self.connect(now, path, f.strategy);
                     self.send_confirm(path);
                 } else if self.role == Role::Initiator
@@ -540,7 +719,7 @@ impl Punch {
                 }
             }
             Kind::Confirm => {
-                if self.role == Role::Responder && self.state != State::Connected {
+                if self.role == Role::Responder && self.state == State::Punching {
                     self.connect(now, path, f.strategy);
                 }
             }
@@ -558,9 +737,16 @@ impl Punch {
     fn connect(&mut self, now: Instant, path: Path, strategy: Strategy) {
         self.state = State::Connected;
         self.path = Some(path);
+        // The initiator names the technique: the pair's kind as classified
+        // now (a probe's label may predate the last fact; LAN candidates
+        // name themselves), and its Confirm tells the responder, so both
+        // report the same.
+        let strategy = match (self.role, strategy, self.kind.strategy()) {
+            (Role::Responder, s, _) | (_, s @ Strategy::Lan, _) | (_, s, None) => s,
+            (Role::Initiator, _, Some(k)) => k,
+        };
         self.winner = Some(strategy);
         self.streams.clear();
-        self.next_keepalive = Some(now + self.cfg.keepalive);
         let elapsed = now.checked_duration_since(self.created).unwrap_or_default();
         self.events.push_back(PunchEvent::Connected {
             path,
@@ -571,52 +757,52 @@ impl Punch {
         });
     }
 
+    fn fail(&mut self, failure: PunchFailure) {
+        self.state = State::Done;
+        self.streams.clear();
+        self.events.push_back(PunchEvent::Failed { failure });
+    }
+
+    /// Probes `path` of a connected pair until the peer acknowledges
+    /// (`PathValidated`) or [`defaults::VALIDATION_TRIES`] go unanswered
+    /// (`PathDead`). Used when the peer's packets start coming from a new
+    /// address, before traffic is sent there.
+    pub fn validate(&mut self, now: Instant, path: Path) {
+        if self.state != State::Connected || self.validating.iter().any(|v| v.path == path) {
+            return;
+        }
+        if self.validating.len() >= MAX_REFLEXIVE {
+            return;
+        }
+        self.validating.push(Validating {
+            path,
+            next: now,
+            tries: 0,
+        });
+        self.handle_timeout(now);
+    }
+
     /// Advances the schedule. A spurious call is a no-op.
     pub fn handle_timeout(&mut self, now: Instant) {
         match self.state {
             State::Done => return,
             State::Waiting if now >= self.start_at => {
                 self.state = State::Punching;
-                self.planned = true;
-                let streams = plan::streams(&self.kind, &self.me, &self.peer, &self.cfg.plan);
-                let start = self.start_at;
-                self.add_streams(now, start, streams);
-                self.start_prediction(now);
+                self.replan(now);
             }
             _ => {}
         }
         if self.state == State::Connected {
-            if let (Some(t), Some(path)) = (self.next_keepalive, self.path) {
-                if now >= t {
-                    let k = self.frame(Kind::Keepalive, self.winner.unwrap_or(Strategy::Cone));
-                    self.send(path.socket, path.remote, k, None, false);
-                    self.next_keepalive = Some(now + self.cfg.keepalive);
-                }
-                if now.checked_duration_since(self.last_rx).unwrap_or_default()
-                    >= self.cfg.path_dead
-                {
-                    self.state = State::Done;
-                    self.events.push_back(PunchEvent::PathLost { path });
-                }
-            }
+            self.validate_due(now);
             return;
         }
         if self.state == State::Punching && now >= self.deadline {
-            self.state = State::Done;
-            self.streams.clear();
-            let tried: Vec<&str> = self.attempted.iter().map(|s| s.as_str()).collect();
-            self.events.push_back(PunchEvent::Failed {
-                reason: format!(
-                    "no direct path within {:?} (tried: {}; {} probes sent)",
-                    self.cfg.timeout,
-                    if tried.is_empty() {
-                        "nothing, waiting for the peer's mapping".to_string()
-                    } else {
-                        tried.join(", ")
-                    },
-                    self.probes_sent
-                ),
-            });
+            let failure = PunchFailure::TimedOut {
+                after: self.cfg.timeout,
+                tried: self.attempted.clone(),
+                probes_sent: self.probes_sent,
+            };
+            self.fail(failure);
             return;
         }
         // Send every due probe.
@@ -647,14 +833,37 @@ impl Punch {
         }
     }
 
+    fn validate_due(&mut self, now: Instant) {
+        let strategy = self.winner.unwrap_or(Strategy::Cone);
+        let mut sends = Vec::new();
+        let mut dead = Vec::new();
+        for v in &mut self.validating {
+            if now < v.next {
+                continue;
+            }
+            if v.tries >= defaults::VALIDATION_TRIES {
+                dead.push(v.path);
+                continue;
+            }
+            v.tries += 1;
+            v.next = now + self.cfg.plan.interval;
+            sends.push(v.path);
+        }
+        self.validating.retain(|v| !dead.contains(&v.path));
+        for path in dead {
+            self.events.push_back(PunchEvent::PathDead { path });
+        }
+        for path in sends {
+            let p = self.frame(Kind::Probe, strategy);
+            self.send(path.socket, path.remote, p, None, false);
+        }
+    }
+
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::Done => None,
             State::Waiting => Some(self.start_at),
-            State::Connected => {
-                let dead = self.last_rx + self.cfg.path_dead;
-                Some(self.next_keepalive.map_or(dead, |k| k.min(dead)))
-            }
+            State::Connected => self.validating.iter().map(|v| v.next).min(),
             State::Punching => Some(
                 self.streams
                     .iter()
@@ -673,9 +882,10 @@ impl Punch {
         self.events.pop_front()
     }
 
-    /// Stops the attempt (or the connected path's keepalives).
+    /// Stops the attempt.
     pub fn close(&mut self) {
         self.state = State::Done;
         self.streams.clear();
+        self.validating.clear();
     }
 }

@@ -1,8 +1,12 @@
-//! Which technique a pair of NATs needs, and the probe streams each side
-//! sends. Both peers run the same pure functions on the same exchanged
-//! facts, so each can compute the other's plan, which port prediction
-//! relies on: the first *new* destination each side sends to must be the
-//! one the other side predicts.
+//! The vocabulary every technique shares ([`SideView`], [`Stream`],
+//! [`PlanConfig`]) and the pure decisions: which technique a pair of NATs
+//! needs ([`classify`]), which groups of streams each side runs for it
+//! ([`groups`]) and which may start before the coordinated start
+//! ([`starts_early`]). Both peers run the same functions on the same
+//! exchanged facts, so each can compute the other's plan, which port
+//! prediction relies on: the first *new* destination each side sends to
+//! must be the one the other side predicts. This module imports no
+//! technique; the dispatcher in [`super`] does.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -26,14 +30,26 @@ pub struct SideView {
 }
 
 impl SideView {
+    /// The mapping behaviour is still being measured.
+    pub fn mapping_pending(&self) -> bool {
+        self.nat.pending.mapping
+    }
+
     /// One mapping for every destination: a cone, or no NAT at all. An
-    /// unknown mapping (server without RFC 5780) is tried as a cone.
+    /// unknown mapping (server without RFC 5780) is tried as a cone; one
+    /// still being measured is neither easy nor hard yet.
     pub fn easy(&self) -> bool {
-        self.nat.nat == Some(false)
-            || matches!(
-                self.nat.mapping,
-                Some(Behaviour::EndpointIndependent) | None
-            )
+        !self.mapping_pending()
+            && (self.nat.nat == Some(false)
+                || matches!(
+                    self.nat.mapping,
+                    Some(Behaviour::EndpointIndependent) | None
+                ))
+    }
+
+    /// A mapping per destination (known, not pending).
+    pub fn hard(&self) -> bool {
+        !self.mapping_pending() && !self.easy()
     }
 
     /// A non-cone whose next port can be predicted.
@@ -44,13 +60,19 @@ impl SideView {
         )
     }
 
+    /// Filters by address and port. Filtering not measured (yet) counts as
+    /// port-restricted: it is the common home-router behaviour, and the
+    /// techniques for it also work through laxer filters.
     fn port_restricted(&self) -> bool {
-        matches!(self.nat.filtering, Some(Behaviour::AddressAndPortDependent))
+        matches!(
+            self.nat.filtering,
+            Some(Behaviour::AddressAndPortDependent) | None
+        )
     }
 }
 
 /// The technique a pair needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PairKind {
     /// Same public address: LAN candidates (and hairpin).
     Lan,
@@ -62,8 +84,11 @@ pub enum PairKind {
     Ttl,
     /// A port-restricted cone and a random symmetric NAT.
     Birthday,
-    /// No direct path can exist; the string says why.
-    Impossible(String),
+    /// No direct path can exist: both NATs map per destination and at
+    /// least one picks ports at random ([`NoPath`] says why in words).
+    Impossible,
+    /// A mapping behaviour is still being measured.
+    Undecided,
 }
 
 impl PairKind {
@@ -74,18 +99,33 @@ impl PairKind {
             PairKind::Predict => Strategy::Predict,
             PairKind::Ttl => Strategy::Ttl,
             PairKind::Birthday => Strategy::Birthday,
-            PairKind::Impossible(_) => return None,
+            PairKind::Impossible | PairKind::Undecided => return None,
         })
     }
 }
 
-fn describe(s: &SideView) -> String {
-    let m = s
-        .nat
-        .mapping
-        .map(|b| b.as_str())
-        .unwrap_or("unknown mapping");
-    let a = match s.nat.allocation {
+/// Why two NATs admit no direct path, for people: both map per
+/// destination, and at least one allocates ports at random.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoPath {
+    pub me: NatSummary,
+    pub peer: NatSummary,
+}
+
+impl std::fmt::Display for NoPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no direct path possible: both NATs map per destination ({} / {}), and at least one picks ports at random, so neither side can predict the other's port; a relay is needed",
+            describe(&self.me),
+            describe(&self.peer)
+        )
+    }
+}
+
+fn describe(s: &NatSummary) -> String {
+    let m = s.mapping.map(|b| b.as_str()).unwrap_or("unknown mapping");
+    let a = match s.allocation {
         Some(AllocationKind::Random) => "random ports",
         Some(AllocationKind::Sequential) => "sequential ports",
         Some(AllocationKind::Preserving) => "preserved ports",
@@ -98,6 +138,9 @@ fn describe(s: &SideView) -> String {
 pub fn classify(a: &SideView, b: &SideView) -> PairKind {
     if a.observed.ip() == b.observed.ip() {
         return PairKind::Lan;
+    }
+    if a.mapping_pending() || b.mapping_pending() {
+        return PairKind::Undecided;
     }
     match (a.easy(), b.easy()) {
         (true, true) => PairKind::Cone,
@@ -117,13 +160,59 @@ pub fn classify(a: &SideView, b: &SideView) -> PairKind {
             if a.predictable() && b.predictable() {
                 PairKind::Ttl
             } else {
-                PairKind::Impossible(format!(
-                    "no direct path possible: both NATs map per destination ({} / {}), and at least one picks ports at random, so neither side can predict the other's port; a relay is needed",
-                    describe(a),
-                    describe(b)
-                ))
+                PairKind::Impossible
             }
         }
+    }
+}
+
+/// A group of probe streams a side runs for some technique; each starts
+/// once and runs until the attempt ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Group {
+    /// LAN candidates, and hairpin through the shared NAT.
+    Lan,
+    /// From the main socket to the peer's observed address: the whole of
+    /// the cone technique, and the hard side's part of prediction.
+    Direct,
+    /// The easy side's probes to the hard side's predicted ports.
+    PredictEasy,
+    /// Matched prediction on both symmetric sides, behind openers.
+    Ttl,
+    /// The easy side's spray over the hard side's ports.
+    BirthdayEasy,
+    /// The hard side's many sockets, each opening one mapping.
+    BirthdayHard,
+}
+
+/// The groups `me` runs for a pair of kind `kind`.
+pub fn groups(kind: PairKind, me: &SideView) -> Vec<Group> {
+    match kind {
+        PairKind::Lan => vec![Group::Lan],
+        PairKind::Cone => vec![Group::Direct],
+        PairKind::Predict if me.easy() => vec![Group::Direct, Group::PredictEasy],
+        PairKind::Predict => vec![Group::Direct],
+        PairKind::Ttl => vec![Group::Ttl],
+        PairKind::Birthday if me.easy() => vec![Group::Direct, Group::BirthdayEasy],
+        PairKind::Birthday => vec![Group::Direct, Group::BirthdayHard],
+        PairKind::Impossible | PairKind::Undecided => Vec::new(),
+    }
+}
+
+/// Whether `group` may start before the server's coordinated start
+/// ("go", once both mappings are known). Prediction, birthday and anything
+/// a symmetric NAT sends (each new destination takes one of its ports)
+/// wait for it, so that both sides begin together; LAN probes and a cone's
+/// direct probes do not.
+pub fn starts_early(group: Group, me: &SideView, peer: &SideView) -> bool {
+    match group {
+        Group::Lan => true,
+        Group::BirthdayEasy | Group::BirthdayHard => false,
+        // An easy side's probes cost it nothing. A side still measuring
+        // may send to a known cone: if it turns out symmetric, that is its
+        // part of prediction, and its fresh mapping comes after.
+        Group::Direct => me.easy() || (me.mapping_pending() && peer.easy()),
+        Group::PredictEasy | Group::Ttl => false,
     }
 }
 
@@ -169,45 +258,6 @@ pub fn port_step(base: u16, delta: i32, k: i32) -> Option<u16> {
     (1..=65535).contains(&p).then_some(p as u16)
 }
 
-/// The streams `me` sends to `peer` for `kind` from the coordinated start,
-/// except those aimed at predicted ports (see [`prediction_streams`]).
-pub fn streams(kind: &PairKind, me: &SideView, peer: &SideView, cfg: &PlanConfig) -> Vec<Stream> {
-    match kind {
-        PairKind::Lan => super::lan::streams(me, peer, cfg),
-        PairKind::Cone => super::cone::streams(peer, cfg, Strategy::Cone),
-        PairKind::Birthday => super::birthday::streams(me, peer, cfg),
-        PairKind::Predict | PairKind::Ttl | PairKind::Impossible(_) => Vec::new(),
-    }
-}
-
-/// The streams aimed at the peer's predicted ports. They start when both
-/// sides have taken their fresh mappings: the initiator on the server's
-/// `Accepted`, the responder on `Go`, which the server times together.
-pub fn prediction_streams(
-    kind: &PairKind,
-    me: &SideView,
-    peer: &SideView,
-    cfg: &PlanConfig,
-) -> Vec<Stream> {
-    match kind {
-        // Both sides: the symmetric side's first new mapping (toward the
-        // cone) must not reach the cone's NAT before the cone's probes to it
-        // leave, so it starts with them, behind openers.
-        PairKind::Predict => super::predict::streams(me, peer, cfg),
-        PairKind::Ttl => super::ttl::streams(me, peer, cfg),
-        _ => Vec::new(),
-    }
-}
-
-/// Extra sockets `me` needs (birthday: the hard side's many mappings).
-pub fn extra_sockets(kind: &PairKind, me: &SideView, cfg: &PlanConfig) -> usize {
-    if *kind == PairKind::Birthday && !me.easy() {
-        cfg.birthday_sockets as usize
-    } else {
-        0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +271,7 @@ mod tests {
                 delta: (alloc == AllocationKind::Sequential).then_some(1),
                 opener_ttl: Some(2),
                 nat: Some(true),
+                pending: Default::default(),
             },
             observed: format!("{ip}:4000").parse().unwrap(),
             fresh: None,
@@ -279,8 +330,17 @@ mod tests {
             assert_eq!(classify(a, b), want);
             assert_eq!(classify(b, a), want);
         }
-        assert!(matches!(classify(&rnd, &rnd2), PairKind::Impossible(_)));
-        assert!(matches!(classify(&rnd, &seq), PairKind::Impossible(_)));
+        assert_eq!(classify(&rnd, &rnd2), PairKind::Impossible);
+        assert_eq!(classify(&rnd, &seq), PairKind::Impossible);
+        // A side still measuring leaves the pair undecided, except on one
+        // NAT.
+        let mut pending = prc.clone();
+        pending.nat = NatSummary::measuring();
+        assert_eq!(classify(&pending, &fc), PairKind::Undecided);
+        // Unmeasured filtering counts as port-restricted.
+        let mut unknown_filter = prc.clone();
+        unknown_filter.nat.filtering = None;
+        assert_eq!(classify(&unknown_filter, &rnd), PairKind::Birthday);
         let mut same = prc.clone();
         same.observed = "198.51.100.2:5000".parse().unwrap();
         assert_eq!(classify(&fc, &same), PairKind::Lan);

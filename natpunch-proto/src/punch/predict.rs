@@ -11,7 +11,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::cone;
 use super::plan::{port_step, PlanConfig, SideView, Stream};
 use super::wire::Strategy;
 use crate::SocketId;
@@ -21,15 +20,15 @@ use crate::SocketId;
 const BEHIND: i32 = 3;
 
 /// Predicted ports of `peer`'s next mappings, in creation order, then the
-/// few just before its fresh mapping.
+/// few just before its fresh mapping. A port-preserving NAT keeps the main
+/// socket's port, which the server observed.
 pub fn predicted(peer: &SideView, window: u16) -> Vec<SocketAddr> {
     let Some(fresh) = peer.fresh else {
         return Vec::new();
     };
     let delta = peer.nat.delta.unwrap_or(0);
     if delta == 0 {
-        // Port preserving: the mapping keeps the fresh socket's port.
-        return vec![fresh];
+        return vec![SocketAddr::new(fresh.ip(), peer.observed.port())];
     }
     (1..=i32::from(window))
         .chain((1..=BEHIND).map(|k| -k))
@@ -38,27 +37,24 @@ pub fn predicted(peer: &SideView, window: u16) -> Vec<SocketAddr> {
         .collect()
 }
 
-pub fn streams(me: &SideView, peer: &SideView, cfg: &PlanConfig) -> Vec<Stream> {
-    if me.easy() {
-        let targets = predicted(peer, cfg.window);
-        if targets.is_empty() {
-            return Vec::new();
-        }
-        super::ttl::with_openers(
-            Stream {
-                strategy: Strategy::Predict,
-                socket: SocketId(0),
-                targets,
-                offset: Duration::ZERO,
-                interval: cfg.interval,
-                rounds: u32::MAX,
-                gap: Duration::ZERO,
-                first_ttl: None,
-            },
-            cfg.ttl,
-        )
-    } else {
-        // The symmetric side: its only new destination is the cone.
-        cone::streams(peer, cfg, Strategy::Predict)
+/// The easy side's probes to the hard side's predicted ports (the hard
+/// side's own part is a plain direct stream to our observed address).
+pub fn easy_streams(peer: &SideView, cfg: &PlanConfig) -> Vec<Stream> {
+    let targets = predicted(peer, cfg.window);
+    if targets.is_empty() {
+        return Vec::new();
     }
+    super::ttl::with_openers(
+        Stream {
+            strategy: Strategy::Predict,
+            socket: SocketId(0),
+            targets,
+            offset: Duration::ZERO,
+            interval: cfg.interval,
+            rounds: u32::MAX,
+            gap: Duration::ZERO,
+            first_ttl: None,
+        },
+        cfg.ttl,
+    )
 }

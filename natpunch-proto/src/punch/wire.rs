@@ -65,6 +65,16 @@ impl Strategy {
     }
 }
 
+/// The session number of a punch frame, without checking the rest (for
+/// routing it to its attempt, which then checks everything).
+pub fn session_of(buf: &[u8]) -> Option<u64> {
+    if buf.len() < HEADER || buf[0] != MAGIC || buf[1] != VERSION {
+        return None;
+    }
+    let b: [u8; 8] = buf[4..12].try_into().ok()?;
+    Some(u64::from_be_bytes(b))
+}
+
 /// A parsed frame; `signed_len` is where the MAC starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PunchFrame {

@@ -1,14 +1,21 @@
 //! The sans-IO rendezvous server: registrations bound to keys, and
-//! coordinated introductions.
+//! coordinated introductions whose facts may arrive late.
 //!
 //! - A peer proves its address with a stateless cookie (Hello/Challenge,
 //!   like a DTLS or QUIC retry cookie) and its identity with an Ed25519
-//!   signature over every request. The server records the address it
-//!   observes, never a claimed one.
+//!   signature over every request that changes state. The server records
+//!   the address it observes, never a claimed one.
 //! - Nothing unverified gets a reply larger than its request, every source
-//!   IP and every target ID is rate-limited, and registrations, sessions and
-//!   limiter tables are bounded.
+//!   is rate-limited, every target ID has an introduction budget, and
+//!   registrations, sessions and limiter tables are bounded.
 //! - There is no way to list peers: a request names the ID it wants.
+//! - Listeners register and send heartbeats (`Ping`); a second process
+//!   with the same key takes the registration over and the first is told
+//!   (`Pong::HeldByOther`), and told again when it may come back.
+//! - Each introduction keeps both sides' latest state (offer, facts, fresh
+//!   mapping). A side's `Update` or `Poll` is answered with the other
+//!   side's state, and once both mappings are known the server fixes one
+//!   start for prediction and gives each side its own delay to it.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -17,38 +24,89 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
-use super::wire::{self, context, Cookie, ErrorCode, Frame, PeerInfo};
+use super::wire::{
+    self, context, Cookie, DeclineReason, ErrorCode, Frame, PartyState, PeerInfo, RegStatus,
+};
 use crate::identity::{self, PeerId};
 use crate::ratelimit::{RateLimit, RateLimiter};
 
-/// A cookie is good for this long: a peer refreshes every
-/// [`super::client::REFRESH_INTERVAL`], well inside it.
+/// A cookie is good for this long; clients renew theirs after
+/// [`super::client::COOKIE_RENEW`], well inside it.
 pub const COOKIE_LIFETIME: Duration = Duration::from_secs(120);
-/// A registration lives this long without refresh: three missed refreshes.
-pub const REGISTRATION_TTL: Duration = Duration::from_secs(75);
-/// An introduction must be accepted within this long.
+/// A registration lives this long without a heartbeat: five missed
+/// [`super::client::HEARTBEAT`]s, so a crashed listener's key is free again
+/// (for a displaced instance) within 15 s.
+pub const REGISTRATION_TTL: Duration = Duration::from_secs(15);
+/// An introduction lives this long: longer than any punch attempt
+/// (10 s by default) plus its rendezvous round trips.
 pub const SESSION_TTL: Duration = Duration::from_secs(30);
 /// Added to the staggered start so both peers' first probes leave after
 /// they have processed the message (scheduling jitter on loaded hosts).
 pub const START_MARGIN: Duration = Duration::from_millis(10);
 /// Registrations held at most (memory bound: about 1 KB each).
 pub const MAX_REGISTRATIONS: usize = 100_000;
-/// Pending introductions held at most.
-pub const MAX_SESSIONS: usize = 10_000;
-/// Per source IP: 20 frames/s, burst 40. A peer needs ~2 per 25 s plus a
-/// handful per connection attempt.
+/// Introductions held at most (about 1 KB each).
+pub const MAX_SESSIONS: usize = 20_000;
+/// Per source address (IP and port, one peer process): 40 frames/s, burst
+/// 80. A connect costs about six frames, hedged twice; a listener sends a
+/// heartbeat every 3 s and a handful of frames per introduction.
 pub const SOURCE_LIMIT: RateLimit = RateLimit {
-    rate: 20.0,
-    burst: 40.0,
+    rate: 40.0,
+    burst: 80.0,
     max_sources: 65_536,
 };
-/// Introductions to one target ID: 1/s, burst 10, so nobody can flood a
-/// peer with punch traffic through us.
+/// Per source IP: many peers can share one (a carrier-grade NAT, an
+/// office), so the cap is only against floods: 2000 frames/s, burst 4000.
+pub const IP_LIMIT: RateLimit = RateLimit {
+    rate: 2000.0,
+    burst: 4000.0,
+    max_sources: 65_536,
+};
+/// Introductions to one target ID: 20/s, burst 100, sized for a listener
+/// that a fleet of laptops reconnects to at once, while a flood of
+/// introductions cannot make one peer punch toward thousands of others.
+/// Retransmissions and introductions to an offline target cost nothing.
 pub const TARGET_LIMIT: RateLimit = RateLimit {
-    rate: 1.0,
-    burst: 10.0,
+    rate: 20.0,
+    burst: 100.0,
     max_sources: 65_536,
 };
+/// While the target has not answered, an initiator's poll repeats its
+/// `Incoming` at most this often (the target may have lost both copies).
+pub const INCOMING_REPEAT: Duration = Duration::from_millis(500);
+/// Hedging: pushed frames that the receiver does not ask for again
+/// (`Incoming`, pushed `Sync`) are sent twice, so that one random loss does
+/// not cost a retransmission timeout on the critical path.
+pub const PUSH_COPIES: usize = 2;
+
+/// The server's limits (all of them can be lifted for benchmarks).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub source: RateLimit,
+    pub ip: RateLimit,
+    pub target: RateLimit,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            source: SOURCE_LIMIT,
+            ip: IP_LIMIT,
+            target: TARGET_LIMIT,
+        }
+    }
+}
+
+impl Limits {
+    /// No rate limits at all (benchmarks on loopback only).
+    pub fn unlimited() -> Self {
+        Self {
+            source: RateLimit::unlimited(),
+            ip: RateLimit::unlimited(),
+            target: RateLimit::unlimited(),
+        }
+    }
+}
 
 /// A datagram to send: from which local address, to whom.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,31 +124,86 @@ pub struct RendezvousStats {
     pub unsupported_version: u64,
     pub bad_cookie: u64,
     pub bad_signature: u64,
+    /// Frames dropped by the per-source or per-IP limits (unanswered).
     pub rate_limited: u64,
+    /// Introductions refused because the target's budget was spent.
+    pub introduction_limited: u64,
+    /// Requests refused because the tables were full.
+    pub server_full: u64,
     /// Replies suppressed because they would have been larger than an
     /// unverified request.
     pub amplification_dropped: u64,
     pub registrations: u64,
+    /// Registrations another instance of the same key took over.
+    pub displaced: u64,
     pub introductions: u64,
+    pub updates: u64,
+    pub pings: u64,
+}
+
+/// Another instance of a key that a newer registration displaced.
+#[derive(Debug, Clone, Copy)]
+struct Displaced {
+    addr: SocketAddr,
+    local: SocketAddr,
+    instance: u64,
+    expires: Instant,
 }
 
 #[derive(Debug, Clone)]
 struct Registration {
     addr: SocketAddr,
     local: SocketAddr,
+    instance: u64,
     info: PeerInfo,
     rtt: Duration,
     expires: Instant,
+    displaced: Option<Displaced>,
+}
+
+/// One side of an introduction.
+#[derive(Debug, Clone)]
+struct Party {
+    peer: PeerId,
+    instance: u64,
+    addr: SocketAddr,
+    local: SocketAddr,
+    rtt: Duration,
+    /// Offer, facts and fresh mapping, once this side has spoken (the
+    /// target: once it accepted).
+    state: Option<PartyState>,
+    /// The last state number received (0: Connect or Accept).
+    seq: u32,
+}
+
+impl Party {
+    fn mapping_known(&self) -> bool {
+        self.state
+            .as_ref()
+            .is_some_and(|s| !s.info.nat.pending.mapping)
+    }
 }
 
 #[derive(Debug, Clone)]
 struct Session {
-    initiator: PeerId,
-    target: PeerId,
+    initiator: Party,
+    target: Party,
     expires: Instant,
     /// The target declined; kept until it expires so that a late or
-    /// repeated Connect or Decline gets the same answer.
-    declined: bool,
+    /// repeated Connect, Poll or Decline gets the same answer.
+    declined: Option<DeclineReason>,
+    /// The moment both sides start prediction, once both mappings are
+    /// known and the target accepted.
+    go: Option<Instant>,
+    /// When the target was last sent its `Incoming`.
+    incoming_at: Option<Instant>,
+}
+
+/// Which side of a session a frame came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SideOf {
+    Initiator,
+    Target,
 }
 
 /// The server machine.
@@ -99,7 +212,8 @@ pub struct RendezvousServer {
     base: Option<Instant>,
     regs: HashMap<PeerId, Registration>,
     sessions: HashMap<u64, Session>,
-    sources: RateLimiter<IpAddr>,
+    sources: RateLimiter<SocketAddr>,
+    ips: RateLimiter<IpAddr>,
     targets: RateLimiter<PeerId>,
     out: VecDeque<Outgoing>,
     stats: RendezvousStats,
@@ -119,17 +233,18 @@ impl std::fmt::Debug for RendezvousServer {
 impl RendezvousServer {
     /// `secret` keys the address cookies; draw it from the OS at start.
     pub fn new(secret: [u8; 32]) -> Self {
-        Self::with_limits(secret, SOURCE_LIMIT, TARGET_LIMIT)
+        Self::with_limits(secret, Limits::default())
     }
 
-    pub fn with_limits(secret: [u8; 32], sources: RateLimit, targets: RateLimit) -> Self {
+    pub fn with_limits(secret: [u8; 32], limits: Limits) -> Self {
         Self {
             secret,
             base: None,
             regs: HashMap::new(),
             sessions: HashMap::new(),
-            sources: RateLimiter::new(sources),
-            targets: RateLimiter::new(targets),
+            sources: RateLimiter::new(limits.source),
+            ips: RateLimiter::new(limits.ip),
+            targets: RateLimiter::new(limits.target),
             out: VecDeque::new(),
             stats: RendezvousStats::default(),
             last_sweep: None,
@@ -180,7 +295,12 @@ impl RendezvousServer {
             .zip(c.mac.iter())
             .fold(0u8, |a, (x, y)| a | (x ^ y))
             == 0;
-        (equal && age <= COOKIE_LIFETIME).then_some(age)
+        if equal && age <= COOKIE_LIFETIME {
+            Some(age)
+        } else {
+            self.stats.bad_cookie += 1;
+            None
+        }
     }
 
     fn send(&mut self, from: SocketAddr, to: SocketAddr, frame: &Frame) {
@@ -189,6 +309,19 @@ impl RendezvousServer {
             to,
             payload: wire::encode(frame),
         });
+    }
+
+    /// A frame the receiver will not ask for again: sent [`PUSH_COPIES`]
+    /// times.
+    fn push(&mut self, from: SocketAddr, to: SocketAddr, frame: &Frame) {
+        let payload = wire::encode(frame);
+        for _ in 0..PUSH_COPIES {
+            self.out.push_back(Outgoing {
+                from,
+                to,
+                payload: payload.clone(),
+            });
+        }
     }
 
     /// Replies to a not-yet-verified request only if the reply is no
@@ -212,57 +345,46 @@ impl RendezvousServer {
         });
     }
 
-    fn error(
-        &mut self,
-        local: SocketAddr,
-        to: SocketAddr,
-        request_len: usize,
-        code: ErrorCode,
-        session: Option<u64>,
-    ) {
-        self.reply_unverified(local, to, request_len, &Frame::Error { code, session });
+    fn error(&mut self, r: &Request, code: ErrorCode, session: Option<u64>) {
+        self.error_after(r, code, session, None);
     }
 
-    /// Checks a request's address cookie and signature.
+    fn error_after(
+        &mut self,
+        r: &Request,
+        code: ErrorCode,
+        session: Option<u64>,
+        retry_after: Option<Duration>,
+    ) {
+        let retry_after_ms = retry_after.map(|d| d.as_millis().min(u128::from(u32::MAX)) as u32);
+        self.reply_unverified(
+            r.local,
+            r.from,
+            r.len,
+            &Frame::Error {
+                code,
+                session,
+                retry_after_ms,
+            },
+        );
+    }
+
+    /// Checks a request's address cookie and signature; the cookie's age.
     fn authenticate(
         &mut self,
-        now: Instant,
+        r: &Request,
         frame: &Frame,
-        from: SocketAddr,
         peer: &PeerId,
         cookie: &Cookie,
         sig: &[u8],
     ) -> Result<Duration, ErrorCode> {
-        let Some(age) = self.check_cookie(now, cookie, from, peer) else {
-            self.stats.bad_cookie += 1;
+        let Some(age) = self.check_cookie(r.now, cookie, r.from, peer) else {
             return Err(ErrorCode::BadCookie);
         };
         if !self.verify(frame, peer, sig) {
             return Err(ErrorCode::BadSignature);
         }
         Ok(age)
-    }
-
-    /// Checks a target's answer (Accept or Decline) and finds the session
-    /// it answers, which must be addressed to that target.
-    #[allow(clippy::too_many_arguments)]
-    fn answer_session(
-        &mut self,
-        now: Instant,
-        frame: &Frame,
-        from: SocketAddr,
-        peer: &PeerId,
-        cookie: &Cookie,
-        sig: &[u8],
-        session: u64,
-    ) -> Result<Session, ErrorCode> {
-        self.authenticate(now, frame, from, peer, cookie, sig)?;
-        self.expire(now);
-        self.sessions
-            .get(&session)
-            .cloned()
-            .filter(|s| s.target == *peer)
-            .ok_or(ErrorCode::NoSession)
     }
 
     fn verify(&mut self, frame: &Frame, peer: &PeerId, sig: &[u8]) -> bool {
@@ -277,20 +399,37 @@ impl RendezvousServer {
         ok
     }
 
+    /// The session `session` and which side `peer` is in it.
+    fn side_of(&self, session: u64, peer: &PeerId) -> Option<SideOf> {
+        let s = self.sessions.get(&session)?;
+        if s.initiator.peer == *peer {
+            Some(SideOf::Initiator)
+        } else if s.target.peer == *peer {
+            Some(SideOf::Target)
+        } else {
+            None
+        }
+    }
+
     /// Handles one datagram that arrived on `local` from `from`.
     pub fn handle(&mut self, now: Instant, local: SocketAddr, from: SocketAddr, data: &[u8]) {
         self.stats.received += 1;
-        if !self.sources.allow(now, from.ip()) {
+        if !self.sources.allow(now, from) || !self.ips.allow(now, from.ip()) {
             self.stats.rate_limited += 1;
             return;
         }
+        let r = Request {
+            now,
+            local,
+            from,
+            len: data.len(),
+        };
         let frame = match wire::decode(data) {
             Ok(f) => f,
             Err(wire::WireError::UnsupportedVersion { got }) => {
                 self.stats.unsupported_version += 1;
                 tracing::debug!(%from, got, "rendezvous frame of unsupported version");
-                self.error(local, from, data.len(), ErrorCode::UnsupportedVersion, None);
-                return;
+                return self.error(&r, ErrorCode::UnsupportedVersion, None);
             }
             Err(e) => {
                 self.stats.malformed += 1;
@@ -298,7 +437,7 @@ impl RendezvousServer {
                 return;
             }
         };
-        let n = data.len();
+        self.expire(now);
         match &frame {
             Frame::Hello { peer } => {
                 let issued_ms = self.ms(now);
@@ -306,7 +445,7 @@ impl RendezvousServer {
                 self.reply_unverified(
                     local,
                     from,
-                    n,
+                    r.len,
                     &Frame::Challenge {
                         cookie: Cookie { issued_ms, mac },
                     },
@@ -314,193 +453,497 @@ impl RendezvousServer {
             }
             Frame::Register {
                 peer,
+                instance,
                 cookie,
                 info,
                 sig,
-            } => {
-                let rtt = match self.authenticate(now, &frame, from, peer, cookie, sig) {
-                    Ok(age) => age,
-                    Err(code) => return self.error(local, from, n, code, None),
-                };
-                self.expire(now);
-                if !self.regs.contains_key(peer) && self.regs.len() >= MAX_REGISTRATIONS {
-                    return self.error(local, from, n, ErrorCode::RateLimited, None);
-                }
-                self.regs.insert(
-                    *peer,
-                    Registration {
-                        addr: from,
-                        local,
-                        info: info.clone(),
-                        rtt,
-                        expires: now + REGISTRATION_TTL,
-                    },
-                );
-                self.stats.registrations += 1;
-                let expires_s = REGISTRATION_TTL.as_secs() as u16;
-                self.send(
-                    local,
-                    from,
-                    &Frame::Registered {
-                        observed: from,
-                        expires_s,
-                    },
-                );
+            } => match self.authenticate(&r, &frame, peer, cookie, sig) {
+                Ok(rtt) => self.register(&r, *peer, *instance, info.clone(), rtt),
+                Err(code) => self.error(&r, code, None),
+            },
+            Frame::Ping { peer, instance } => self.ping(&r, *peer, *instance),
+            Frame::Unregister {
+                peer,
+                instance,
+                cookie,
+                sig,
+            } if self.authenticate(&r, &frame, peer, cookie, sig).is_ok() => {
+                self.unregister(&r, *peer, *instance);
             }
             Frame::Connect {
                 peer,
+                instance,
                 target,
                 cookie,
                 session,
                 offer,
+                info,
                 fresh,
                 sig,
             } => {
-                if let Err(code) = self.authenticate(now, &frame, from, peer, cookie, sig) {
-                    return self.error(local, from, n, code, Some(*session));
-                }
-                self.expire(now);
-                let Some(me) = self.regs.get_mut(peer).filter(|r| r.expires > now) else {
-                    return self.error(local, from, n, ErrorCode::NotRegistered, Some(*session));
+                let rtt = match self.authenticate(&r, &frame, peer, cookie, sig) {
+                    Ok(rtt) => rtt,
+                    Err(code) => return self.error(&r, code, Some(*session)),
                 };
-                // The request's source is the freshest view of our mapping.
-                me.addr = from;
-                me.local = local;
-                let me = me.clone();
-                let retransmission = match self.sessions.get(session) {
-                    Some(s) if s.initiator == *peer && s.target == *target => {
-                        if s.declined {
-                            return self.error(local, from, n, ErrorCode::Declined, Some(*session));
-                        }
-                        true
-                    }
-                    Some(_) => {
-                        return self.error(local, from, n, ErrorCode::RateLimited, Some(*session))
-                    }
-                    None => false,
-                };
-                // A retransmission (our answer was lost or slow) is
-                // introduced again without spending the target's budget.
-                if !retransmission && !self.targets.allow(now, *target) {
-                    self.stats.rate_limited += 1;
-                    return self.error(local, from, n, ErrorCode::RateLimited, Some(*session));
-                }
-                let Some(them) = self.regs.get(target).filter(|r| r.expires > now).cloned() else {
-                    return self.error(local, from, n, ErrorCode::PeerOffline, Some(*session));
-                };
-                if !retransmission {
-                    if self.sessions.len() >= MAX_SESSIONS {
-                        return self.error(local, from, n, ErrorCode::RateLimited, Some(*session));
-                    }
-                    self.sessions.insert(
-                        *session,
-                        Session {
-                            initiator: *peer,
-                            target: *target,
-                            expires: now + SESSION_TTL,
-                            declined: false,
-                        },
-                    );
-                    self.stats.introductions += 1;
-                }
-                let (start_me, start_them) = stagger(me.rtt, them.rtt);
-                self.send(
+                let me = Party {
+                    peer: *peer,
+                    instance: *instance,
+                    addr: from,
                     local,
-                    from,
-                    &Frame::Peer {
-                        session: *session,
-                        peer: *target,
-                        observed: them.addr,
-                        info: them.info.clone(),
-                        start_in_ms: start_me,
-                    },
-                );
-                self.send(
-                    them.local,
-                    them.addr,
-                    &Frame::Incoming {
-                        session: *session,
-                        from: *peer,
-                        observed: from,
-                        info: me.info.clone(),
+                    rtt,
+                    state: Some(PartyState {
                         offer: offer.clone(),
+                        info: info.clone(),
                         fresh: *fresh,
-                        start_in_ms: start_them,
-                    },
-                );
+                    }),
+                    seq: 0,
+                };
+                self.connect(&r, me, *target, *session);
             }
             Frame::Accept {
                 peer,
                 cookie,
                 session,
                 offer,
+                info,
                 fresh,
                 sig,
             } => {
-                let s = match self.answer_session(now, &frame, from, peer, cookie, sig, *session) {
-                    Ok(s) if !s.declined => s,
-                    Ok(_) => {
-                        return self.error(local, from, n, ErrorCode::NoSession, Some(*session))
-                    }
-                    Err(code) => return self.error(local, from, n, code, Some(*session)),
+                if let Err(code) = self.authenticate(&r, &frame, peer, cookie, sig) {
+                    return self.error(&r, code, Some(*session));
+                }
+                if self.side_of(*session, peer) != Some(SideOf::Target) {
+                    return self.error(&r, ErrorCode::NoSession, Some(*session));
+                }
+                let state = PartyState {
+                    offer: offer.clone(),
+                    info: info.clone(),
+                    fresh: *fresh,
                 };
-                let (Some(a), Some(b)) = (
-                    self.regs.get(&s.initiator).cloned(),
-                    self.regs.get(peer).cloned(),
-                ) else {
-                    return self.error(local, from, n, ErrorCode::PeerOffline, Some(*session));
+                self.new_state(&r, *session, SideOf::Target, 0, state);
+            }
+            Frame::Update {
+                peer,
+                cookie,
+                session,
+                seq,
+                info,
+                fresh,
+                sig,
+            } => {
+                if let Err(code) = self.authenticate(&r, &frame, peer, cookie, sig) {
+                    return self.error(&r, code, Some(*session));
+                }
+                let Some(side) = self.side_of(*session, peer) else {
+                    return self.error(&r, ErrorCode::NoSession, Some(*session));
                 };
-                let (start_a, start_b) = stagger(a.rtt, b.rtt);
-                self.send(
-                    a.local,
-                    a.addr,
-                    &Frame::Accepted {
-                        session: *session,
-                        offer: offer.clone(),
-                        fresh: *fresh,
-                        start_in_ms: start_a,
-                    },
-                );
-                self.send(
-                    local,
-                    from,
-                    &Frame::Go {
-                        session: *session,
-                        start_in_ms: start_b,
-                    },
-                );
+                let offer = self
+                    .sessions
+                    .get(session)
+                    .and_then(|s| s.party(side).state.as_ref())
+                    .map(|s| s.offer.clone());
+                let Some(offer) = offer else {
+                    // A target updating before it accepted: nothing to
+                    // update yet; its Accept carries the facts.
+                    return self.error(&r, ErrorCode::NoSession, Some(*session));
+                };
+                self.stats.updates += 1;
+                let state = PartyState {
+                    offer,
+                    info: info.clone(),
+                    fresh: *fresh,
+                };
+                self.new_state(&r, *session, side, *seq, state);
+            }
+            Frame::Poll {
+                peer,
+                cookie,
+                session,
+            } => {
+                if self.check_cookie(now, cookie, from, peer).is_none() {
+                    return self.error(&r, ErrorCode::BadCookie, Some(*session));
+                }
+                let Some(side) = self.side_of(*session, peer) else {
+                    return self.error(&r, ErrorCode::NoSession, Some(*session));
+                };
+                self.poll(&r, *session, side);
             }
             Frame::Decline {
                 peer,
                 cookie,
                 session,
+                reason,
                 sig,
             } => {
-                let s = match self.answer_session(now, &frame, from, peer, cookie, sig, *session) {
-                    Ok(s) => s,
-                    Err(code) => return self.error(local, from, n, code, Some(*session)),
-                };
-                if let Some(d) = self.sessions.get_mut(session) {
-                    d.declined = true;
+                if let Err(code) = self.authenticate(&r, &frame, peer, cookie, sig) {
+                    return self.error(&r, code, Some(*session));
                 }
-                // The initiator hears it once; a repeated Decline is only
-                // acknowledged again.
-                if let Some(a) = self.regs.get(&s.initiator).cloned().filter(|_| !s.declined) {
-                    self.send(
-                        a.local,
-                        a.addr,
-                        &Frame::Error {
-                            code: ErrorCode::Declined,
-                            session: Some(*session),
-                        },
-                    );
+                if self.side_of(*session, peer) != Some(SideOf::Target) {
+                    return self.error(&r, ErrorCode::NoSession, Some(*session));
                 }
-                // The acknowledgement, so the target stops retransmitting.
-                self.error(local, from, n, ErrorCode::Declined, Some(*session));
+                self.decline(&r, *session, *reason);
             }
             // Server-to-client frames arriving here are ignored.
             _ => {}
         }
+    }
+
+    fn register(
+        &mut self,
+        r: &Request,
+        peer: PeerId,
+        instance: u64,
+        info: PeerInfo,
+        rtt: Duration,
+    ) {
+        if !self.regs.contains_key(&peer) && self.regs.len() >= MAX_REGISTRATIONS {
+            self.stats.server_full += 1;
+            return self.error(r, ErrorCode::ServerFull, None);
+        }
+        let old = self.regs.get(&peer).cloned();
+        let displaced = match old {
+            // Another process with this key, still alive: it loses the
+            // registration and is told so.
+            Some(o) if o.instance != instance && o.expires > r.now => {
+                self.stats.displaced += 1;
+                self.push(
+                    o.local,
+                    o.addr,
+                    &Frame::Pong {
+                        status: RegStatus::HeldByOther,
+                    },
+                );
+                Some(Displaced {
+                    addr: o.addr,
+                    local: o.local,
+                    instance: o.instance,
+                    expires: r.now + REGISTRATION_TTL,
+                })
+            }
+            // The same process again (perhaps from a new address), or the
+            // old one expired: keep whatever it had displaced.
+            Some(o) => o.displaced.filter(|d| d.instance != instance),
+            None => None,
+        };
+        self.regs.insert(
+            peer,
+            Registration {
+                addr: r.from,
+                local: r.local,
+                instance,
+                info,
+                rtt,
+                expires: r.now + REGISTRATION_TTL,
+                displaced,
+            },
+        );
+        self.stats.registrations += 1;
+        let expires_s = REGISTRATION_TTL.as_secs() as u16;
+        self.send(
+            r.local,
+            r.from,
+            &Frame::Registered {
+                observed: r.from,
+                expires_s,
+            },
+        );
+    }
+
+    fn ping(&mut self, r: &Request, peer: PeerId, instance: u64) {
+        self.stats.pings += 1;
+        let status = match self.regs.get_mut(&peer) {
+            Some(reg) if reg.instance == instance && reg.addr == r.from => {
+                reg.expires = r.now + REGISTRATION_TTL;
+                RegStatus::Registered
+            }
+            // Only the displaced instance hears that another holds the key;
+            // anyone else learns nothing about the registration.
+            Some(reg)
+                if reg
+                    .displaced
+                    .is_some_and(|d| d.instance == instance && d.expires > r.now) =>
+            {
+                if let Some(d) = reg.displaced.as_mut() {
+                    d.addr = r.from;
+                    d.local = r.local;
+                    d.expires = r.now + REGISTRATION_TTL;
+                }
+                RegStatus::HeldByOther
+            }
+            _ => RegStatus::NotRegistered,
+        };
+        self.reply_unverified(r.local, r.from, r.len, &Frame::Pong { status });
+    }
+
+    fn unregister(&mut self, r: &Request, peer: PeerId, instance: u64) {
+        if self
+            .regs
+            .get(&peer)
+            .is_some_and(|reg| reg.instance == instance)
+        {
+            if let Some(old) = self.regs.remove(&peer) {
+                self.vacate(&old, r.now);
+            }
+        }
+        self.send(
+            r.local,
+            r.from,
+            &Frame::Pong {
+                status: RegStatus::NotRegistered,
+            },
+        );
+    }
+
+    /// A registration ended: the instance it displaced may come back.
+    fn vacate(&mut self, old: &Registration, now: Instant) {
+        if let Some(d) = old.displaced.filter(|d| d.expires > now) {
+            self.push(
+                d.local,
+                d.addr,
+                &Frame::Pong {
+                    status: RegStatus::NotRegistered,
+                },
+            );
+        }
+    }
+
+    fn connect(&mut self, r: &Request, me: Party, target: PeerId, session: u64) {
+        if let Some(s) = self.sessions.get(&session) {
+            if s.initiator.peer != me.peer || s.target.peer != target {
+                // Someone else's session number: refuse without revealing it.
+                return self.error(r, ErrorCode::NoSession, Some(session));
+            }
+            if let Some(reason) = s.declined {
+                return self.error(r, ErrorCode::Declined(reason), Some(session));
+            }
+            // A retransmission (our answer was lost or slow): introduce
+            // again, without spending the target's budget.
+            return self.introduce(r.now, session, false);
+        }
+        let Some(them) = self
+            .regs
+            .get(&target)
+            .filter(|t| t.expires > r.now)
+            .cloned()
+        else {
+            return self.error(r, ErrorCode::PeerOffline, Some(session));
+        };
+        if !self.targets.allow(r.now, target) {
+            self.stats.introduction_limited += 1;
+            let wait = self.targets.retry_after(r.now, target);
+            return self.error_after(r, ErrorCode::IntroductionLimit, Some(session), Some(wait));
+        }
+        if self.sessions.len() >= MAX_SESSIONS {
+            self.stats.server_full += 1;
+            return self.error(r, ErrorCode::ServerFull, Some(session));
+        }
+        self.stats.introductions += 1;
+        self.sessions.insert(
+            session,
+            Session {
+                target: Party {
+                    peer: target,
+                    instance: them.instance,
+                    addr: them.addr,
+                    local: them.local,
+                    rtt: them.rtt,
+                    state: None,
+                    seq: 0,
+                },
+                initiator: me,
+                expires: r.now + SESSION_TTL,
+                declined: None,
+                go: None,
+                incoming_at: None,
+            },
+        );
+        self.introduce(r.now, session, true);
+    }
+
+    /// Sends the initiator its `Peer` and the target its `Incoming`.
+    fn introduce(&mut self, now: Instant, session: u64, first: bool) {
+        let Some(s) = self.sessions.get(&session).cloned() else {
+            return;
+        };
+        let (a, b) = (&s.initiator, &s.target);
+        let b_info = self
+            .regs
+            .get(&b.peer)
+            .filter(|reg| reg.instance == b.instance)
+            .map(|reg| reg.info.clone())
+            .unwrap_or_default();
+        let (start_a, _) = stagger(a.rtt, b.rtt);
+        self.send(
+            a.local,
+            a.addr,
+            &Frame::Peer {
+                session,
+                peer: b.peer,
+                instance: b.instance,
+                observed: b.addr,
+                yours: a.addr,
+                info: b_info,
+                start_in_ms: start_a,
+            },
+        );
+        self.introduce_target(now, session, first);
+    }
+
+    /// The target's `Incoming`: hedged, and repeated (now and then) while
+    /// the initiator asks and the target has not answered.
+    fn introduce_target(&mut self, now: Instant, session: u64, first: bool) {
+        // The target may have registered again (a new address after its NAT
+        // dropped the mapping): introduce it where it is now.
+        if let Some(s) = self.sessions.get_mut(&session) {
+            if let Some(reg) = self
+                .regs
+                .get(&s.target.peer)
+                .filter(|reg| reg.instance == s.target.instance)
+            {
+                s.target.addr = reg.addr;
+                s.target.local = reg.local;
+                s.target.rtt = reg.rtt;
+            }
+        }
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let due = s
+            .incoming_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= INCOMING_REPEAT);
+        if !(first || (s.target.state.is_none() && due)) {
+            return;
+        }
+        s.incoming_at = Some(now);
+        let s = s.clone();
+        let (a, b) = (&s.initiator, &s.target);
+        let Some(a_state) = a.state.clone() else {
+            return;
+        };
+        let (_, start_b) = stagger(a.rtt, b.rtt);
+        self.push(
+            b.local,
+            b.addr,
+            &Frame::Incoming {
+                session,
+                from: a.peer,
+                instance: a.instance,
+                observed: a.addr,
+                offer: a_state.offer,
+                info: a_state.info,
+                fresh: a_state.fresh,
+                start_in_ms: start_b,
+            },
+        );
+    }
+
+    /// A side's new state (Accept or Update): acknowledged with the other
+    /// side's state, and pushed to the other side.
+    fn new_state(&mut self, r: &Request, session: u64, side: SideOf, seq: u32, state: PartyState) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if let Some(reason) = s.declined {
+            return self.error(r, ErrorCode::Declined(reason), Some(session));
+        }
+        let party = s.party_mut(side);
+        // The newest state wins; a late retransmission of an older one is
+        // only acknowledged again.
+        let newer = party.state.is_none() || seq > party.seq;
+        // The side may have moved (a NAT rebinding): answer where it is.
+        party.addr = r.from;
+        party.local = r.local;
+        if newer {
+            party.seq = seq;
+            party.state = Some(state);
+        }
+        let started = s.go.is_none();
+        self.maybe_go(r.now, session);
+        let go_now = started && self.sessions.get(&session).is_some_and(|s| s.go.is_some());
+        self.sync_to(r.now, session, side, false);
+        if newer || go_now {
+            self.sync_to(r.now, session, side.other(), true);
+        }
+    }
+
+    fn poll(&mut self, r: &Request, session: u64, side: SideOf) {
+        if let Some(reason) = self.sessions.get(&session).and_then(|s| s.declined) {
+            return self.error(r, ErrorCode::Declined(reason), Some(session));
+        }
+        if let Some(s) = self.sessions.get_mut(&session) {
+            let party = s.party_mut(side);
+            party.addr = r.from;
+            party.local = r.local;
+        }
+        self.sync_to(r.now, session, side, false);
+        // An initiator still waiting: the target may have missed its
+        // Incoming, so it gets it again (now and then).
+        if side == SideOf::Initiator {
+            self.introduce_target(r.now, session, false);
+        }
+    }
+
+    /// Both mappings known and the target accepted: fix the start.
+    fn maybe_go(&mut self, now: Instant, session: u64) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if s.go.is_some() || !s.initiator.mapping_known() || !s.target.mapping_known() {
+            return;
+        }
+        let half = |d: Duration| d / 2;
+        s.go = Some(now + half(s.initiator.rtt.max(s.target.rtt)) + START_MARGIN);
+    }
+
+    /// Sends one side the other side's state.
+    fn sync_to(&mut self, now: Instant, session: u64, to: SideOf, pushed: bool) {
+        let Some(s) = self.sessions.get(&session) else {
+            return;
+        };
+        let me = s.party(to);
+        let other = s.party(to.other());
+        // The delay from when this side receives the frame (half its RTT
+        // from now) to the common start.
+        let start_in_ms = s.go.map(|go| {
+            let arrives = now + me.rtt / 2;
+            ms16(go.saturating_duration_since(arrives))
+        });
+        let frame = Frame::Sync {
+            session,
+            ack: me.seq,
+            peer: other.state.clone(),
+            start_in_ms,
+        };
+        let (local, addr) = (me.local, me.addr);
+        if pushed {
+            self.push(local, addr, &frame);
+        } else {
+            self.send(local, addr, &frame);
+        }
+    }
+
+    fn decline(&mut self, r: &Request, session: u64, reason: DeclineReason) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let first = s.declined.is_none();
+        s.declined = Some(reason);
+        let (a_local, a_addr) = (s.initiator.local, s.initiator.addr);
+        // The initiator hears it once; a repeated Decline is only
+        // acknowledged again.
+        if first {
+            self.push(
+                a_local,
+                a_addr,
+                &Frame::Error {
+                    code: ErrorCode::Declined(reason),
+                    session: Some(session),
+                    retry_after_ms: None,
+                },
+            );
+        }
+        // The acknowledgement, so the target stops retransmitting.
+        self.error(r, ErrorCode::Declined(reason), Some(session));
     }
 
     /// Drops expired registrations and sessions (a full sweep at most once a
@@ -512,7 +955,17 @@ impl RendezvousServer {
             return;
         }
         self.last_sweep = Some(now);
-        self.regs.retain(|_, r| r.expires > now);
+        let gone: Vec<PeerId> = self
+            .regs
+            .iter()
+            .filter(|(_, r)| r.expires <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in gone {
+            if let Some(old) = self.regs.remove(&p) {
+                self.vacate(&old, now);
+            }
+        }
         self.sessions.retain(|_, s| s.expires > now);
     }
 
@@ -521,15 +974,51 @@ impl RendezvousServer {
     }
 }
 
+/// What the handlers need of the datagram at hand.
+struct Request {
+    now: Instant,
+    local: SocketAddr,
+    from: SocketAddr,
+    len: usize,
+}
+
+impl SideOf {
+    fn other(self) -> SideOf {
+        match self {
+            SideOf::Initiator => SideOf::Target,
+            SideOf::Target => SideOf::Initiator,
+        }
+    }
+}
+
+impl Session {
+    fn party(&self, side: SideOf) -> &Party {
+        match side {
+            SideOf::Initiator => &self.initiator,
+            SideOf::Target => &self.target,
+        }
+    }
+
+    fn party_mut(&mut self, side: SideOf) -> &mut Party {
+        match side {
+            SideOf::Initiator => &mut self.initiator,
+            SideOf::Target => &mut self.target,
+        }
+    }
+}
+
+fn ms16(d: Duration) -> u16 {
+    d.as_millis().min(u128::from(u16::MAX)) as u16
+}
+
 /// Start delays (ms) for two peers so their first probes leave together:
 /// the server sends both messages now, each arrives after half its RTT.
 fn stagger(rtt_a: Duration, rtt_b: Duration) -> (u16, u16) {
     let half = |d: Duration| d / 2;
     let t = half(rtt_a.max(rtt_b)) + START_MARGIN;
-    let ms = |d: Duration| d.as_millis().min(u128::from(u16::MAX)) as u16;
     (
-        ms(t.saturating_sub(half(rtt_a))),
-        ms(t.saturating_sub(half(rtt_b))),
+        ms16(t.saturating_sub(half(rtt_a))),
+        ms16(t.saturating_sub(half(rtt_b))),
     )
 }
 

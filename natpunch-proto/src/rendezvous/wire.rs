@@ -4,6 +4,22 @@
 //! punch probes (0x2B) and QUIC (0x40-0xFF) on the one UDP socket (RFC 7983
 //! style demultiplexing). A frame never exceeds [`MAX_FRAME`], so decoding
 //! allocates at most that much whatever the input.
+//!
+//! The exchange, for one introduction (A connects to the listener B):
+//!
+//! ```text
+//! A → S  Hello                      S → A  Challenge(cookie)
+//! A → S  Connect(cookie, facts)     S → A  Peer(B's facts, start)     S → B  Incoming(A's facts, start)
+//! B → S  Accept(facts, fresh)       S → B  Sync(…)                    S → A  Sync(B's offer, facts)
+//! either → S  Update(later facts)   S → sender Sync(ack)             S → other Sync(new facts)
+//! either → S  Poll                  S → sender Sync (the other side's latest state, and Go)
+//! ```
+//!
+//! Facts that are still being measured are marked [`Pending`]; the side
+//! sends an `Update` when they are known, and the server hands both sides
+//! one coordinated start for prediction (`Sync.start_in_ms`) once both
+//! mappings are known. A listener (an endpoint that accepts sessions)
+//! registers and sends `Ping` heartbeats; a connector needs only a cookie.
 
 use std::net::SocketAddr;
 
@@ -14,13 +30,39 @@ use crate::nat::{AllocationKind, Behaviour, NatReport};
 
 /// First byte of every rendezvous frame.
 pub const MAGIC: u8 = 0x2A;
-/// The wire version this code speaks.
-pub const VERSION: u8 = 1;
+/// The wire version this code speaks. Version 2: connectors need no
+/// registration, facts can arrive late (`Update`/`Sync`), heartbeats.
+pub const VERSION: u8 = 2;
 /// Largest frame: below the 1280-byte IPv6 minimum MTU minus headers, so a
 /// frame is never fragmented.
 pub const MAX_FRAME: usize = 1200;
 /// Host candidates a peer may announce (LAN addresses, forwarded ports).
 pub const MAX_CANDIDATES: usize = 8;
+
+/// Facts not measured yet: an `Update` will bring them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Pending {
+    /// Mapping behaviour and port allocation (one or two round trips).
+    pub mapping: bool,
+    /// Filtering behaviour (the slowest: it waits for answers that may
+    /// never come).
+    pub filtering: bool,
+    /// The limited TTL that opens our NAT(s).
+    pub hops: bool,
+}
+
+impl Pending {
+    /// Nothing measured yet.
+    pub const ALL: Pending = Pending {
+        mapping: true,
+        filtering: true,
+        hops: true,
+    };
+
+    pub fn any(&self) -> bool {
+        self.mapping || self.filtering || self.hops
+    }
+}
 
 /// What a peer knows of its NAT, as the other side needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -33,6 +75,8 @@ pub struct NatSummary {
     pub opener_ttl: Option<u8>,
     /// Whether a NAT was seen at all (`Some(false)`: public address).
     pub nat: Option<bool>,
+    /// What is still being measured (`None` above then means "not yet").
+    pub pending: Pending,
 }
 
 impl NatSummary {
@@ -44,6 +88,15 @@ impl NatSummary {
             delta: r.allocation.delta,
             opener_ttl,
             nat: r.nat,
+            pending: Pending::default(),
+        }
+    }
+
+    /// Nothing known yet, everything on its way.
+    pub fn measuring() -> Self {
+        Self {
+            pending: Pending::ALL,
+            ..Self::default()
         }
     }
 }
@@ -74,6 +127,29 @@ pub struct Offer {
     pub sig: Vec<u8>,
 }
 
+/// Why a target turned an introduction down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum DeclineReason {
+    /// The target does not accept sessions (it only connects out).
+    NotAccepting,
+    /// The target's allow list does not name the initiator.
+    NotAllowed,
+    /// The target has as many attempts under way as it allows.
+    Busy,
+}
+
+impl DeclineReason {
+    /// A stable machine-readable name.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DeclineReason::NotAccepting => "not-accepting",
+            DeclineReason::NotAllowed => "not-allowed",
+            DeclineReason::Busy => "busy",
+        }
+    }
+}
+
 /// Why the server refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -81,35 +157,60 @@ pub enum ErrorCode {
     /// The target is not registered (unknown or offline: deliberately one
     /// answer, so IDs cannot be probed for existence beyond "online").
     PeerOffline,
-    /// Register first.
-    NotRegistered,
     /// The cookie is missing, stale or for another address: say Hello.
     BadCookie,
     BadSignature,
-    RateLimited,
     /// The frame's version is not spoken here.
     UnsupportedVersion,
-    /// The session is unknown or expired.
+    /// The session is unknown, expired, or not the sender's.
     NoSession,
     /// The target declined.
-    Declined,
+    Declined(DeclineReason),
+    /// The target's budget of introductions is spent for now; the error's
+    /// `retry_after_ms` says when the next one is possible.
+    IntroductionLimit,
+    /// The server holds as many registrations or sessions as it may.
+    ServerFull,
 }
 
 impl ErrorCode {
-    pub fn describe(&self) -> &'static str {
+    /// A stable machine-readable name.
+    pub fn code(&self) -> &'static str {
         match self {
-            ErrorCode::PeerOffline => "peer is offline or unknown",
-            ErrorCode::NotRegistered => "not registered with the server",
-            ErrorCode::BadCookie => "stale address cookie",
-            ErrorCode::BadSignature => "signature does not match the peer ID",
-            ErrorCode::RateLimited => "rate-limited by the server",
-            ErrorCode::UnsupportedVersion => "server speaks another protocol version",
-            ErrorCode::NoSession => "session unknown or expired",
-            ErrorCode::Declined => {
-                "the peer declined: it does not accept sessions, or not from us (--allow)"
-            }
+            ErrorCode::PeerOffline => "offline",
+            ErrorCode::BadCookie => "bad-cookie",
+            ErrorCode::BadSignature => "bad-signature",
+            ErrorCode::UnsupportedVersion => "unsupported-version",
+            ErrorCode::NoSession => "no-session",
+            ErrorCode::Declined(_) => "declined",
+            ErrorCode::IntroductionLimit => "introduction-limit",
+            ErrorCode::ServerFull => "server-full",
         }
     }
+}
+
+/// A listener's registration as the server sees it (the answer to a
+/// heartbeat).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum RegStatus {
+    /// Registered, at the address the ping came from.
+    Registered,
+    /// Not registered here (never, expired, the server restarted, or our
+    /// address changed): register again.
+    NotRegistered,
+    /// Another process with this key registered after us and holds the
+    /// registration; told only to the instance it displaced.
+    HeldByOther,
+}
+
+/// One side's state of an introduction, as the server relays it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartyState {
+    pub offer: Offer,
+    pub info: PeerInfo,
+    /// A mapping taken just before punching (port prediction).
+    pub fresh: Option<SocketAddr>,
 }
 
 /// Every rendezvous message.
@@ -119,34 +220,42 @@ pub enum Frame {
     Hello { peer: PeerId },
     /// Server → client.
     Challenge { cookie: Cookie },
-    /// Client → server, signed.
+    /// Listener → server, signed: make me reachable under my ID.
+    /// `instance` tells two processes with one key apart.
     Register {
         peer: PeerId,
+        instance: u64,
         cookie: Cookie,
         info: PeerInfo,
         sig: Vec<u8>,
     },
-    /// Server → client: the address the server saw.
+    /// Server → listener: the address the server saw.
     Registered {
         observed: SocketAddr,
         expires_s: u16,
     },
-    /// Client → server, signed: connect me to `target`. `fresh` is a
-    /// mapping taken just now (for port prediction).
+    /// Client → server, signed: connect me to `target`. Carries our facts
+    /// (maybe still pending) and a fresh mapping if we have one.
     Connect {
         peer: PeerId,
+        instance: u64,
         target: PeerId,
         cookie: Cookie,
         session: u64,
         offer: Offer,
+        info: PeerInfo,
         fresh: Option<SocketAddr>,
         sig: Vec<u8>,
     },
-    /// Server → initiator: the target's registration, and when to start.
+    /// Server → initiator: the target's registration, and when to start
+    /// the first probes. Acknowledges `Connect`. `yours` is the address
+    /// the Connect came from (a connector has no registration to learn it).
     Peer {
         session: u64,
         peer: PeerId,
+        instance: u64,
         observed: SocketAddr,
+        yours: SocketAddr,
         info: PeerInfo,
         start_in_ms: u16,
     },
@@ -154,44 +263,110 @@ pub enum Frame {
     Incoming {
         session: u64,
         from: PeerId,
+        instance: u64,
         observed: SocketAddr,
-        info: PeerInfo,
         offer: Offer,
+        info: PeerInfo,
         fresh: Option<SocketAddr>,
         start_in_ms: u16,
     },
-    /// Target → server, signed: my fresh mapping and my offer.
+    /// Target → server, signed: my offer, facts and fresh mapping.
     Accept {
         peer: PeerId,
         cookie: Cookie,
         session: u64,
         offer: Offer,
+        info: PeerInfo,
         fresh: Option<SocketAddr>,
         sig: Vec<u8>,
     },
-    /// Server → initiator: the target's answer.
-    Accepted {
+    /// Either side → server, signed: facts measured since (`seq` counts
+    /// up from 1; the `Connect` or `Accept` was 0).
+    Update {
+        peer: PeerId,
+        cookie: Cookie,
         session: u64,
-        offer: Offer,
+        seq: u32,
+        info: PeerInfo,
         fresh: Option<SocketAddr>,
-        start_in_ms: u16,
+        sig: Vec<u8>,
     },
-    /// Server → target: go (after its Accept was forwarded).
-    Go { session: u64, start_in_ms: u16 },
-    Error {
-        code: ErrorCode,
-        session: Option<u64>,
+    /// Either side → server: what is new in this session? (The cookie
+    /// proves the address; the 64-bit session number is known only to the
+    /// two sides and the server.)
+    Poll {
+        peer: PeerId,
+        cookie: Cookie,
+        session: u64,
     },
-    /// Target → server, signed: I will not take this session (not
-    /// accepting, or the initiator is not on my allow list). The server
-    /// tells the initiator (`Error` `Declined`) and acknowledges with the
-    /// same error.
+    /// Server → one side: the other side's latest state (once it has
+    /// spoken), the last of our states the server holds (`ack`), and, once
+    /// both mappings are known, when to start prediction.
+    Sync {
+        session: u64,
+        ack: u32,
+        peer: Option<PartyState>,
+        start_in_ms: Option<u16>,
+    },
+    /// Target → server, signed: I will not take this session. The server
+    /// tells the initiator and acknowledges with the same error.
     Decline {
         peer: PeerId,
         cookie: Cookie,
         session: u64,
+        reason: DeclineReason,
         sig: Vec<u8>,
     },
+    Error {
+        code: ErrorCode,
+        session: Option<u64>,
+        /// For limits: when trying again can succeed.
+        retry_after_ms: Option<u32>,
+    },
+    /// Listener → server, every few seconds: am I still registered here?
+    /// Keeps the NAT mapping toward the server open too.
+    Ping { peer: PeerId, instance: u64 },
+    /// Server → listener: the answer to a `Ping`, or pushed when another
+    /// instance takes over the registration or gives it back.
+    Pong { status: RegStatus },
+    /// Listener → server, signed: I am going away (clean exit).
+    Unregister {
+        peer: PeerId,
+        instance: u64,
+        cookie: Cookie,
+        sig: Vec<u8>,
+    },
+}
+
+impl Frame {
+    /// The peer information a frame carries, for the candidate limit.
+    fn info(&self) -> Option<&PeerInfo> {
+        match self {
+            Frame::Register { info, .. }
+            | Frame::Connect { info, .. }
+            | Frame::Peer { info, .. }
+            | Frame::Incoming { info, .. }
+            | Frame::Accept { info, .. }
+            | Frame::Update { info, .. } => Some(info),
+            Frame::Sync {
+                peer: Some(state), ..
+            } => Some(&state.info),
+            _ => None,
+        }
+    }
+
+    /// The signature field of a signed frame.
+    pub fn sig_mut(&mut self) -> Option<&mut Vec<u8>> {
+        match self {
+            Frame::Register { sig, .. }
+            | Frame::Connect { sig, .. }
+            | Frame::Accept { sig, .. }
+            | Frame::Update { sig, .. }
+            | Frame::Decline { sig, .. }
+            | Frame::Unregister { sig, .. } => Some(sig),
+            _ => None,
+        }
+    }
 }
 
 /// Why a datagram is not a frame we accept.
@@ -233,12 +408,7 @@ pub fn decode(buf: &[u8]) -> Result<Frame, WireError> {
     match buf {
         [MAGIC, VERSION, body @ ..] => {
             let frame: Frame = postcard::from_bytes(body).map_err(|_| WireError::Malformed)?;
-            let count = match &frame {
-                Frame::Register { info, .. }
-                | Frame::Peer { info, .. }
-                | Frame::Incoming { info, .. } => info.candidates.len(),
-                _ => 0,
-            };
+            let count = frame.info().map_or(0, |i| i.candidates.len());
             if count > MAX_CANDIDATES {
                 return Err(WireError::TooManyCandidates { count });
             }
@@ -253,19 +423,15 @@ pub fn decode(buf: &[u8]) -> Result<Frame, WireError> {
 /// so that signer and verifier agree byte for byte.
 pub fn signed_bytes(frame: &Frame) -> Vec<u8> {
     let mut f = frame.clone();
-    match &mut f {
-        Frame::Register { sig, .. }
-        | Frame::Connect { sig, .. }
-        | Frame::Accept { sig, .. }
-        | Frame::Decline { sig, .. } => sig.clear(),
-        _ => {}
+    if let Some(sig) = f.sig_mut() {
+        sig.clear();
     }
     postcard::to_allocvec(&f).unwrap_or_default()
 }
 
 /// Signature contexts (domain separation).
 pub mod context {
-    pub const FRAME: &[u8] = b"natpunch/rendezvous-frame/v1";
+    pub const FRAME: &[u8] = b"natpunch/rendezvous-frame/v2";
     pub const OFFER: &[u8] = b"natpunch/punch-offer/v1";
 }
 

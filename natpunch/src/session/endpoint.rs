@@ -17,10 +17,12 @@
 //! # let _ = reply; Ok(()) }
 //! ```
 //!
-//! One [`Endpoint`] is one peer process: one identity, one registration
-//! with a rendezvous server, one main UDP socket. `connect` punches a hole
-//! to a peer and runs a QUIC handshake through it; `accept` yields the
-//! sessions other peers started (when [`EndpointConfig::accept`] is set).
+//! One [`Endpoint`] is one peer process: one identity, one main UDP
+//! socket (plus what punching needs), one quinn endpoint over all of them.
+//! `connect` punches a hole to a peer and runs a QUIC handshake through it;
+//! connects to many peers run at once. With [`EndpointConfig::accept`] it
+//! registers with the rendezvous server and `accept` yields the sessions
+//! other peers started.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -29,11 +31,14 @@ use std::time::Duration;
 
 use natpunch_proto::identity::{Identity, PeerId};
 use natpunch_proto::punch::PunchConfig;
+use natpunch_proto::rendezvous::wire::DeclineReason;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::socket::MuxSocket;
-use super::{close, tls, transport, Connection, Internal, SessionError, HANDSHAKE_TIMEOUT};
-use crate::peer::{self, PeerConfig, PeerEvent};
+use super::socket::PathSocket;
+use super::{
+    close, tls, transport, Connection, Internal, SessionError, CLOSE_LINGER, HANDSHAKE_TIMEOUT,
+};
+use crate::peer::{self, PeerConfig, PeerError, PeerEvent};
 
 /// Settings of an [`Endpoint`].
 #[derive(Debug, Clone)]
@@ -83,6 +88,8 @@ pub(crate) enum UserCommand {
         addr: SocketAddr,
         reply: oneshot::Sender<Result<Connection, SessionError>>,
     },
+    /// Leave cleanly (unregister), then stop.
+    Close { done: oneshot::Sender<()> },
 }
 
 /// What the driver and the session tasks share.
@@ -98,49 +105,51 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// A quinn endpoint on socket `index` (accepting, if we accept).
+    /// The one quinn endpoint, over every socket the path table owns
+    /// (accepting, if we accept).
     pub fn quic_endpoint(
         self: &Arc<Self>,
-        mux: Arc<MuxSocket>,
-        index: usize,
+        socket: Arc<PathSocket>,
     ) -> Result<quinn::Endpoint, SessionError> {
         let mut ec = quinn::EndpointConfig::default();
         // Every QUIC packet keeps its fixed bit, so the first byte tells it
         // from STUN and our frames (RFC 9287 greasing would blur that).
         ec.grease_quic_bit(false);
+        // Our connection IDs have the length the path table parses.
+        ec.cid_generator(|| Box::new(RandomCids));
         let ep = quinn::Endpoint::new_with_abstract_socket(
             ec,
             self.server.clone(),
-            mux.clone(),
+            socket.clone(),
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(SessionError::Socket)?;
         if self.server.is_some() {
-            tokio::spawn(accept_loop(ep.clone(), mux, index, self.clone()));
+            tokio::spawn(accept_loop(ep.clone(), socket, self.clone()));
         }
         Ok(ep)
     }
 
-    /// Runs the QUIC handshake to `peer` at `remote` over socket `index`.
+    /// Runs the QUIC handshake to `peer` on the route quinn knows as
+    /// `mapped` (whose real address, for messages, is `real`).
     pub async fn dial(
         self: Arc<Self>,
         ep: quinn::Endpoint,
-        mux: Arc<MuxSocket>,
-        index: usize,
-        remote: SocketAddr,
+        socket: Arc<PathSocket>,
+        mapped: SocketAddr,
+        real: SocketAddr,
         peer: PeerId,
     ) -> Result<Connection, SessionError> {
         let (crypto, mismatch) = tls::client_crypto(&self.identity, peer)?;
         let mut cc = quinn::ClientConfig::new(crypto);
         cc.transport_config(self.transport.clone());
-        let connecting = ep.connect_with(cc, remote, "natpunch")?;
+        let connecting = ep.connect_with(cc, mapped, "natpunch")?;
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
             Ok(Ok(conn)) => Ok(Connection::start(
                 ep,
                 conn,
                 peer,
-                mux,
-                index,
+                socket,
                 true,
                 self.internal.clone(),
             )),
@@ -148,24 +157,43 @@ impl Shared {
                 Some(got) => SessionError::WrongKey {
                     expected: peer,
                     got,
-                    remote,
+                    remote: real,
                 },
                 None => SessionError::Handshake {
                     peer,
-                    remote,
+                    remote: real,
                     source,
                 },
             }),
             Err(_) => Err(SessionError::HandshakeTimeout {
                 peer,
-                remote,
+                remote: real,
                 secs: HANDSHAKE_TIMEOUT.as_secs(),
             }),
         }
     }
 }
 
-async fn accept_loop(ep: quinn::Endpoint, mux: Arc<MuxSocket>, index: usize, shared: Arc<Shared>) {
+/// Random connection IDs of the length the path table parses
+/// ([`super::socket::CID_LEN`]), never retired by age.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let bytes: [u8; super::socket::CID_LEN] = rand::random();
+        quinn::ConnectionId::new(&bytes)
+    }
+
+    fn cid_len(&self) -> usize {
+        super::socket::CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+async fn accept_loop(ep: quinn::Endpoint, socket: Arc<PathSocket>, shared: Arc<Shared>) {
     loop {
         let incoming = tokio::select! {
             i = ep.accept() => i,
@@ -176,9 +204,10 @@ async fn accept_loop(ep: quinn::Endpoint, mux: Arc<MuxSocket>, index: usize, sha
             ep.set_server_config(None);
             return;
         };
-        let (mux, shared, ep) = (mux.clone(), shared.clone(), ep.clone());
+        let (socket, shared, ep) = (socket.clone(), shared.clone(), ep.clone());
         tokio::spawn(async move {
-            let remote = incoming.remote_address();
+            let mapped = incoming.remote_address();
+            let remote = socket.path_of(mapped).map_or(mapped, |p| p.remote);
             let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
                 Ok(Ok(c)) => c,
                 Ok(Err(e)) => {
@@ -202,17 +231,20 @@ async fn accept_loop(ep: quinn::Endpoint, mux: Arc<MuxSocket>, index: usize, sha
                 conn.close(close::NOT_ALLOWED.into(), reason.as_bytes());
                 let _ = shared.events.try_send(PeerEvent::Refused {
                     peer_id: peer,
-                    reason,
+                    reason: DeclineReason::NotAllowed,
                 });
                 return;
             }
-            let c = Connection::start(ep, conn, peer, mux, index, false, shared.internal.clone());
+            let c = Connection::start(ep, conn, peer, socket, false, shared.internal.clone());
             if shared.incoming.send(c.clone()).await.is_err() {
                 c.close(close::INTERRUPTED, "not accepting sessions");
             }
         });
     }
 }
+
+/// How the endpoint's task ended.
+type Finished = Option<Result<(), Arc<PeerError>>>;
 
 /// One peer process; see the module documentation.
 #[derive(Debug)]
@@ -221,12 +253,13 @@ pub struct Endpoint {
     commands: mpsc::Sender<UserCommand>,
     incoming: tokio::sync::Mutex<mpsc::Receiver<Connection>>,
     events: Mutex<Option<mpsc::Receiver<PeerEvent>>>,
-    finished: watch::Receiver<Option<Result<(), String>>>,
+    finished: watch::Receiver<Finished>,
 }
 
 impl Endpoint {
-    /// Starts the endpoint: NAT discovery, then registration, in the
-    /// background. Must be called inside a tokio runtime.
+    /// Starts the endpoint: registration (if it accepts sessions) at once,
+    /// NAT discovery in the background. Must be called inside a tokio
+    /// runtime.
     pub fn bind(config: EndpointConfig) -> Result<Self, SessionError> {
         let peer_id = config.peer.identity.peer_id();
         let transport = transport(config.idle_timeout);
@@ -245,8 +278,8 @@ impl Endpoint {
         // us); internal messages are a few per session per second.
         let (events_tx, events_rx) = mpsc::channel(1024);
         let (incoming_tx, incoming_rx) = mpsc::channel(64);
-        let (internal_tx, internal_rx) = mpsc::channel(256);
-        let (commands_tx, commands_rx) = mpsc::channel(16);
+        let (internal_tx, internal_rx) = mpsc::channel(1024);
+        let (commands_tx, commands_rx) = mpsc::channel(64);
         let (finished_tx, finished_rx) = watch::channel(None);
         let shared = Arc::new(Shared {
             identity: config.peer.identity.clone(),
@@ -259,7 +292,7 @@ impl Endpoint {
         });
         tokio::spawn(async move {
             let r = peer::run(config.peer, shared, commands_rx, internal_rx).await;
-            let _ = finished_tx.send(Some(r.map_err(|e| e.to_string())));
+            let _ = finished_tx.send(Some(r.map_err(Arc::new)));
         });
         Ok(Self {
             peer_id,
@@ -275,7 +308,7 @@ impl Endpoint {
         self.peer_id
     }
 
-    /// Progress events (NAT measured, registered, punching, sessions), for
+    /// Progress events (registered, punching, sessions, NAT measured), for
     /// a UI or `--json`. Can be taken once; untaken events are dropped.
     pub fn events(&self) -> Option<mpsc::Receiver<PeerEvent>> {
         self.events.lock().unwrap_or_else(|e| e.into_inner()).take()
@@ -283,15 +316,15 @@ impl Endpoint {
 
     /// Punches through to `peer` and runs the QUIC handshake. The
     /// connection is authenticated: the other side proved it holds the key
-    /// of `peer`.
+    /// of `peer`. Connects to different peers run at once.
     pub async fn connect(&self, peer: PeerId) -> Result<Connection, SessionError> {
         self.request(|reply| UserCommand::Connect { peer, reply })
             .await
     }
 
     /// Connects to `peer` at a known address (a public or forwarded port),
-    /// without an introduction or punching (the endpoint still measures
-    /// its NAT at start). The peer must still prove its key.
+    /// without an introduction or punching. The peer must still prove its
+    /// key.
     pub async fn connect_addr(
         &self,
         peer: PeerId,
@@ -308,11 +341,11 @@ impl Endpoint {
     ) -> Result<Connection, SessionError> {
         let (reply, rx) = oneshot::channel();
         if self.commands.send(command(reply)).await.is_err() {
-            return Err(SessionError::Stopped(self.stop_reason().await));
+            return Err(SessionError::Stopped(self.stop_error().await));
         }
         match rx.await {
             Ok(r) => r,
-            Err(_) => Err(SessionError::Stopped(self.stop_reason_now())),
+            Err(_) => Err(SessionError::Stopped(self.stop_error_now())),
         }
     }
 
@@ -327,31 +360,40 @@ impl Endpoint {
         }
     }
 
-    /// Waits until the endpoint stops (only on a fatal error, or when
-    /// punch-only mode is done) and returns why.
-    pub async fn finished(&self) -> Result<(), SessionError> {
-        let mut finished = self.finished.clone();
-        let r = match finished.wait_for(|f| f.is_some()).await {
-            Ok(f) => f.clone().unwrap_or(Ok(())),
-            Err(_) => Err("the endpoint's task ended".into()),
-        };
-        r.map_err(SessionError::Stopped)
+    /// Leaves cleanly: a listener unregisters, so the server stops
+    /// introducing others to it at once. Live sessions go on.
+    pub async fn close(&self) {
+        let (done, rx) = oneshot::channel();
+        if self
+            .commands
+            .send(UserCommand::Close { done })
+            .await
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(CLOSE_LINGER, rx).await;
+        }
     }
 
-    async fn stop_reason(&self) -> String {
-        match self.finished().await {
-            Ok(()) => "it was shut down".into(),
-            Err(SessionError::Stopped(why)) => why,
-            Err(e) => e.to_string(),
+    /// Waits until the endpoint stops (a fatal error, a close, or when
+    /// punch-only mode is done) and returns why.
+    pub async fn finished(&self) -> Result<(), SessionError> {
+        match self.stop_error().await {
+            None => Ok(()),
+            Some(e) => Err(SessionError::Stopped(Some(e))),
         }
+    }
+
+    async fn stop_error(&self) -> Option<Arc<PeerError>> {
+        let mut finished = self.finished.clone();
+        let r = match finished.wait_for(|f| f.is_some()).await {
+            Ok(f) => f.clone().and_then(|r| r.err()),
+            Err(_) => None,
+        };
+        r
     }
 
     /// Why a request got no answer: the driver's error if it stopped.
-    fn stop_reason_now(&self) -> String {
-        match &*self.finished.borrow() {
-            Some(Err(e)) => e.clone(),
-            Some(Ok(())) => "it was shut down".into(),
-            None => "the request was dropped".into(),
-        }
+    fn stop_error_now(&self) -> Option<Arc<PeerError>> {
+        self.finished.borrow().clone().and_then(|r| r.err())
     }
 }

@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use natpunch_proto::coordinator::ConnectError;
 use natpunch_proto::identity::PeerId;
 use tokio::sync::mpsc;
 
@@ -50,13 +51,8 @@ pub const STALL_AFTER: Duration = Duration::from_millis(1500);
 /// small datagrams, so a pause in a transfer may trigger it harmlessly).
 pub const ACTIVE_GAP: Duration = Duration::from_millis(200);
 
-/// The side that re-punches waits this long first, so that the other
-/// side's registration refresh reaches the server before the
-/// introduction does.
-pub const REPUNCH_DELAY: Duration = Duration::from_millis(800);
-
-/// Minimum spacing of re-punch attempts for one session (one punch attempt
-/// with its rendezvous round trips fits in it).
+/// A stalled route is reported again at most this often (the coordinator's
+/// re-punch spacing, `coordinator::defaults::REPUNCH_EVERY`).
 pub const REPUNCH_EVERY: Duration = Duration::from_secs(4);
 
 /// The QUIC handshake must finish in this long once the hole is punched
@@ -82,7 +78,7 @@ pub mod close {
     pub const ERROR: u32 = 3;
 }
 
-/// Why a session could not be set up or ended.
+/// Why a session could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SessionError {
@@ -110,12 +106,129 @@ pub enum SessionError {
         secs: u64,
     },
     #[error("cannot start the QUIC handshake: {0}")]
-    Connect(#[from] quinn::ConnectError),
-    #[error("could not reach {peer}: {reason}")]
-    Punch { peer: PeerId, reason: String },
-    #[error("the endpoint stopped: {0}")]
-    Stopped(String),
+    QuicConnect(#[from] quinn::ConnectError),
+    /// The coordinator found no way to the peer (offline, declined, no
+    /// path, …): the typed reason.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The endpoint stopped (its fatal error), or was shut down (`None`).
+    #[error("the endpoint stopped: {}", .0.as_deref().map_or("it was shut down".to_string(), |e| chain(e)))]
+    Stopped(Option<Arc<crate::peer::PeerError>>),
 }
+
+/// An error and its sources, in one line ("cannot bind …: Address in use").
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+impl SessionError {
+    /// A stable machine-readable name (the `code` of `--json` events).
+    pub fn code(&self) -> &'static str {
+        match self {
+            SessionError::Tls(_) => "tls",
+            SessionError::Socket(_) => "socket",
+            SessionError::WrongKey { .. } => "wrong-key",
+            SessionError::Handshake { .. } => "handshake-failed",
+            SessionError::HandshakeTimeout { .. } => "handshake-timeout",
+            SessionError::QuicConnect(_) => "quic-connect",
+            SessionError::Connect(e) => e.code(),
+            SessionError::Stopped(Some(e)) => e.code(),
+            SessionError::Stopped(None) => "stopped",
+        }
+    }
+}
+
+/// Why a session ended, as data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEnd {
+    /// Both sides finished (`close::DONE`).
+    Done,
+    /// The peer closed it with an application code and its reason.
+    PeerClosed { code: u64, reason: String },
+    /// We closed it.
+    LocallyClosed,
+    /// The path was silent for the idle timeout.
+    TimedOut,
+    /// The peer no longer knows the session (it restarted).
+    Reset,
+    /// Another transport error.
+    Transport(String),
+    /// Not over.
+    Open,
+}
+
+impl SessionEnd {
+    /// Why `conn` ended.
+    pub fn of(conn: &Connection) -> Self {
+        Self::of_quic(conn.quic())
+    }
+
+    pub(crate) fn of_quic(conn: &quinn::Connection) -> Self {
+        match conn.close_reason() {
+            None => SessionEnd::Open,
+            Some(quinn::ConnectionError::TimedOut) => SessionEnd::TimedOut,
+            Some(quinn::ConnectionError::ApplicationClosed(c))
+                if c.error_code == quinn::VarInt::from_u32(close::DONE) =>
+            {
+                SessionEnd::Done
+            }
+            Some(quinn::ConnectionError::ApplicationClosed(c)) => SessionEnd::PeerClosed {
+                code: c.error_code.into_inner(),
+                reason: String::from_utf8_lossy(&c.reason).into_owned(),
+            },
+            Some(quinn::ConnectionError::LocallyClosed) => SessionEnd::LocallyClosed,
+            Some(quinn::ConnectionError::Reset) => SessionEnd::Reset,
+            Some(e) => SessionEnd::Transport(e.to_string()),
+        }
+    }
+
+    /// A stable machine-readable name.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SessionEnd::Done => "done",
+            SessionEnd::PeerClosed { .. } => "peer-closed",
+            SessionEnd::LocallyClosed => "closed",
+            SessionEnd::TimedOut => "timed-out",
+            SessionEnd::Reset => "reset",
+            SessionEnd::Transport(_) => "transport-error",
+            SessionEnd::Open => "open",
+        }
+    }
+
+    /// One line for people, naming the peer.
+    pub fn describe(&self, peer: PeerId, idle_secs: u64) -> String {
+        match self {
+            SessionEnd::Done => format!("the session with {peer} is done"),
+            SessionEnd::PeerClosed { reason, .. } => {
+                format!("{peer} closed the session: {reason}")
+            }
+            SessionEnd::LocallyClosed => format!("the session with {peer} was closed here"),
+            SessionEnd::TimedOut => format!(
+                "the path to {peer} went silent for {idle_secs} s: the peer or its network is gone"
+            ),
+            SessionEnd::Reset => format!("{peer} no longer knows this session (it restarted)"),
+            SessionEnd::Transport(e) => format!("the session with {peer} ended: {e}"),
+            SessionEnd::Open => format!("the session with {peer} is still open"),
+        }
+    }
+}
+
+/// MTU discovery: probe up to a 1500-byte Ethernet MTU under IPv6 and UDP
+/// headers (1452 bytes), again every minute so that a path that moved to
+/// a better one regains the size (see [`socket`] for the whole policy).
+const MTU_UPPER: u16 = 1452;
+const MTU_REPROBE: Duration = Duration::from_secs(60);
 
 /// Transport settings shared by both sides.
 pub(crate) fn transport(idle: Duration) -> Arc<quinn::TransportConfig> {
@@ -133,36 +246,30 @@ pub(crate) fn transport(idle: Duration) -> Arc<quinn::TransportConfig> {
     t.send_window(16 << 20);
     // One stream per forwarded TCP connection.
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MTU_UPPER).interval(MTU_REPROBE);
+    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
 
 /// Messages from session tasks to the peer driver.
 #[derive(Debug)]
 pub(crate) enum Internal {
-    /// A session is up on socket `socket`, quinn knows the peer as `remote`.
+    /// A session is up on the route quinn knows as `mapped`.
     Up {
         peer: PeerId,
-        socket: usize,
-        remote: SocketAddr,
-        client: bool,
-    },
-    /// quinn moved the session to another address (the peer rebound and
-    /// its NAT let the new address through).
-    Moved {
-        peer: PeerId,
-        from: SocketAddr,
-        remote: SocketAddr,
+        mapped: SocketAddr,
+        conn: quinn::Connection,
     },
     Down {
         peer: PeerId,
-        remote: SocketAddr,
+        mapped: SocketAddr,
     },
-    /// The path stopped answering.
+    /// The route stopped answering.
     Stalled {
-        peer: PeerId,
-        remote: SocketAddr,
+        mapped: SocketAddr,
     },
-    /// A steadily sending peer fell silent: refresh our registration.
+    /// A steadily sending peer fell silent.
     Quiet,
 }
 
@@ -172,29 +279,33 @@ pub struct Connection {
     conn: quinn::Connection,
     peer: PeerId,
     ep: quinn::Endpoint,
+    socket: Arc<socket::PathSocket>,
 }
 
 impl Connection {
-    /// Wraps a finished handshake and starts watching its path.
+    /// Wraps a finished handshake and starts watching its route.
     pub(crate) fn start(
         ep: quinn::Endpoint,
         conn: quinn::Connection,
         peer: PeerId,
-        mux: Arc<socket::MuxSocket>,
-        socket: usize,
+        socket: Arc<socket::PathSocket>,
         client: bool,
         internal: mpsc::Sender<Internal>,
     ) -> Self {
-        let remote = conn.remote_address();
-        mux.watch(remote);
+        let mapped = conn.remote_address();
+        tracing::debug!(%peer, client, "session up");
         let _ = internal.try_send(Internal::Up {
             peer,
-            socket,
-            remote,
-            client,
+            mapped,
+            conn: conn.clone(),
         });
-        tokio::spawn(monitor(conn.clone(), peer, mux, internal));
-        Self { conn, peer, ep }
+        tokio::spawn(monitor(conn.clone(), peer, socket.clone(), internal));
+        Self {
+            conn,
+            peer,
+            ep,
+            socket,
+        }
     }
 
     /// The peer's ID, as its TLS key proved.
@@ -202,9 +313,12 @@ impl Connection {
         self.peer
     }
 
-    /// The address quinn uses for the peer (the punched one).
+    /// The real address the session's datagrams go to now (it changes when
+    /// the path moves; quinn's own address for the peer never does).
     pub fn remote_address(&self) -> SocketAddr {
-        self.conn.remote_address()
+        self.socket
+            .path_of(self.conn.remote_address())
+            .map_or(self.conn.remote_address(), |p| p.remote)
     }
 
     /// Opens a bidirectional stream.
@@ -235,21 +349,26 @@ impl Connection {
         self.conn.closed().await
     }
 
+    /// Why the session ended (or that it has not).
+    pub fn end(&self) -> SessionEnd {
+        SessionEnd::of(self)
+    }
+
     /// The underlying quinn connection (datagrams, stats).
     pub fn quic(&self) -> &quinn::Connection {
         &self.conn
     }
 }
 
-/// Watches one session's path: reports stalls (for re-punching), moves and
-/// the end.
+/// Watches one session's route: reports stalls (for re-punching) and the
+/// end.
 async fn monitor(
     conn: quinn::Connection,
     peer: PeerId,
-    mux: Arc<socket::MuxSocket>,
+    socket: Arc<socket::PathSocket>,
     internal: mpsc::Sender<Internal>,
 ) {
-    let mut remote = conn.remote_address();
+    let mapped = conn.remote_address();
     let mut last_report: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(MONITOR_TICK);
     loop {
@@ -257,18 +376,7 @@ async fn monitor(
             _ = conn.closed() => break,
             _ = tick.tick() => {}
         }
-        let now = conn.remote_address();
-        if now != remote {
-            mux.unwatch(remote);
-            mux.watch(now);
-            let _ = internal.try_send(Internal::Moved {
-                peer,
-                from: remote,
-                remote: now,
-            });
-            remote = now;
-        }
-        let Some(l) = mux.liveness(remote) else {
+        let Some(l) = socket.liveness(mapped) else {
             continue;
         };
         // One unanswered datagram may be a bare ACK; more means quinn is
@@ -284,13 +392,12 @@ async fn monitor(
             last_report = Some(tokio::time::Instant::now());
             if stalled {
                 tracing::info!(%peer, silent_ms, "path stalled");
-                let _ = internal.try_send(Internal::Stalled { peer, remote });
+                let _ = internal.try_send(Internal::Stalled { mapped });
             } else {
                 tracing::debug!(%peer, silent_ms, "peer fell silent; refreshing registration");
                 let _ = internal.try_send(Internal::Quiet);
             }
         }
     }
-    mux.unwatch(remote);
-    let _ = internal.try_send(Internal::Down { peer, remote });
+    let _ = internal.try_send(Internal::Down { peer, mapped });
 }

@@ -9,6 +9,7 @@
 //! ```text
 //! request:  'N' 0x01 kind(0 = pipe, 1 = service) [len u8, name]
 //! response: status(0 = ok, 1 = refused, 2 = service unreachable) [len u8, reason]
+//!           or 3 (queued: another pipe session runs; the final status follows)
 //! ```
 //!
 //! The acceptor never connects anywhere but the `HOST:PORT`s it was told
@@ -49,6 +50,9 @@ pub enum Status {
     Ok = 0,
     Refused = 1,
     Unreachable = 2,
+    /// Another pipe session runs on the acceptor: wait, the final status
+    /// follows when ours begins.
+    Queued = 3,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +138,7 @@ pub async fn respond(
     reason: &str,
 ) -> Result<(), ServiceError> {
     let mut v = vec![status as u8];
-    if status != Status::Ok {
+    if !matches!(status, Status::Ok | Status::Queued) {
         let r = &reason.as_bytes()[..reason.len().min(MAX_NAME)];
         v.push(r.len() as u8);
         v.extend_from_slice(r);
@@ -148,11 +152,25 @@ pub async fn open(
     conn: &Connection,
     req: &Request,
 ) -> Result<(SendStream, RecvStream), ServiceError> {
+    open_waiting(conn, req, || {}).await
+}
+
+/// [`open`], calling `queued` if the peer makes us wait for another
+/// session to finish first.
+pub async fn open_waiting(
+    conn: &Connection,
+    req: &Request,
+    queued: impl FnOnce(),
+) -> Result<(SendStream, RecvStream), ServiceError> {
     let (mut send, mut recv) = conn.open_bi().await?;
     send.write_all(&req.encode()?)
         .await
         .map_err(io::Error::from)?;
-    let status = recv.read_u8().await?;
+    let mut status = recv.read_u8().await?;
+    if status == Status::Queued as u8 {
+        queued();
+        status = recv.read_u8().await?;
+    }
     match status {
         0 => Ok((send, recv)),
         1 => Err(ServiceError::Refused(read_short(&mut recv).await?)),
@@ -370,25 +388,6 @@ impl Services {
                 Err(ServiceError::Unreachable(reason))
             }
         }
-    }
-}
-
-/// One line on why a session ended, for the user.
-pub fn describe_end(conn: &Connection, idle_secs: u64) -> String {
-    let peer = conn.peer_id();
-    match conn.quic().close_reason() {
-        Some(quinn::ConnectionError::TimedOut) => format!(
-            "the path to {peer} went silent for {idle_secs} s: the peer or its network is gone"
-        ),
-        Some(quinn::ConnectionError::ApplicationClosed(c)) => format!(
-            "{peer} closed the session: {}",
-            String::from_utf8_lossy(&c.reason)
-        ),
-        Some(quinn::ConnectionError::Reset) => {
-            format!("{peer} no longer knows this session (it restarted)")
-        }
-        Some(e) => format!("the session with {peer} ended: {e}"),
-        None => format!("the session with {peer} is still open"),
     }
 }
 

@@ -1,8 +1,16 @@
-//! The one UDP socket, shared by QUIC and the control traffic.
+//! The path table beneath QUIC: every UDP socket the endpoint owns, under
+//! one quinn endpoint, with one stable address per remote peer.
 //!
-//! [`MuxSocket`] is quinn's [`AsyncUdpSocket`]: quinn reads and writes the
-//! socket through it, with the kernel's batch and GSO/GRO paths
-//! (`quinn-udp`). It tells the protocols apart by the first byte:
+//! [`PathSocket`] is quinn's [`AsyncUdpSocket`]. quinn knows each remote
+//! by a *mapped address* (an IPv6 ULA, `fd70:6e70::/32`, that never
+//! appears on a wire) for the remote's whole life; the table maps it to
+//! the real path: which of our sockets, and the peer's address as seen
+//! from it. When a re-punch wins on another socket, or the peer's NAT
+//! rebinds, the driver points the route at the new path and quinn notices
+//! nothing: no migration, no new handshake (RFC 9000 §9 lets a client not
+//! follow a server that moves, so this layer does it for both).
+//!
+//! Datagrams are told apart by their first byte:
 //!
 //! | first byte | what                                   |
 //! |------------|----------------------------------------|
@@ -11,40 +19,79 @@
 //! | 0x2B       | punch probes                           |
 //! | 0x40–0xFF  | QUIC (RFC 9000 §17: fixed bit set; greasing it is off) |
 //!
-//! Everything below 0x40 is handed to the peer driver's channel; QUIC stays.
+//! Everything below 0x40 goes to the driver's channel, tagged with the
+//! socket it came in on; QUIC stays with quinn (sent and received with
+//! quinn-udp's batch and GSO/GRO paths).
 //!
-//! It also keeps, for the sessions the driver asks it to watch, the time
-//! of the last datagram heard from the peer and the sends since, so that a
-//! dead path (a NAT that dropped or changed its mapping) is noticed in a
-//! second or two, and an *alias*: the address quinn knows a peer by stays
-//! fixed while the datagrams go to (and come from) the peer's new address
-//! that re-punching found. QUIC clients do not follow a server that moves
-//! (RFC 9000 §9), so this layer does it for them.
+//! Receiving QUIC: a known real path gives its route's mapped address. A
+//! packet from an unknown path is matched by its destination connection
+//! ID (ours, 8 bytes, learned from packets on known paths): that is the
+//! peer's NAT rebinding; it is delivered under the route's address and the
+//! driver is told, so the coordinator can validate the new path before
+//! sending there. A packet matching nothing starts an anonymous route (a
+//! peer dialing our public port directly).
+//!
+//! Per route it also keeps liveness: when we last heard from the peer, and
+//! what we sent since, so a dead path is noticed in a second or two.
+//!
+//! **Path MTU and congestion after a move.** quinn 0.11 cannot reset a
+//! connection's congestion controller or MTU, and a move is invisible to
+//! it. Its RTT estimator adapts within a few round trips, and a congestion
+//! window too large for the new path costs one loss episode. For the MTU
+//! the policy is: start at QUIC's 1200-byte minimum, which every path
+//! carries; probe up to 1452 bytes (a 1500-byte Ethernet MTU under IPv6
+//! and UDP headers); rely on quinn's black-hole detection to drop back to
+//! 1200 when large packets vanish after a move; and probe again every 60 s
+//! ([`crate::session::transport`]) so a move to a better path regains the
+//! size soon.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{ready, Context, Poll};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use natpunch_proto::coordinator::RemoteKey;
+use natpunch_proto::punch::Path;
+use natpunch_proto::SocketId;
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-/// A datagram for the peer driver: (socket index, source, bytes).
-pub type Datagram = (usize, SocketAddr, Vec<u8>);
+/// A datagram for the driver: (socket, source, bytes).
+pub type Datagram = (SocketId, SocketAddr, Vec<u8>);
 
-/// Largest control datagram we pass on: STUN, rendezvous and probe frames
+/// Largest control datagram passed on: STUN, rendezvous and probe frames
 /// are all far smaller; a bigger one is garbage and must not make the
 /// driver's queue hold GRO-sized buffers.
 pub const MAX_CONTROL: usize = 2048;
+
+/// Our connection IDs' length (quinn's default, set explicitly in
+/// [`crate::session::endpoint`] so that short headers can be parsed).
+pub const CID_LEN: usize = 8;
+
+/// Connection IDs remembered per route (quinn issues a few per connection;
+/// several connections may share a route).
+const CIDS_PER_ROUTE: usize = 16;
+
+/// A peer's packets from a new path are reported at most this often per
+/// path, so a burst of them makes one validation, not hundreds.
+const NEW_SOURCE_EVERY: Duration = Duration::from_secs(1);
+
+/// Anonymous routes (direct dials from unknown peers) at most; beyond, the
+/// oldest is forgotten. Bounds what unsolicited packets can make us keep.
+const MAX_ANONYMOUS: usize = 1024;
+
+/// The first 32 bits of every mapped address: `fd70:6e70::/32` ("pnp"), a
+/// unique local range (RFC 4193) nothing routes.
+const MAPPED_PREFIX: [u16; 2] = [0xfd70, 0x6e70];
 
 /// RFC 9000 §17.2/§17.3: both header forms set 0x40 (the fixed bit); with
 /// greasing off every QUIC packet we accept starts at 0x40 or above.
@@ -52,7 +99,32 @@ pub fn is_quic(first: u8) -> bool {
     first >= 0x40
 }
 
-/// Liveness of one watched peer address.
+/// Whether `addr` is one of our mapped addresses.
+pub fn is_mapped(addr: &SocketAddr) -> bool {
+    match addr {
+        SocketAddr::V6(a) => a.ip().segments()[..2] == MAPPED_PREFIX,
+        SocketAddr::V4(_) => false,
+    }
+}
+
+/// The destination connection ID of a QUIC packet, if it is one of ours
+/// (length [`CID_LEN`]).
+fn dcid(packet: &[u8]) -> Option<[u8; CID_LEN]> {
+    let first = *packet.first()?;
+    let bytes = if first & 0x80 != 0 {
+        // Long header: flags, version (4), DCID length, DCID.
+        let len = *packet.get(5)? as usize;
+        if len != CID_LEN {
+            return None;
+        }
+        packet.get(6..6 + CID_LEN)?
+    } else {
+        packet.get(1..1 + CID_LEN)?
+    };
+    bytes.try_into().ok()
+}
+
+/// Liveness of one route.
 #[derive(Debug, Clone, Copy)]
 pub struct Liveness {
     /// The last datagram from the peer.
@@ -62,17 +134,104 @@ pub struct Liveness {
     /// How many datagrams we sent since `last_rx`.
     pub unanswered: u32,
     /// The gap before `last_rx`: small while the peer is sending steadily.
-    pub prev_gap: std::time::Duration,
+    pub prev_gap: Duration,
+}
+
+impl Liveness {
+    fn new(now: Instant) -> Self {
+        Self {
+            last_rx: now,
+            first_unanswered: None,
+            unanswered: 0,
+            prev_gap: Duration::MAX,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Route {
+    key: Option<RemoteKey>,
+    path: Option<Path>,
+    live: Liveness,
+    cids: VecDeque<[u8; CID_LEN]>,
+    /// New paths reported, and when (bounded by [`NEW_SOURCE_EVERY`]).
+    reported: Vec<(Path, Instant)>,
+    created: Instant,
 }
 
 #[derive(Default)]
-struct Paths {
-    /// quinn's address for a peer → where its datagrams really go.
-    alias: HashMap<SocketAddr, SocketAddr>,
-    /// The reverse: a real source → quinn's address for it.
-    reverse: HashMap<SocketAddr, SocketAddr>,
-    /// Watched peers, by quinn's address.
-    watched: HashMap<SocketAddr, Liveness>,
+struct Table {
+    routes: HashMap<SocketAddr, Route>,
+    by_key: HashMap<RemoteKey, SocketAddr>,
+    by_real: HashMap<(SocketId, SocketAddr), SocketAddr>,
+    by_cid: HashMap<[u8; CID_LEN], SocketAddr>,
+    next: u64,
+}
+
+impl Table {
+    fn new_mapped(&mut self) -> SocketAddr {
+        self.next += 1;
+        let n = self.next;
+        let ip = Ipv6Addr::new(
+            MAPPED_PREFIX[0],
+            MAPPED_PREFIX[1],
+            0,
+            0,
+            (n >> 48) as u16,
+            (n >> 32) as u16,
+            (n >> 16) as u16,
+            n as u16,
+        );
+        SocketAddr::V6(SocketAddrV6::new(ip, 1, 0, 0))
+    }
+
+    fn add_route(&mut self, key: Option<RemoteKey>, now: Instant) -> SocketAddr {
+        let mapped = self.new_mapped();
+        self.routes.insert(
+            mapped,
+            Route {
+                key,
+                path: None,
+                live: Liveness::new(now),
+                cids: VecDeque::new(),
+                reported: Vec::new(),
+                created: now,
+            },
+        );
+        if let Some(k) = key {
+            self.by_key.insert(k, mapped);
+        }
+        mapped
+    }
+
+    fn remove_route(&mut self, mapped: SocketAddr) {
+        if let Some(r) = self.routes.remove(&mapped) {
+            if let Some(k) = r.key {
+                if self.by_key.get(&k) == Some(&mapped) {
+                    self.by_key.remove(&k);
+                }
+            }
+            for c in r.cids {
+                self.by_cid.remove(&c);
+            }
+        }
+        self.by_real.retain(|_, m| *m != mapped);
+    }
+
+    /// Forgets the oldest anonymous route when there are too many.
+    fn bound_anonymous(&mut self) {
+        let anon: Vec<(SocketAddr, Instant)> = self
+            .routes
+            .iter()
+            .filter(|(_, r)| r.key.is_none())
+            .map(|(m, r)| (*m, r.created))
+            .collect();
+        if anon.len() >= MAX_ANONYMOUS {
+            if let Some((oldest, _)) = anon.iter().min_by_key(|(_, t)| *t) {
+                self.remove_route(*oldest);
+            }
+        }
+    }
 }
 
 /// Counters, read by tests and `-v` logging.
@@ -85,133 +244,288 @@ pub struct MuxStats {
     /// QUIC segments dropped because a GRO batch mixed them with control
     /// datagrams (QUIC retransmits them).
     pub mixed_dropped: AtomicU64,
+    /// QUIC datagrams for a route with no path yet (dropped: lost, to quinn).
+    pub no_path: AtomicU64,
+    /// Packets from a peer's new path (matched by connection ID).
+    pub new_sources: AtomicU64,
+}
+
+struct Slot {
+    io: Arc<UdpSocket>,
+    state: UdpSocketState,
+}
+
+/// What the socket tells the driver besides control datagrams.
+#[derive(Debug, Clone, Copy)]
+pub enum SocketNews {
+    /// A route's peer sent from a path that is not its route.
+    NewSource { mapped: SocketAddr, path: Path },
 }
 
 /// See the module documentation.
-pub struct MuxSocket {
-    io: Arc<UdpSocket>,
-    state: UdpSocketState,
-    index: usize,
+pub struct PathSocket {
+    slots: RwLock<HashMap<SocketId, Arc<Slot>>>,
+    /// The main socket (its capabilities stand for all).
+    main: Arc<Slot>,
+    table: Mutex<Table>,
     divert: mpsc::Sender<Datagram>,
-    paths: Mutex<Paths>,
+    news: mpsc::UnboundedSender<SocketNews>,
+    /// Round-robin start for receiving, so no socket starves the others.
+    turn: AtomicUsize,
+    /// The socket whose send last blocked (what the writable poller waits on).
+    blocked: AtomicUsize,
     pub stats: MuxStats,
 }
 
-impl fmt::Debug for MuxSocket {
+impl fmt::Debug for PathSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MuxSocket")
-            .field("local", &self.io.local_addr().ok())
-            .field("index", &self.index)
+        f.debug_struct("PathSocket")
+            .field("local", &self.main.io.local_addr().ok())
             .finish_non_exhaustive()
     }
 }
 
-impl MuxSocket {
-    /// Wraps `io` (socket number `index` of the driver); control datagrams
-    /// go to `divert`.
+impl PathSocket {
+    /// The table over `main` (socket 0); control datagrams go to `divert`,
+    /// news of new paths to `news`.
     pub fn new(
-        io: Arc<UdpSocket>,
-        index: usize,
+        main: UdpSocket,
         divert: mpsc::Sender<Datagram>,
+        news: mpsc::UnboundedSender<SocketNews>,
     ) -> io::Result<Self> {
-        let state = UdpSocketState::new(quinn::udp::UdpSockRef::from(&*io))?;
+        let main = Arc::new(make_slot(main)?);
         tracing::debug!(
-            socket = index,
-            gso = state.max_gso_segments(),
-            gro = state.gro_segments(),
+            gso = main.state.max_gso_segments(),
+            gro = main.state.gro_segments(),
             "QUIC on the shared socket"
         );
+        let mut slots = HashMap::new();
+        slots.insert(SocketId(0), main.clone());
         Ok(Self {
-            io,
-            state,
-            index,
+            slots: RwLock::new(slots),
+            main,
+            table: Mutex::new(Table::default()),
             divert,
-            paths: Mutex::new(Paths::default()),
+            news,
+            turn: AtomicUsize::new(0),
+            blocked: AtomicUsize::new(0),
             stats: MuxStats::default(),
         })
     }
 
-    pub fn socket(&self) -> &Arc<UdpSocket> {
-        &self.io
-    }
-
-    fn paths(&self) -> MutexGuard<'_, Paths> {
+    fn table(&self) -> MutexGuard<'_, Table> {
         // A panic while holding this lock cannot leave the maps half-updated
         // in a way that matters; keep going with what is there.
-        self.paths.lock().unwrap_or_else(|e| e.into_inner())
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts tracking the liveness of the peer quinn knows as `addr`.
-    pub fn watch(&self, addr: SocketAddr) {
-        self.paths().watched.insert(
-            addr,
-            Liveness {
-                last_rx: Instant::now(),
-                first_unanswered: None,
-                unanswered: 0,
-                prev_gap: std::time::Duration::MAX,
-            },
-        );
+    fn slot(&self, id: SocketId) -> Option<Arc<Slot>> {
+        self.slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
     }
 
-    /// Stops tracking `addr` and forgets its alias.
-    pub fn unwatch(&self, addr: SocketAddr) {
-        let mut p = self.paths();
-        p.watched.remove(&addr);
-        if let Some(real) = p.alias.remove(&addr) {
-            p.reverse.remove(&real);
+    /// The main socket's local address.
+    pub fn main_local(&self) -> io::Result<SocketAddr> {
+        self.main.io.local_addr()
+    }
+
+    /// Adds socket `id` (a birthday or fresh-mapping socket).
+    pub fn add_socket(&self, id: SocketId, s: UdpSocket) -> io::Result<()> {
+        let slot = Arc::new(make_slot(s)?);
+        self.slots
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, slot);
+        Ok(())
+    }
+
+    /// Closes socket `id` (never the main one).
+    pub fn remove_socket(&self, id: SocketId) {
+        if id.0 == 0 {
+            return;
+        }
+        self.slots
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.table().by_real.retain(|(s, _), _| *s != id);
+    }
+
+    /// Sockets open now.
+    pub fn socket_count(&self) -> usize {
+        self.slots.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The mapped address of `key`'s route (made if new).
+    pub fn route_for(&self, key: RemoteKey) -> SocketAddr {
+        let mut t = self.table();
+        if let Some(m) = t.by_key.get(&key) {
+            return *m;
+        }
+        t.add_route(Some(key), Instant::now())
+    }
+
+    /// A route for a peer dialed at a known address (no remote key).
+    pub fn direct_route(&self, path: Path) -> SocketAddr {
+        let mut t = self.table();
+        if let Some(m) = t.by_real.get(&(path.socket, path.remote)) {
+            let m = *m;
+            if let Some(r) = t.routes.get_mut(&m) {
+                r.path = Some(path);
+            }
+            return m;
+        }
+        let m = t.add_route(None, Instant::now());
+        if let Some(r) = t.routes.get_mut(&m) {
+            r.path = Some(path);
+        }
+        t.by_real.insert((path.socket, path.remote), m);
+        m
+    }
+
+    /// Datagrams from `path` belong to `mapped`'s route; it sends there too
+    /// until told otherwise.
+    pub fn learn(&self, mapped: SocketAddr, path: Path) {
+        let mut t = self.table();
+        t.by_real.insert((path.socket, path.remote), mapped);
+        if let Some(r) = t.routes.get_mut(&mapped) {
+            r.path.get_or_insert(path);
         }
     }
 
-    pub fn liveness(&self, addr: SocketAddr) -> Option<Liveness> {
-        self.paths().watched.get(&addr).copied()
-    }
-
-    /// From now on, what quinn sends to `quic_addr` goes to `real`, and
-    /// what comes from `real` is reported as from `quic_addr`.
-    pub fn set_alias(&self, quic_addr: SocketAddr, real: SocketAddr) {
-        let mut p = self.paths();
-        if let Some(old) = p.alias.remove(&quic_addr) {
-            p.reverse.remove(&old);
-        }
-        if quic_addr != real {
-            p.alias.insert(quic_addr, real);
-            p.reverse.insert(real, quic_addr);
+    /// `mapped`'s traffic goes on `path` from now on.
+    pub fn set_path(&self, mapped: SocketAddr, path: Path) {
+        let mut t = self.table();
+        t.by_real.insert((path.socket, path.remote), mapped);
+        if let Some(r) = t.routes.get_mut(&mapped) {
+            if r.path != Some(path) {
+                tracing::debug!(%mapped, ?path, "route moves");
+            }
+            r.path = Some(path);
+            // A new path starts with a clean slate.
+            r.live = Liveness::new(Instant::now());
         }
     }
 
-    /// Where datagrams to `quic_addr` really go.
-    pub fn real_address(&self, quic_addr: SocketAddr) -> SocketAddr {
-        self.paths()
-            .alias
-            .get(&quic_addr)
-            .copied()
-            .unwrap_or(quic_addr)
+    /// The real path of `mapped`'s route.
+    pub fn path_of(&self, mapped: SocketAddr) -> Option<Path> {
+        self.table().routes.get(&mapped).and_then(|r| r.path)
     }
 
-    fn divert_one(&self, from: SocketAddr, data: &[u8]) {
+    /// The remote behind `mapped`, if known.
+    pub fn key_of(&self, mapped: SocketAddr) -> Option<RemoteKey> {
+        self.table().routes.get(&mapped).and_then(|r| r.key)
+    }
+
+    /// Drops `mapped`'s route.
+    pub fn forget(&self, mapped: SocketAddr) {
+        self.table().remove_route(mapped);
+    }
+
+    pub fn liveness(&self, mapped: SocketAddr) -> Option<Liveness> {
+        self.table().routes.get(&mapped).map(|r| r.live)
+    }
+
+    /// Sends a control datagram (STUN, rendezvous, punch) on socket `id`,
+    /// with its own TTL if asked (per packet: the socket's default, which
+    /// QUIC shares, never changes).
+    pub async fn send_control(
+        &self,
+        id: SocketId,
+        dest: SocketAddr,
+        payload: &[u8],
+        ttl: Option<u8>,
+    ) -> io::Result<()> {
+        let Some(slot) = self.slot(id) else {
+            return Ok(());
+        };
+        let s = &slot.io;
+        match ttl {
+            Some(t) => {
+                s.async_io(Interest::WRITABLE, || {
+                    crate::ttl::send_with_ttl(s.as_ref(), payload, dest, t)
+                })
+                .await?;
+            }
+            None => {
+                s.send_to(payload, dest).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn divert_one(&self, socket: SocketId, from: SocketAddr, data: &[u8]) {
         if data.len() > MAX_CONTROL {
             self.stats.divert_overflow.fetch_add(1, Ordering::Relaxed);
             tracing::trace!(%from, len = data.len(), "oversized control datagram dropped");
             return;
         }
         self.stats.diverted.fetch_add(1, Ordering::Relaxed);
-        if self
-            .divert
-            .try_send((self.index, from, data.to_vec()))
-            .is_err()
-        {
+        if self.divert.try_send((socket, from, data.to_vec())).is_err() {
             self.stats.divert_overflow.fetch_add(1, Ordering::Relaxed);
             tracing::trace!(%from, "control queue full: datagram dropped");
         }
     }
 
-    /// Sorts the `n` received batches: control datagrams out, QUIC kept
-    /// (compacted to the front). Returns how many batches remain.
-    fn sort_received(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta], n: usize) -> usize {
+    /// The mapped address for a QUIC packet from `path`.
+    fn route_in(&self, t: &mut Table, path: Path, packet: &[u8], now: Instant) -> SocketAddr {
+        let cid = dcid(packet);
+        if let Some(m) = t.by_real.get(&(path.socket, path.remote)).copied() {
+            if let (Some(c), Some(r)) = (cid, t.routes.get_mut(&m)) {
+                if !r.cids.contains(&c) {
+                    if r.cids.len() >= CIDS_PER_ROUTE {
+                        if let Some(old) = r.cids.pop_front() {
+                            t.by_cid.remove(&old);
+                        }
+                    }
+                    r.cids.push_back(c);
+                    t.by_cid.insert(c, m);
+                }
+            }
+            return m;
+        }
+        // The peer of a known connection, from a new path: its NAT rebound.
+        if let Some(m) = cid.and_then(|c| t.by_cid.get(&c).copied()) {
+            if let Some(r) = t.routes.get_mut(&m) {
+                r.reported
+                    .retain(|(_, at)| now.saturating_duration_since(*at) < NEW_SOURCE_EVERY);
+                if !r.reported.iter().any(|(p, _)| *p == path) {
+                    r.reported.push((path, now));
+                    self.stats.new_sources.fetch_add(1, Ordering::Relaxed);
+                    let _ = self.news.send(SocketNews::NewSource { mapped: m, path });
+                }
+                if r.path.is_none() {
+                    r.path = Some(path);
+                }
+            }
+            return m;
+        }
+        // Nobody we know: a peer dialing us directly.
+        t.bound_anonymous();
+        let m = t.add_route(None, now);
+        if let Some(r) = t.routes.get_mut(&m) {
+            r.path = Some(path);
+        }
+        t.by_real.insert((path.socket, path.remote), m);
+        m
+    }
+
+    /// Sorts the `n` received batches of socket `id`: control datagrams
+    /// out, QUIC kept (compacted to the front, under mapped addresses).
+    /// Returns how many batches remain.
+    fn sort_received(
+        &self,
+        id: SocketId,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+        n: usize,
+    ) -> usize {
         let now = Instant::now();
         let mut kept = 0;
-        let mut paths = self.paths();
+        let mut t = self.table();
         for i in 0..n.min(bufs.len()).min(meta.len()) {
             let m = meta[i];
             let len = m.len.min(bufs[i].len());
@@ -229,7 +543,7 @@ impl MuxSocket {
             if other > 0 {
                 for seg in data.chunks(stride) {
                     if seg.first().is_some_and(|&b| !is_quic(b)) {
-                        self.divert_one(m.addr, seg);
+                        self.divert_one(id, m.addr, seg);
                     }
                 }
                 if quic > 0 {
@@ -243,8 +557,13 @@ impl MuxSocket {
                 continue;
             }
             self.stats.quic_in.fetch_add(quic as u64, Ordering::Relaxed);
-            let addr = paths.reverse.get(&m.addr).copied().unwrap_or(m.addr);
-            if let Some(l) = paths.watched.get_mut(&addr) {
+            let path = Path {
+                socket: id,
+                remote: m.addr,
+            };
+            let mapped = self.route_in(&mut t, path, data, now);
+            if let Some(r) = t.routes.get_mut(&mapped) {
+                let l = &mut r.live;
                 l.prev_gap = now.saturating_duration_since(l.last_rx);
                 l.last_rx = now;
                 l.first_unanswered = None;
@@ -254,40 +573,99 @@ impl MuxSocket {
                 let (front, back) = bufs.split_at_mut(i);
                 front[kept][..len].copy_from_slice(&back[0][..len]);
             }
-            meta[kept] = RecvMeta { addr, ..m };
+            meta[kept] = RecvMeta {
+                addr: mapped,
+                dst_ip: None,
+                ..m
+            };
             kept += 1;
         }
         kept
     }
+
+    fn recv_from(
+        &self,
+        id: SocketId,
+        slot: &Slot,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match slot.io.poll_recv_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+            match slot.io.try_io(Interest::READABLE, || {
+                slot.state.recv((&*slot.io).into(), bufs, meta)
+            }) {
+                Ok(n) => {
+                    let kept = self.sort_received(id, bufs, meta, n);
+                    if kept > 0 {
+                        return Poll::Ready(Ok(kept));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // ICMP errors and the like: nothing quinn can act on.
+                Err(e) => tracing::trace!(socket = id.0, error = %e, "receive error"),
+            }
+        }
+    }
 }
 
-impl AsyncUdpSocket for MuxSocket {
+fn make_slot(s: UdpSocket) -> io::Result<Slot> {
+    let state = UdpSocketState::new(quinn::udp::UdpSockRef::from(&s))?;
+    Ok(Slot {
+        io: Arc::new(s),
+        state,
+    })
+}
+
+impl AsyncUdpSocket for PathSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
         Box::pin(Writable {
-            io: self.io.clone(),
+            socket: self,
             fut: None,
         })
     }
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
-        let real = {
-            let mut p = self.paths();
-            if let Some(l) = p.watched.get_mut(&transmit.destination) {
-                l.first_unanswered.get_or_insert_with(Instant::now);
-                l.unanswered = l.unanswered.saturating_add(1);
+        let path = {
+            let mut t = self.table();
+            match t.routes.get_mut(&transmit.destination) {
+                Some(r) => {
+                    let l = &mut r.live;
+                    l.first_unanswered.get_or_insert_with(Instant::now);
+                    l.unanswered = l.unanswered.saturating_add(1);
+                    r.path
+                }
+                None => None,
             }
-            p.alias.get(&transmit.destination).copied()
+        };
+        let Some(path) = path else {
+            // No path (yet, or any more): as good as lost, for quinn.
+            self.stats.no_path.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        };
+        let Some(slot) = self.slot(path.socket) else {
+            self.stats.no_path.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
         };
         let t = Transmit {
-            destination: real.unwrap_or(transmit.destination),
+            destination: path.remote,
             ecn: transmit.ecn,
             contents: transmit.contents,
             segment_size: transmit.segment_size,
-            src_ip: transmit.src_ip,
+            src_ip: None,
         };
-        self.io.try_io(Interest::WRITABLE, || {
-            self.state.send((&*self.io).into(), &t)
-        })
+        let r = slot.io.try_io(Interest::WRITABLE, || {
+            slot.state.send((&*slot.io).into(), &t)
+        });
+        if matches!(&r, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            self.blocked.store(path.socket.0, Ordering::Relaxed);
+        }
+        r
     }
 
     fn poll_recv(
@@ -296,47 +674,60 @@ impl AsyncUdpSocket for MuxSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        loop {
-            ready!(self.io.poll_recv_ready(cx))?;
-            match self.io.try_io(Interest::READABLE, || {
-                self.state.recv((&*self.io).into(), bufs, meta)
-            }) {
-                Ok(n) => {
-                    let kept = self.sort_received(bufs, meta, n);
-                    if kept > 0 {
-                        return Poll::Ready(Ok(kept));
-                    }
+        let slots: Vec<(SocketId, Arc<Slot>)> = {
+            let s = self.slots.read().unwrap_or_else(|e| e.into_inner());
+            let mut v: Vec<(SocketId, Arc<Slot>)> =
+                s.iter().map(|(id, slot)| (*id, slot.clone())).collect();
+            v.sort_by_key(|(id, _)| *id);
+            v
+        };
+        if slots.is_empty() {
+            return Poll::Pending;
+        }
+        let start = self.turn.fetch_add(1, Ordering::Relaxed) % slots.len();
+        for k in 0..slots.len() {
+            let (id, slot) = &slots[(start + k) % slots.len()];
+            match self.recv_from(*id, slot, cx, bufs, meta) {
+                Poll::Ready(Ok(n)) => return Poll::Ready(Ok(n)),
+                Poll::Ready(Err(e)) => {
+                    tracing::trace!(socket = id.0, error = %e, "receive readiness error")
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // ICMP errors and the like: nothing quinn can act on.
-                Err(e) => tracing::trace!(error = %e, "receive error"),
+                Poll::Pending => {}
             }
         }
+        Poll::Pending
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.io.local_addr()
+        // quinn addresses every remote by a mapped IPv6 address.
+        let port = self.main.io.local_addr()?.port();
+        Ok(SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::UNSPECIFIED,
+            port,
+            0,
+            0,
+        )))
     }
 
     fn may_fragment(&self) -> bool {
-        self.state.may_fragment()
+        self.main.state.may_fragment()
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.state.max_gso_segments()
+        self.main.state.max_gso_segments()
     }
 
     fn max_receive_segments(&self) -> usize {
-        self.state.gro_segments()
+        self.main.state.gro_segments()
     }
 }
 
 type WritableFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send + Sync>>;
 
-/// Wakes one quinn task when the socket can be written again; each task
-/// gets its own, so no waker is overwritten.
+/// Wakes one quinn task when the socket that last blocked can be written
+/// again; each task gets its own, so no waker is overwritten.
 struct Writable {
-    io: Arc<UdpSocket>,
+    socket: Arc<PathSocket>,
     fut: Option<WritableFuture>,
 }
 
@@ -350,7 +741,11 @@ impl UdpPoller for Writable {
     fn poll_writable(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let fut = this.fut.get_or_insert_with(|| {
-            let io = this.io.clone();
+            let id = SocketId(this.socket.blocked.load(Ordering::Relaxed));
+            let io = this
+                .socket
+                .slot(id)
+                .map_or_else(|| this.socket.main.io.clone(), |s| s.io.clone());
             Box::pin(async move { io.writable().await })
         });
         let r = fut.as_mut().poll(cx);
@@ -373,5 +768,33 @@ mod tests {
         }
         assert!(!is_quic(0x2A) && !is_quic(0x2B));
         assert!(is_quic(0x40) && is_quic(0xC0) && is_quic(0xFF));
+    }
+
+    #[test]
+    fn connection_ids_are_read_from_both_header_forms() {
+        let cid = [1, 2, 3, 4, 5, 6, 7, 8];
+        let mut short = vec![0x41];
+        short.extend_from_slice(&cid);
+        short.extend_from_slice(&[9; 20]);
+        assert_eq!(dcid(&short), Some(cid));
+        let mut long = vec![0xC0, 0, 0, 0, 1, 8];
+        long.extend_from_slice(&cid);
+        long.extend_from_slice(&[0; 20]);
+        assert_eq!(dcid(&long), Some(cid));
+        // Another length, or too short: not ours.
+        long[5] = 4;
+        assert_eq!(dcid(&long), None);
+        assert_eq!(dcid(&[0x41, 1, 2]), None);
+    }
+
+    #[test]
+    fn mapped_addresses_are_recognised() {
+        let mut t = Table::default();
+        let m = t.add_route(None, Instant::now());
+        assert!(is_mapped(&m));
+        assert!(!is_mapped(&"127.0.0.1:1".parse().unwrap()));
+        assert!(!is_mapped(&"[2001:db8::1]:1".parse().unwrap()));
+        let m2 = t.add_route(None, Instant::now());
+        assert_ne!(m, m2);
     }
 }

@@ -1,0 +1,1609 @@
+//! The connection core, sans-IO: one [`Host`] per endpoint, with one
+//! state per remote peer.
+//!
+//! The host owns the rendezvous client (registration, heartbeats,
+//! introductions), our NAT facts as they arrive ([`Host::handle_fact`]),
+//! every punch attempt, and per remote peer ([`RemoteKey`]) the path its
+//! traffic takes. Attempts to and from different peers run side by side;
+//! the bounds are global ([`defaults`]): attempts at once, sockets, and a
+//! token bucket for all probes. Behind a symmetric NAT, attempts take
+//! turns between their fresh mapping and their first probes, so that each
+//! one's prediction sees the ports it expects.
+//!
+//! The driver feeds datagrams, time, facts, user connects and what the
+//! session layer sees (a session up or down, a stalled path, a peer's
+//! packets from a new address), and carries out the [`HostEvent`]s: open
+//! and close sockets, map paths to remotes ([`HostEvent::Learn`],
+//! [`HostEvent::Route`]), start QUIC when a connect has its path.
+//!
+//! A connect does not wait for NAT discovery: it goes out with whatever
+//! facts are known (pending ones marked), and later facts follow as
+//! updates, through the server, to both punch machines.
+
+pub mod error;
+mod remote;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+pub use error::ConnectError;
+pub use remote::RemoteKey;
+use remote::{Remote, Validator};
+
+use crate::identity::{Ephemeral, Identity, PeerId};
+use crate::nat::discovery::Fact;
+use crate::punch::{make_offer, Path, Punch, PunchConfig, PunchEvent, Role, SideView, Strategy};
+use crate::rendezvous::wire::{DeclineReason, ErrorCode, Offer, PartyState};
+use crate::rendezvous::{ClientEvent, NatSummary, PeerInfo, RendezvousClient};
+use crate::stun::message::{looks_like_stun, Message, TransactionId};
+use crate::stun::transaction::{Client as StunClient, Outcome, Timing};
+use crate::{SocketId, Transmit};
+
+/// Limits and timings, each with its reason.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Attempts under way at once, both roles: more connects wait in a
+    /// queue, more introductions are declined as busy. Each costs a punch
+    /// machine and ~10–200 probes/s, bounded again by the probe bucket.
+    pub const MAX_ATTEMPTS: usize = 128;
+    /// Attempts with one remote at once (a connect and a re-punch).
+    pub const MAX_ATTEMPTS_PER_PEER: usize = 2;
+    /// Extra sockets open at once (birthday's mappings, fresh mappings):
+    /// one birthday hard side (256) with room to spare, well below the
+    /// usual limit of 1024 file descriptors.
+    pub const SOCKET_BUDGET: usize = 320;
+    /// Punch probes per second over all attempts, and the burst: a
+    /// birthday spray (2000/s) plus dozens of cone and prediction attempts,
+    /// ~5 Mbit/s at most, so 100 peers at once cannot flood an uplink.
+    pub const PROBE_RATE: f64 = 5000.0;
+    pub const PROBE_BURST: f64 = 500.0;
+    /// Probes waiting for the bucket at most; beyond, the oldest is
+    /// dropped (probes repeat every round anyway).
+    pub const PROBE_QUEUE: usize = 8192;
+    /// The side that introduced itself punches again this long after a
+    /// stall, so the other side's registration refresh reaches the
+    /// server first.
+    pub const REPUNCH_DELAY: Duration = Duration::from_millis(800);
+    /// At most one re-punch per remote this often (an attempt and its
+    /// round trips fit in it).
+    pub const REPUNCH_EVERY: Duration = Duration::from_secs(4);
+    /// A remote with no session and no attempt is forgotten after this.
+    pub const REMOTE_LINGER: Duration = Duration::from_secs(30);
+    /// When the server's introduction budget for the target is spent and
+    /// it says the next one is possible within this long, wait and retry.
+    pub const MAX_LIMIT_WAIT: Duration = Duration::from_secs(3);
+    /// Behind a symmetric NAT, attempts take turns from their fresh
+    /// mapping until this long after their coordinated start, when their
+    /// first new mappings exist (the openers' lead is 20 ms).
+    pub const ALLOC_HOLD: Duration = Duration::from_millis(60);
+    /// A turn is never held longer than this (the other side vanished).
+    pub const ALLOC_MAX: Duration = Duration::from_secs(3);
+    /// A fresh mapping's Binding: 4 sends 100 ms apart, doubling.
+    pub const FRESH_TIMING_RTO: Duration = Duration::from_millis(100);
+}
+
+/// Names a user's connect, so its answer finds its way back.
+pub type RequestId = u64;
+
+/// Who may start a session with us.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// We accept sessions at all (a listener: we register).
+    pub accept: bool,
+    /// If set, only these peers may.
+    pub allow: Option<HashSet<PeerId>>,
+}
+
+/// Settings of a [`Host`].
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    pub identity: Identity,
+    /// This process, among others with the same key.
+    pub instance: u64,
+    /// The rendezvous server.
+    pub server: SocketAddr,
+    /// Where fresh mappings are taken (a STUN server; usually the same).
+    pub stun: SocketAddr,
+    /// The main socket's local address (our LAN candidate).
+    pub local: SocketAddr,
+    pub policy: Policy,
+    pub punch: PunchConfig,
+    /// The limited TTL, when set by hand (`-t`).
+    pub ttl: Option<u8>,
+    /// Seed for session numbers and ephemeral keys (a test replays a run).
+    pub seed: u64,
+}
+
+/// What the driver must do, and what the user may want to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HostEvent {
+    /// Bind a new UDP socket (same local IP as the main one) as `id`,
+    /// before sending anything on it.
+    OpenSocket {
+        id: SocketId,
+    },
+    CloseSocket {
+        id: SocketId,
+    },
+    /// Datagrams arriving on `path` come from `remote`.
+    Learn {
+        remote: RemoteKey,
+        path: Path,
+    },
+    /// Send `remote`'s traffic on `path` from now on.
+    Route {
+        remote: RemoteKey,
+        path: Path,
+    },
+    /// `remote` is gone: drop its route.
+    Forget {
+        remote: RemoteKey,
+    },
+    /// A path to `remote` is up. With a `request`, start the session for
+    /// the user who asked; without, we are the responder (the peer starts
+    /// it) or it repaired a path.
+    Connected {
+        request: Option<RequestId>,
+        remote: RemoteKey,
+        path: Path,
+        strategy: Strategy,
+        role: Role,
+        /// From the connect (or the introduction) to the confirmed path.
+        elapsed: Duration,
+        probes_sent: u64,
+        bytes_sent: u64,
+        /// An existing path was used: no punching at all.
+        reused: bool,
+    },
+    ConnectFailed {
+        request: RequestId,
+        peer: PeerId,
+        error: ConnectError,
+    },
+    /// A listener is registered (first time, or again).
+    Registered {
+        observed: SocketAddr,
+    },
+    ServerLost {
+        server: SocketAddr,
+    },
+    ServerBack {
+        server: SocketAddr,
+    },
+    /// Another process with our key took over our registration.
+    Displaced,
+    /// A peer asks to connect and we take it.
+    Incoming {
+        peer: PeerId,
+    },
+    /// We turned a peer's introduction down.
+    Refused {
+        peer: PeerId,
+        reason: DeclineReason,
+    },
+    /// A punching technique started.
+    Attempt {
+        peer: PeerId,
+        strategy: Strategy,
+    },
+    /// An attempt we did not start (or a repair) failed.
+    AttemptFailed {
+        peer: PeerId,
+        error: ConnectError,
+    },
+    /// A live remote's traffic moved to another path.
+    PathChanged {
+        remote: RemoteKey,
+        path: Path,
+    },
+    /// A re-punch after a stall found a path (maybe the same one: the
+    /// NATs' mappings are made again).
+    PathRepaired {
+        remote: RemoteKey,
+        path: Path,
+        strategy: Strategy,
+    },
+    /// A session's path stopped answering; punching again.
+    Stalled {
+        remote: RemoteKey,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Behind a symmetric NAT: waiting for our turn to take a fresh mapping.
+    WaitTurn,
+    /// Taking a fresh mapping before our Connect or Accept.
+    Fresh,
+    /// Connect sent, waiting for the server's introduction.
+    Introducing,
+    /// The punch machine runs.
+    Punching,
+}
+
+/// One attempt (one introduction), either role.
+#[derive(Debug)]
+struct Attempt {
+    peer: PeerId,
+    role: Role,
+    request: Option<RequestId>,
+    /// A re-punch of this remote's path.
+    repair: Option<RemoteKey>,
+    remote: Option<RemoteKey>,
+    eph: Option<Ephemeral>,
+    offer: Offer,
+    punch: Option<Punch>,
+    /// Our fresh mapping for this attempt.
+    fresh: Option<SocketAddr>,
+    phase: Phase,
+    /// The punch's socket indices → ours (index 0: the main socket).
+    sockets: Vec<SocketId>,
+    started: Instant,
+    /// The responder's introduction, kept until its Accept goes out.
+    incoming: Option<IncomingIntro>,
+    /// It holds the symmetric-NAT turn until then.
+    turn_until: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+struct IncomingIntro {
+    observed: SocketAddr,
+    info: PeerInfo,
+    offer: Offer,
+    fresh: Option<SocketAddr>,
+    start_at: Instant,
+}
+
+/// A token bucket for probes, with its queue.
+#[derive(Debug)]
+struct Pacer {
+    tokens: f64,
+    last: Option<Instant>,
+    queue: VecDeque<Transmit>,
+    dropped: u64,
+}
+
+impl Pacer {
+    fn refill(&mut self, now: Instant) {
+        let elapsed = self
+            .last
+            .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64());
+        self.tokens = (self.tokens + elapsed * defaults::PROBE_RATE).min(defaults::PROBE_BURST);
+        self.last = Some(now);
+    }
+
+    fn next_token(&self, now: Instant) -> Option<Instant> {
+        if self.queue.is_empty() {
+            return None;
+        }
+        let missing = (1.0 - self.tokens).max(0.0);
+        Some(now + Duration::from_secs_f64(missing / defaults::PROBE_RATE))
+    }
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostStats {
+    pub attempts: u64,
+    pub connected: u64,
+    pub failed: u64,
+    pub declined: u64,
+    pub probes_dropped: u64,
+    /// Punch frames for no known attempt.
+    pub stray_punch: u64,
+}
+
+/// The coordinator; see the module documentation.
+pub struct Host {
+    cfg: HostConfig,
+    rng: StdRng,
+    client: RendezvousClient,
+    stun: StunClient,
+    nat: NatSummary,
+    /// The newest mapping the NAT made for us in discovery: the fresh
+    /// mapping of attempts that started before our facts were known.
+    latest: Option<SocketAddr>,
+    attempts: HashMap<u64, Attempt>,
+    remotes: HashMap<RemoteKey, Remote>,
+    /// Connects waiting for capacity.
+    queue: VecDeque<(PeerId, RequestId, Instant)>,
+    /// Connects to retry when the server's introduction limit allows.
+    retries: Vec<(Instant, PeerId, RequestId, Instant)>,
+    /// Fresh-mapping transactions: which attempt, on which socket.
+    fresh: HashMap<TransactionId, (u64, SocketId)>,
+    /// Behind a symmetric NAT, the attempt whose turn it is.
+    turn: Option<u64>,
+    turn_queue: VecDeque<u64>,
+    next_socket: usize,
+    open_sockets: HashSet<SocketId>,
+    pacer: Pacer,
+    out: VecDeque<Transmit>,
+    events: VecDeque<HostEvent>,
+    stats: HostStats,
+    closing: bool,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("attempts", &self.attempts.len())
+            .field("remotes", &self.remotes.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Host {
+    /// A host; call [`Host::start`] to begin registering.
+    pub fn new(cfg: HostConfig) -> Self {
+        let info = PeerInfo {
+            nat: NatSummary::measuring(),
+            candidates: vec![cfg.local],
+        };
+        let client = RendezvousClient::new(
+            cfg.identity.clone(),
+            cfg.instance,
+            cfg.server,
+            SocketId(0),
+            cfg.policy.accept,
+            info,
+        );
+        Self {
+            rng: StdRng::seed_from_u64(cfg.seed),
+            client,
+            stun: StunClient::new(),
+            nat: NatSummary::measuring(),
+            latest: None,
+            attempts: HashMap::new(),
+            remotes: HashMap::new(),
+            queue: VecDeque::new(),
+            retries: Vec::new(),
+            fresh: HashMap::new(),
+            turn: None,
+            turn_queue: VecDeque::new(),
+            next_socket: 1,
+            open_sockets: HashSet::new(),
+            pacer: Pacer {
+                tokens: defaults::PROBE_BURST,
+                last: None,
+                queue: VecDeque::new(),
+                dropped: 0,
+            },
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: HostStats::default(),
+            closing: false,
+            cfg,
+        }
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.client.peer_id()
+    }
+
+    pub fn stats(&self) -> HostStats {
+        HostStats {
+            probes_dropped: self.pacer.dropped,
+            ..self.stats
+        }
+    }
+
+    /// Our NAT facts so far.
+    pub fn nat(&self) -> NatSummary {
+        self.nat
+    }
+
+    /// Attempts under way.
+    pub fn attempts(&self) -> usize {
+        self.attempts.len()
+    }
+
+    /// Starts: a cookie from the server, and the registration if we accept
+    /// sessions.
+    pub fn start(&mut self, now: Instant) {
+        self.client.start(now);
+        self.flush_client(now);
+    }
+
+    /// Leaves cleanly: unregisters, stops every attempt.
+    pub fn close(&mut self, now: Instant) {
+        self.closing = true;
+        self.client.close(now);
+        let requests: Vec<(RequestId, PeerId)> = self
+            .attempts
+            .values()
+            .filter_map(|a| a.request.map(|r| (r, a.peer)))
+            .chain(self.queue.iter().map(|(p, r, _)| (*r, *p)))
+            .collect();
+        for (request, peer) in requests {
+            self.events.push_back(HostEvent::ConnectFailed {
+                request,
+                peer,
+                error: ConnectError::Closing,
+            });
+        }
+        self.attempts.clear();
+        self.queue.clear();
+        self.flush_client(now);
+    }
+
+    fn info(&self) -> PeerInfo {
+        PeerInfo {
+            nat: self.nat,
+            candidates: vec![self.cfg.local],
+        }
+    }
+
+    fn me_view(&self, fresh: Option<SocketAddr>) -> SideView {
+        SideView {
+            nat: self.nat,
+            observed: self.client.observed().unwrap_or(self.cfg.local),
+            fresh,
+            candidates: vec![self.cfg.local],
+        }
+    }
+
+    fn me_hard(&self) -> bool {
+        self.me_view(None).hard()
+    }
+
+    fn punch_cfg(&mut self) -> PunchConfig {
+        let mut c = self.cfg.punch.clone();
+        c.plan.seed = self.rng.random();
+        c.plan.ttl = self.cfg.ttl.or(self.nat.opener_ttl);
+        c
+    }
+
+    // ---- inputs ------------------------------------------------------
+
+    /// A user's connect to `peer`.
+    pub fn connect(&mut self, now: Instant, peer: PeerId, request: RequestId) {
+        if peer == self.peer_id() {
+            self.events.push_back(HostEvent::ConnectFailed {
+                request,
+                peer,
+                error: ConnectError::OwnPeerId { peer },
+            });
+            return;
+        }
+        if self.closing {
+            self.events.push_back(HostEvent::ConnectFailed {
+                request,
+                peer,
+                error: ConnectError::Closing,
+            });
+            return;
+        }
+        // A live path to that peer: a new session can use it at once.
+        if let Some(r) = self
+            .remotes
+            .values()
+            .filter(|r| r.peer() == peer && r.live())
+            .max_by_key(|r| r.sessions)
+        {
+            if let Some(path) = r.path {
+                self.events.push_back(HostEvent::Connected {
+                    request: Some(request),
+                    remote: r.key,
+                    path,
+                    strategy: r.strategy.unwrap_or(Strategy::Cone),
+                    role: Role::Initiator,
+                    elapsed: Duration::ZERO,
+                    probes_sent: 0,
+                    bytes_sent: 0,
+                    reused: true,
+                });
+                return;
+            }
+        }
+        if !self.has_capacity(peer) {
+            self.queue.push_back((peer, request, now));
+            return;
+        }
+        self.start_initiator(now, peer, Some(request), None, now);
+    }
+
+    fn has_capacity(&self, peer: PeerId) -> bool {
+        self.attempts.len() < defaults::MAX_ATTEMPTS
+            && self.attempts.values().filter(|a| a.peer == peer).count()
+                < defaults::MAX_ATTEMPTS_PER_PEER
+    }
+
+    fn new_attempt(&mut self, now: Instant, peer: PeerId, role: Role, session: u64) -> Attempt {
+        let eph = Ephemeral::from_secret(self.rng.random());
+        let offer = make_offer(&self.cfg.identity, session, role, &eph);
+        Attempt {
+            peer,
+            role,
+            request: None,
+            repair: None,
+            remote: None,
+            eph: Some(eph),
+            offer,
+            punch: None,
+            fresh: None,
+            phase: Phase::Introducing,
+            sockets: vec![SocketId(0)],
+            started: now,
+            incoming: None,
+            turn_until: None,
+        }
+    }
+
+    fn start_initiator(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        request: Option<RequestId>,
+        repair: Option<RemoteKey>,
+        started: Instant,
+    ) {
+        let session = self.rng.random();
+        let mut a = self.new_attempt(now, peer, Role::Initiator, session);
+        a.request = request;
+        a.repair = repair;
+        a.started = started;
+        self.stats.attempts += 1;
+        let hard = self.me_hard();
+        self.attempts.insert(session, a);
+        if hard {
+            self.wait_turn(now, session);
+        } else {
+            self.send_connect(now, session);
+        }
+    }
+
+    fn send_connect(&mut self, now: Instant, session: u64) {
+        let info = self.info();
+        let Some(a) = self.attempts.get_mut(&session) else {
+            return;
+        };
+        a.phase = Phase::Introducing;
+        let fresh = a.fresh;
+        self.client
+            .connect(now, a.peer, session, a.offer.clone(), info, fresh);
+    }
+
+    /// Behind a symmetric NAT: one attempt at a time from its fresh mapping
+    /// to its first probes.
+    fn wait_turn(&mut self, now: Instant, session: u64) {
+        if let Some(a) = self.attempts.get_mut(&session) {
+            a.phase = Phase::WaitTurn;
+        }
+        if self.turn.is_none() {
+            self.take_turn(now, session);
+        } else {
+            self.turn_queue.push_back(session);
+        }
+    }
+
+    fn take_turn(&mut self, now: Instant, session: u64) {
+        self.turn = Some(session);
+        if let Some(a) = self.attempts.get_mut(&session) {
+            a.turn_until = Some(now + defaults::ALLOC_MAX);
+        }
+        self.take_fresh(now, session);
+    }
+
+    fn end_turn(&mut self, now: Instant, session: u64) {
+        if self.turn != Some(session) {
+            self.turn_queue.retain(|s| *s != session);
+            return;
+        }
+        self.turn = None;
+        while let Some(next) = self.turn_queue.pop_front() {
+            if self.attempts.contains_key(&next) {
+                self.take_turn(now, next);
+                break;
+            }
+        }
+    }
+
+    /// A fresh mapping: a Binding from a new socket, which the NAT maps
+    /// to its next port.
+    fn take_fresh(&mut self, now: Instant, session: u64) {
+        let Some(id) = self.open_socket() else {
+            // No socket to spare: go on without a fresh mapping (prediction
+            // then has nothing to predict from, other techniques still run).
+            return self.fresh_done(now, session, None);
+        };
+        if let Some(a) = self.attempts.get_mut(&session) {
+            a.phase = Phase::Fresh;
+        }
+        let req = Message::binding_request(TransactionId::new(self.rng.random()));
+        let timing = Timing {
+            rto: defaults::FRESH_TIMING_RTO,
+            ..Timing::probe()
+        };
+        let tid = self.stun.start(now, id, self.cfg.stun, &req, timing, false);
+        self.fresh.insert(tid, (session, id));
+    }
+
+    fn fresh_done(&mut self, now: Instant, session: u64, fresh: Option<SocketAddr>) {
+        let info = self.info();
+        let Some(a) = self.attempts.get_mut(&session) else {
+            return;
+        };
+        a.fresh = fresh;
+        match a.role {
+            Role::Initiator => self.send_connect(now, session),
+            Role::Responder => {
+                a.phase = Phase::Punching;
+                if let Some(p) = a.punch.as_mut() {
+                    p.update_me(now, info.nat, fresh);
+                }
+                let offer = a.offer.clone();
+                self.client.accept(now, session, offer, info, fresh);
+                self.drive_attempt(now, session);
+            }
+        }
+    }
+
+    fn open_socket(&mut self) -> Option<SocketId> {
+        if self.open_sockets.len() >= defaults::SOCKET_BUDGET {
+            return None;
+        }
+        let id = SocketId(self.next_socket);
+        self.next_socket += 1;
+        self.open_sockets.insert(id);
+        self.events.push_back(HostEvent::OpenSocket { id });
+        Some(id)
+    }
+
+    fn close_socket(&mut self, id: SocketId) {
+        if id.0 != 0 && self.open_sockets.remove(&id) {
+            self.events.push_back(HostEvent::CloseSocket { id });
+        }
+    }
+
+    /// The driver could not bind socket `id`.
+    pub fn socket_failed(&mut self, now: Instant, id: SocketId) {
+        self.open_sockets.remove(&id);
+        let fresh: Vec<TransactionId> = self
+            .fresh
+            .iter()
+            .filter(|(_, (_, s))| *s == id)
+            .map(|(t, _)| *t)
+            .collect();
+        for tid in fresh {
+            self.stun.cancel(&tid);
+            if let Some((session, _)) = self.fresh.remove(&tid) {
+                self.fresh_done(now, session, None);
+            }
+        }
+    }
+
+    /// A fact about our NAT, as measured.
+    pub fn handle_fact(&mut self, now: Instant, fact: Fact) {
+        let mut fresh_now = None;
+        match fact {
+            Fact::Mapping {
+                nat,
+                mapping,
+                allocation,
+                delta,
+                latest,
+                ..
+            } => {
+                self.nat.nat = nat;
+                self.nat.mapping = mapping;
+                self.nat.allocation = allocation;
+                self.nat.delta = delta;
+                self.nat.pending.mapping = false;
+                self.latest = latest;
+                fresh_now = latest;
+            }
+            Fact::Filtering { filtering } => {
+                self.nat.filtering = filtering;
+                self.nat.pending.filtering = false;
+            }
+            Fact::OpenerTtl { ttl } => {
+                self.nat.opener_ttl = ttl;
+                self.nat.pending.hops = false;
+                for a in self.attempts.values_mut() {
+                    if let Some(p) = a.punch.as_mut() {
+                        p.set_opener_ttl(self.cfg.ttl.or(ttl));
+                    }
+                }
+            }
+            Fact::Unreachable => {
+                // No STUN answers: nothing more will be measured; punch as
+                // if the NAT were a cone (the likelier case).
+                self.nat.pending = Default::default();
+            }
+        }
+        let info = self.info();
+        self.client.set_info(now, info.clone());
+        let hard = self.me_hard();
+        let sessions: Vec<u64> = self.attempts.keys().copied().collect();
+        for session in sessions {
+            let Some(a) = self.attempts.get_mut(&session) else {
+                continue;
+            };
+            if matches!(a.phase, Phase::WaitTurn | Phase::Fresh) {
+                continue;
+            }
+            // An attempt that began before we knew we are behind a
+            // symmetric NAT uses discovery's newest mapping as its fresh one.
+            if hard && a.fresh.is_none() {
+                a.fresh = fresh_now;
+            }
+            let fresh = a.fresh;
+            if let Some(p) = a.punch.as_mut() {
+                p.update_me(now, info.nat, fresh);
+            }
+            self.client.update(now, session, info.clone(), fresh);
+            self.drive_attempt(now, session);
+        }
+        self.flush_client(now);
+    }
+
+    /// A datagram for the control plane (not QUIC) arrived on `socket`.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        socket: SocketId,
+        from: SocketAddr,
+        data: &[u8],
+    ) {
+        if crate::rendezvous::wire::is_rendezvous(data) {
+            if socket.0 == 0 {
+                self.client.handle_input(now, from, data);
+                self.flush_client(now);
+            }
+        } else if looks_like_stun(data) {
+            self.stun.handle_input(now, socket, from, data);
+            self.flush_stun(now);
+        } else if crate::punch::wire::is_punch(data) {
+            self.punch_input(now, socket, from, data);
+        }
+    }
+
+    fn punch_input(&mut self, now: Instant, socket: SocketId, from: SocketAddr, data: &[u8]) {
+        let Some(session) = crate::punch::wire::session_of(data) else {
+            return;
+        };
+        if let Some(a) = self.attempts.get_mut(&session) {
+            let Some(local) = a.sockets.iter().position(|s| *s == socket) else {
+                return;
+            };
+            if let Some(p) = a.punch.as_mut() {
+                p.handle_input(now, SocketId(local), from, data);
+            }
+            self.drive_attempt(now, session);
+            return;
+        }
+        // A connected pair's validator (its session number is the punch's).
+        let key = self.remotes.iter().find_map(|(k, r)| {
+            r.validator
+                .as_ref()
+                .filter(|v| v.punch.session() == session)
+                .map(|_| *k)
+        });
+        match key {
+            Some(key) => {
+                if let Some(v) = self
+                    .remotes
+                    .get_mut(&key)
+                    .and_then(|r| r.validator.as_mut())
+                {
+                    if let Some(local) = v.sockets.iter().position(|s| *s == socket) {
+                        v.punch.handle_input(now, SocketId(local), from, data);
+                    }
+                }
+                self.drive_validator(key);
+            }
+            None => {
+                self.stats.stray_punch += 1;
+                tracing::trace!(%from, "punch frame for no attempt");
+            }
+        }
+    }
+
+    /// A QUIC session came up on `remote`'s route.
+    pub fn session_up(&mut self, now: Instant, remote: RemoteKey) {
+        let r = self
+            .remotes
+            .entry(remote)
+            .or_insert_with(|| Remote::new(remote, false, now));
+        r.sessions += 1;
+        r.idle_since = None;
+    }
+
+    /// A QUIC session on `remote`'s route ended.
+    pub fn session_down(&mut self, now: Instant, remote: RemoteKey) {
+        if let Some(r) = self.remotes.get_mut(&remote) {
+            r.sessions = r.sessions.saturating_sub(1);
+            if r.sessions == 0 && r.repairing.is_none() {
+                r.idle_since = Some(now);
+                r.repunch_at = None;
+            }
+        }
+    }
+
+    /// `remote`'s path stopped answering: the side that introduced itself
+    /// punches again; the other refreshes its registration so that the
+    /// server can reach it.
+    pub fn path_stalled(&mut self, now: Instant, remote: RemoteKey) {
+        let Some(r) = self.remotes.get_mut(&remote) else {
+            return;
+        };
+        self.events.push_back(HostEvent::Stalled { remote });
+        if r.initiator {
+            let recent = r
+                .last_repunch
+                .is_some_and(|t| now.saturating_duration_since(t) < defaults::REPUNCH_EVERY);
+            if r.repairing.is_none() && r.repunch_at.is_none() && !recent {
+                r.repunch_at = Some(now + defaults::REPUNCH_DELAY);
+            }
+        }
+        self.client.refresh(now);
+        self.flush_client(now);
+    }
+
+    /// A peer that was sending fell silent: be reachable for its re-punch.
+    pub fn peer_quiet(&mut self, now: Instant) {
+        self.client.refresh(now);
+        self.flush_client(now);
+    }
+
+    /// The session layer saw `remote`'s packets arrive on a path that is
+    /// not its route (the peer's NAT rebound): validate it, then move.
+    pub fn new_source(&mut self, now: Instant, remote: RemoteKey, path: Path) {
+        let Some(r) = self.remotes.get_mut(&remote) else {
+            return;
+        };
+        if r.path == Some(path) {
+            return;
+        }
+        if let Some(v) = r.validator.as_mut() {
+            if let Some(local) = v.local_path(path) {
+                v.punch.validate(now, local);
+            }
+        }
+        self.drive_validator(remote);
+    }
+
+    /// Advances every timer. A spurious call is a no-op.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.client.handle_timeout(now);
+        self.flush_client(now);
+        self.stun.handle_timeout(now);
+        self.flush_stun(now);
+        let sessions: Vec<u64> = self.attempts.keys().copied().collect();
+        for session in sessions {
+            let expired_turn = self
+                .attempts
+                .get(&session)
+                .and_then(|a| a.turn_until)
+                .is_some_and(|t| now >= t);
+            if expired_turn {
+                if let Some(a) = self.attempts.get_mut(&session) {
+                    a.turn_until = None;
+                }
+                self.end_turn(now, session);
+            }
+            if let Some(p) = self
+                .attempts
+                .get_mut(&session)
+                .and_then(|a| a.punch.as_mut())
+            {
+                p.handle_timeout(now);
+            }
+            self.drive_attempt(now, session);
+        }
+        let keys: Vec<RemoteKey> = self.remotes.keys().copied().collect();
+        for key in keys {
+            if let Some(v) = self
+                .remotes
+                .get_mut(&key)
+                .and_then(|r| r.validator.as_mut())
+            {
+                v.punch.handle_timeout(now);
+            }
+            self.drive_validator(key);
+            self.remote_timers(now, key);
+        }
+        let due: Vec<(Instant, PeerId, RequestId, Instant)> = self
+            .retries
+            .iter()
+            .filter(|r| now >= r.0)
+            .copied()
+            .collect();
+        self.retries.retain(|r| now < r.0);
+        for (_, peer, request, started) in due {
+            self.start_initiator(now, peer, Some(request), None, started);
+        }
+        self.pace(now);
+    }
+
+    fn remote_timers(&mut self, now: Instant, key: RemoteKey) {
+        let Some(r) = self.remotes.get_mut(&key) else {
+            return;
+        };
+        if r.repunch_at.is_some_and(|t| now >= t) {
+            r.repunch_at = None;
+            r.last_repunch = Some(now);
+            let peer = r.peer();
+            if r.sessions > 0 && self.has_capacity(peer) {
+                // The re-punch's number is known once it starts.
+                let before: HashSet<u64> = self.attempts.keys().copied().collect();
+                self.start_initiator(now, peer, None, Some(key), now);
+                let new = self.attempts.keys().find(|k| !before.contains(k)).copied();
+                if let Some(r) = self.remotes.get_mut(&key) {
+                    r.repairing = new;
+                }
+            }
+            return;
+        }
+        let idle = r
+            .idle_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= defaults::REMOTE_LINGER);
+        let busy = self.attempts.values().any(|a| a.remote == Some(key));
+        if idle && !busy {
+            if let Some(r) = self.remotes.remove(&key) {
+                if let Some(p) = r.path {
+                    self.close_socket(p.socket);
+                }
+                self.events.push_back(HostEvent::Forget { remote: key });
+            }
+        }
+    }
+
+    // ---- rendezvous --------------------------------------------------
+
+    fn flush_client(&mut self, now: Instant) {
+        while let Some(t) = self.client.poll_transmit() {
+            self.out.push_back(t);
+        }
+        while let Some(ev) = self.client.poll_event() {
+            self.on_client_event(now, ev);
+        }
+        while let Some(t) = self.client.poll_transmit() {
+            self.out.push_back(t);
+        }
+    }
+
+    fn on_client_event(&mut self, now: Instant, ev: ClientEvent) {
+        match ev {
+            ClientEvent::Registered { observed } => {
+                self.events.push_back(HostEvent::Registered { observed })
+            }
+            ClientEvent::ServerLost { server } => {
+                self.events.push_back(HostEvent::ServerLost { server })
+            }
+            ClientEvent::ServerBack { server } => {
+                self.events.push_back(HostEvent::ServerBack { server })
+            }
+            ClientEvent::Displaced => self.events.push_back(HostEvent::Displaced),
+            ClientEvent::Peer {
+                session,
+                peer,
+                instance,
+                observed,
+                info,
+                start_at,
+                ..
+            } => self.on_peer(
+                now,
+                session,
+                RemoteKey { peer, instance },
+                observed,
+                info,
+                start_at,
+            ),
+            ClientEvent::Incoming {
+                session,
+                from,
+                instance,
+                observed,
+                offer,
+                info,
+                fresh,
+                start_at,
+            } => {
+                let intro = IncomingIntro {
+                    observed,
+                    info,
+                    offer,
+                    fresh,
+                    start_at,
+                };
+                self.on_incoming(
+                    now,
+                    session,
+                    RemoteKey {
+                        peer: from,
+                        instance,
+                    },
+                    intro,
+                );
+            }
+            ClientEvent::Sync {
+                session,
+                peer,
+                start_at,
+            } => self.on_sync(now, session, peer, start_at),
+            ClientEvent::Error {
+                code,
+                session,
+                retry_after,
+            } => {
+                let Some(session) = session else {
+                    tracing::debug!(?code, "the server refused a request");
+                    return;
+                };
+                let Some(a) = self.attempts.get(&session) else {
+                    return;
+                };
+                let peer = a.peer;
+                let error = match code {
+                    ErrorCode::PeerOffline => ConnectError::Offline { peer },
+                    ErrorCode::Declined(reason) => ConnectError::Declined { peer, reason },
+                    ErrorCode::IntroductionLimit => {
+                        let wait = retry_after.unwrap_or(defaults::MAX_LIMIT_WAIT);
+                        if wait < defaults::MAX_LIMIT_WAIT && a.role == Role::Initiator {
+                            if let Some(request) = a.request {
+                                let started = a.started;
+                                self.retries.push((now + wait, peer, request, started));
+                                self.remove_attempt(now, session);
+                                return;
+                            }
+                        }
+                        ConnectError::IntroductionLimit { peer, retry_after }
+                    }
+                    ErrorCode::ServerFull => ConnectError::ServerFull,
+                    code => ConnectError::Refused { code },
+                };
+                self.fail_attempt(now, session, error);
+            }
+            ClientEvent::ServerUnreachable { server, session } => match session {
+                Some(session) => {
+                    self.fail_attempt(now, session, ConnectError::ServerUnreachable { server })
+                }
+                None => {
+                    // No answer to our Hello: every connect waiting for the
+                    // server fails.
+                    let waiting: Vec<u64> = self
+                        .attempts
+                        .iter()
+                        .filter(|(_, a)| a.phase == Phase::Introducing)
+                        .map(|(s, _)| *s)
+                        .collect();
+                    for s in waiting {
+                        self.fail_attempt(now, s, ConnectError::ServerUnreachable { server });
+                    }
+                }
+            },
+        }
+    }
+
+    fn on_peer(
+        &mut self,
+        now: Instant,
+        session: u64,
+        key: RemoteKey,
+        observed: SocketAddr,
+        info: PeerInfo,
+        start_at: Instant,
+    ) {
+        let cfg = self.punch_cfg();
+        let my_id = self.peer_id();
+        let Some(a) = self.attempts.get_mut(&session) else {
+            return;
+        };
+        if a.role != Role::Initiator || a.punch.is_some() {
+            return;
+        }
+        let Some(eph) = a.eph.take() else {
+            return;
+        };
+        let peer_view = SideView {
+            nat: info.nat,
+            observed,
+            fresh: None,
+            candidates: info.candidates,
+        };
+        let me = SideView {
+            nat: self.nat,
+            observed: self.client.observed().unwrap_or(self.cfg.local),
+            fresh: a.fresh,
+            candidates: vec![self.cfg.local],
+        };
+        let punch = Punch::new(
+            cfg,
+            Role::Initiator,
+            session,
+            my_id,
+            key.peer,
+            eph,
+            &a.offer,
+            me,
+            peer_view,
+            now,
+            start_at,
+        );
+        a.punch = Some(punch);
+        a.remote = Some(key);
+        a.phase = Phase::Punching;
+        let repair = a.repair;
+        let r = self
+            .remotes
+            .entry(key)
+            .or_insert_with(|| Remote::new(key, true, now));
+        r.initiator = true;
+        r.idle_since = None;
+        if repair.is_some_and(|k| k != key) {
+            // The peer restarted: the re-punch reaches a new process, whose
+            // path the old sessions cannot use.
+            if let Some(old) = repair.and_then(|k| self.remotes.get_mut(&k)) {
+                old.repairing = None;
+            }
+        }
+        self.drive_attempt(now, session);
+    }
+
+    fn on_incoming(&mut self, now: Instant, session: u64, key: RemoteKey, intro: IncomingIntro) {
+        let peer = key.peer;
+        // Policy first: nobody we would refuse gets our probes, our sockets
+        // or our time.
+        let refusal = if !self.cfg.policy.accept || self.closing {
+            Some(DeclineReason::NotAccepting)
+        } else if self
+            .cfg
+            .policy
+            .allow
+            .as_ref()
+            .is_some_and(|a| !a.contains(&peer))
+        {
+            Some(DeclineReason::NotAllowed)
+        } else if !self.has_capacity(peer) {
+            Some(DeclineReason::Busy)
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            self.stats.declined += 1;
+            self.client.decline(now, session, reason);
+            self.events.push_back(HostEvent::Refused { peer, reason });
+            return;
+        }
+        self.stats.attempts += 1;
+        self.events.push_back(HostEvent::Incoming { peer });
+        let mut a = self.new_attempt(now, peer, Role::Responder, session);
+        let cfg = self.punch_cfg();
+        let peer_view = SideView {
+            nat: intro.info.nat,
+            observed: intro.observed,
+            fresh: intro.fresh,
+            candidates: intro.info.candidates.clone(),
+        };
+        let Some(eph) = a.eph.take() else {
+            return;
+        };
+        let mut punch = Punch::new(
+            cfg,
+            Role::Responder,
+            session,
+            self.peer_id(),
+            peer,
+            eph,
+            &a.offer,
+            self.me_view(None),
+            peer_view,
+            now,
+            intro.start_at,
+        );
+        punch.set_peer_offer(&intro.offer.ephemeral, &intro.offer.sig);
+        a.punch = Some(punch);
+        a.remote = Some(key);
+        a.incoming = Some(intro);
+        let r = self
+            .remotes
+            .entry(key)
+            .or_insert_with(|| Remote::new(key, false, now));
+        r.idle_since = None;
+        let hard = self.me_hard();
+        self.attempts.insert(session, a);
+        if hard {
+            self.wait_turn(now, session);
+        } else {
+            self.fresh_done(now, session, None);
+        }
+        self.drive_attempt(now, session);
+    }
+
+    fn on_sync(
+        &mut self,
+        now: Instant,
+        session: u64,
+        peer: Option<PartyState>,
+        start_at: Option<Instant>,
+    ) {
+        let Some(a) = self.attempts.get_mut(&session) else {
+            return;
+        };
+        let Some(p) = a.punch.as_mut() else {
+            return;
+        };
+        if let Some(state) = peer {
+            p.set_peer_offer(&state.offer.ephemeral, &state.offer.sig);
+            p.update_peer(now, state.info.nat, state.fresh);
+        }
+        if let Some(at) = start_at {
+            p.go(now, at);
+            if a.turn_until.is_some() {
+                // Our first new mappings are made shortly after the start.
+                a.turn_until = Some(at + defaults::ALLOC_HOLD);
+            }
+        }
+        self.drive_attempt(now, session);
+    }
+
+    // ---- attempts ----------------------------------------------------
+
+    /// Drains one attempt's punch machine: sockets it needs, transmits,
+    /// events.
+    fn drive_attempt(&mut self, now: Instant, session: u64) {
+        let (need, have) = match self.attempts.get(&session) {
+            Some(a) => match a.punch.as_ref() {
+                Some(p) => (p.sockets_needed(), a.sockets.len()),
+                None => return,
+            },
+            None => return,
+        };
+        for _ in have..need {
+            let id = self.open_socket().unwrap_or_else(|| {
+                tracing::warn!("socket budget spent: birthday runs with fewer sockets");
+                NO_SOCKET
+            });
+            if let Some(a) = self.attempts.get_mut(&session) {
+                a.sockets.push(id);
+            }
+        }
+        let Some(a) = self.attempts.get_mut(&session) else {
+            return;
+        };
+        let Some(p) = a.punch.as_mut() else {
+            return;
+        };
+        let mut events = Vec::new();
+        while let Some(t) = p.poll_transmit() {
+            let Some(socket) = a.sockets.get(t.socket.0).copied() else {
+                continue;
+            };
+            if socket == NO_SOCKET {
+                continue;
+            }
+            let t = Transmit { socket, ..t };
+            if is_probe(&t.payload) {
+                push_probe(&mut self.pacer, t);
+            } else {
+                self.out.push_back(t);
+            }
+        }
+        while let Some(ev) = p.poll_event() {
+            events.push(ev);
+        }
+        for ev in events {
+            self.on_punch_event(now, session, ev);
+        }
+        self.pace(now);
+    }
+
+    fn on_punch_event(&mut self, now: Instant, session: u64, ev: PunchEvent) {
+        let Some(a) = self.attempts.get(&session) else {
+            return;
+        };
+        let peer = a.peer;
+        let global = |a: &Attempt, p: Path| -> Option<Path> {
+            let socket = *a.sockets.get(p.socket.0)?;
+            Some(Path {
+                socket,
+                remote: p.remote,
+            })
+        };
+        match ev {
+            PunchEvent::Attempt { strategy } => {
+                self.events.push_back(HostEvent::Attempt { peer, strategy })
+            }
+            PunchEvent::Heard { path } => {
+                if let (Some(remote), Some(path)) = (a.remote, global(a, path)) {
+                    self.events.push_back(HostEvent::Learn { remote, path });
+                }
+            }
+            PunchEvent::Connected {
+                path,
+                strategy,
+                elapsed: _,
+                probes_sent,
+                bytes_sent,
+            } => {
+                let Some(path) = global(a, path) else {
+                    return;
+                };
+                let Some(remote) = a.remote else {
+                    return;
+                };
+                self.stats.connected += 1;
+                let (request, role, started, repair) = (a.request, a.role, a.started, a.repair);
+                self.events.push_back(HostEvent::Learn { remote, path });
+                self.path_up(now, remote, path, strategy, session);
+                if repair.is_some() {
+                    self.events.push_back(HostEvent::PathRepaired {
+                        remote,
+                        path,
+                        strategy,
+                    });
+                } else {
+                    self.events.push_back(HostEvent::Connected {
+                        request,
+                        remote,
+                        path,
+                        strategy,
+                        role,
+                        elapsed: now.saturating_duration_since(started),
+                        probes_sent,
+                        bytes_sent,
+                        reused: false,
+                    });
+                }
+                self.finish_attempt(now, session, Some(path));
+            }
+            PunchEvent::Failed { failure } => {
+                self.fail_attempt(now, session, ConnectError::Punch { peer, failure })
+            }
+            PunchEvent::PathValidated { .. } | PunchEvent::PathDead { .. } => {}
+        }
+    }
+
+    /// A confirmed path: the remote's traffic goes there, and the punch
+    /// stays as the remote's validator.
+    fn path_up(
+        &mut self,
+        now: Instant,
+        key: RemoteKey,
+        path: Path,
+        strategy: Strategy,
+        session: u64,
+    ) {
+        let validator = self.attempts.get_mut(&session).and_then(|a| {
+            let punch = a.punch.take()?;
+            Some(Validator {
+                punch,
+                sockets: a.sockets.clone(),
+            })
+        });
+        let r = self
+            .remotes
+            .entry(key)
+            .or_insert_with(|| Remote::new(key, false, now));
+        let old = r.path.replace(path);
+        r.strategy = Some(strategy);
+        if r.repairing == Some(session) {
+            r.repairing = None;
+        }
+        // The old validator's sockets other than the new path's are done.
+        let old_sockets: Vec<SocketId> = r.validator.take().map(|v| v.sockets).unwrap_or_default();
+        r.validator = validator;
+        let live = r.sessions > 0;
+        self.events
+            .push_back(HostEvent::Route { remote: key, path });
+        if live && old != Some(path) {
+            self.events
+                .push_back(HostEvent::PathChanged { remote: key, path });
+        }
+        if let Some(o) = old.filter(|o| o.socket != path.socket) {
+            self.close_socket(o.socket);
+        }
+        for s in old_sockets {
+            if s != path.socket {
+                self.close_socket(s);
+            }
+        }
+    }
+
+    fn drive_validator(&mut self, key: RemoteKey) {
+        let Some(r) = self.remotes.get_mut(&key) else {
+            return;
+        };
+        let Some(v) = r.validator.as_mut() else {
+            return;
+        };
+        let mut validated = Vec::new();
+        while let Some(t) = v.punch.poll_transmit() {
+            let Some(socket) = v.sockets.get(t.socket.0).copied() else {
+                continue;
+            };
+            if socket != NO_SOCKET {
+                self.out.push_back(Transmit { socket, ..t });
+            }
+        }
+        while let Some(ev) = v.punch.poll_event() {
+            match ev {
+                PunchEvent::PathValidated { path } | PunchEvent::Heard { path } => {
+                    if let Some(g) = v.global_path(path) {
+                        validated.push((g, matches!(ev, PunchEvent::PathValidated { .. })));
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (path, switch) in validated {
+            self.events
+                .push_back(HostEvent::Learn { remote: key, path });
+            if switch {
+                if let Some(r) = self.remotes.get_mut(&key) {
+                    if r.path != Some(path) {
+                        r.path = Some(path);
+                        self.events
+                            .push_back(HostEvent::Route { remote: key, path });
+                        self.events
+                            .push_back(HostEvent::PathChanged { remote: key, path });
+                    }
+                }
+            }
+        }
+    }
+
+    fn fail_attempt(&mut self, now: Instant, session: u64, error: ConnectError) {
+        let Some(a) = self.attempts.get(&session) else {
+            return;
+        };
+        self.stats.failed += 1;
+        let peer = a.peer;
+        match (a.request, a.repair) {
+            (Some(request), _) => self.events.push_back(HostEvent::ConnectFailed {
+                request,
+                peer,
+                error,
+            }),
+            (None, repair) => {
+                if let Some(r) = repair.and_then(|k| self.remotes.get_mut(&k)) {
+                    r.repairing = None;
+                }
+                self.events
+                    .push_back(HostEvent::AttemptFailed { peer, error });
+            }
+        }
+        self.finish_attempt(now, session, None);
+    }
+
+    /// Ends an attempt: its sockets close (except one a path now uses), its
+    /// turn passes on, queued connects may start.
+    fn finish_attempt(&mut self, now: Instant, session: u64, keep: Option<Path>) {
+        let Some(a) = self.attempts.get(&session) else {
+            return;
+        };
+        let sockets = a.sockets.clone();
+        let remote = a.remote;
+        for s in sockets.into_iter().skip(1) {
+            if Some(s) != keep.map(|p| p.socket) && s != NO_SOCKET {
+                self.close_socket(s);
+            }
+        }
+        self.remove_attempt(now, session);
+        if let Some(r) = remote.and_then(|k| self.remotes.get_mut(&k)) {
+            if r.sessions == 0 && r.idle_since.is_none() {
+                r.idle_since = Some(now);
+            }
+        }
+    }
+
+    fn remove_attempt(&mut self, now: Instant, session: u64) {
+        if let Some(a) = self.attempts.remove(&session) {
+            if let Some(mut p) = a.punch {
+                p.close();
+            }
+        }
+        let fresh: Vec<TransactionId> = self
+            .fresh
+            .iter()
+            .filter(|(_, (s, _))| *s == session)
+            .map(|(t, _)| *t)
+            .collect();
+        for tid in fresh {
+            self.stun.cancel(&tid);
+            if let Some((_, id)) = self.fresh.remove(&tid) {
+                self.close_socket(id);
+            }
+        }
+        self.client.end_session(now, session);
+        self.end_turn(now, session);
+        // Capacity freed: the next queued connect.
+        while let Some((peer, request, started)) = self.queue.front().copied() {
+            if !self.has_capacity(peer) {
+                break;
+            }
+            self.queue.pop_front();
+            self.start_initiator(now, peer, Some(request), None, started);
+        }
+    }
+
+    // ---- STUN (fresh mappings) ---------------------------------------
+
+    fn flush_stun(&mut self, now: Instant) {
+        while let Some(t) = self.stun.poll_transmit() {
+            self.out.push_back(t);
+        }
+        while let Some(ev) = self.stun.poll_event() {
+            let Some((session, id)) = self.fresh.remove(&ev.transaction) else {
+                continue;
+            };
+            self.close_socket(id);
+            let fresh = match &ev.outcome {
+                Outcome::Success { response, .. } => response.mapped_address(),
+                _ => None,
+            };
+            self.fresh_done(now, session, fresh);
+        }
+    }
+
+    // ---- output ------------------------------------------------------
+
+    fn pace(&mut self, now: Instant) {
+        self.pacer.refill(now);
+        while self.pacer.tokens >= 1.0 {
+            let Some(t) = self.pacer.queue.pop_front() else {
+                break;
+            };
+            self.pacer.tokens -= 1.0;
+            self.out.push_back(t);
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<HostEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let now_hint = self.pacer.last;
+        let attempts = self.attempts.values().flat_map(|a| {
+            [
+                a.punch.as_ref().and_then(|p| p.poll_timeout()),
+                a.turn_until,
+            ]
+        });
+        let remotes = self
+            .remotes
+            .values()
+            .map(|r| r.poll_timeout(defaults::REMOTE_LINGER));
+        [
+            self.client.poll_timeout(),
+            self.stun.poll_timeout(),
+            now_hint.and_then(|n| self.pacer.next_token(n)),
+        ]
+        .into_iter()
+        .chain(attempts)
+        .chain(remotes)
+        .chain(self.retries.iter().map(|r| Some(r.0)))
+        .flatten()
+        .min()
+    }
+}
+
+/// A socket slot the budget could not fill: nothing is sent from it.
+const NO_SOCKET: SocketId = SocketId(usize::MAX);
+
+/// A punch probe (paced), as opposed to acks and confirms (sent at once).
+fn is_probe(payload: &[u8]) -> bool {
+    crate::punch::wire::is_punch(payload) && payload.get(2) == Some(&1)
+}
+
+fn push_probe(pacer: &mut Pacer, t: Transmit) {
+    if pacer.queue.len() >= defaults::PROBE_QUEUE {
+        pacer.queue.pop_front();
+        pacer.dropped += 1;
+    }
+    pacer.queue.push_back(t);
+}
