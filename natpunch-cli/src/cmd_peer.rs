@@ -464,7 +464,7 @@ fn probes_and_bytes(probes: u64, bytes: u64) -> String {
 fn refusal(peer: &PeerId, reason: natpunch_proto::rendezvous::wire::DeclineReason) -> String {
     use natpunch_proto::rendezvous::wire::DeclineReason as D;
     match reason {
-        D::NotAllowed => format!("{peer} is not allowed (--allow)"),
+        D::NotAllowed => format!("{peer} is not on the allow list (--allow)"),
         D::NotAccepting => {
             format!("{peer} asked to connect, but this peer does not accept sessions")
         }

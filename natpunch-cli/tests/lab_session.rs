@@ -288,8 +288,13 @@ fn a_peer_outside_the_allow_list_is_refused_through_the_nats() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
+    let failed = json_lines(&out.stderr)
+        .into_iter()
+        .find(|e| e["event"] == "failed")
+        .unwrap_or_else(|| panic!("no failed event: {err}"));
+    assert_eq!(failed["code"], "declined-not-allowed", "{err}");
     assert!(
-        err.contains(&format!("could not reach {}: the peer declined", l.id)),
+        err.contains(&format!("{} declined: we are not on its allow list", l.id)),
         "{err}"
     );
 }

@@ -50,8 +50,9 @@ fn listen_and_connect_on_loopback_with_json_events() {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    // A connector does not register: it only asks for an introduction.
     assert!(
-        kinds.contains(&"registered") && kinds.contains(&"attempt"),
+        !kinds.contains(&"registered") && kinds.contains(&"attempt"),
         "{kinds:?}"
     );
     let c = events
@@ -65,6 +66,12 @@ fn listen_and_connect_on_loopback_with_json_events() {
     for k in ["elapsed_ms", "probes_sent", "bytes_sent"] {
         assert!(c[k].is_u64(), "{k}: {c}");
     }
+    assert_eq!(c["role"], "initiator");
+    // stderr is pure JSON: every line parsed.
+    assert_eq!(
+        events.len(),
+        String::from_utf8_lossy(&out.stderr).lines().count()
+    );
     // The listener saw the same connection.
     let mut got = false;
     for l in lines.map_while(Result::ok) {

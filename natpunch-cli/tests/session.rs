@@ -232,18 +232,24 @@ fn allow_list_and_wrong_key_are_refused_naming_both_ids() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    // Refused at the introduction, before any probe or handshake.
-    assert!(
-        err.contains(&format!("could not reach {}: the peer declined", l.id)),
-        "{err}"
+    // Refused at the introduction, before any probe or handshake, with a
+    // stable code beside the words.
+    let failed = json_lines(&out.stderr)
+        .into_iter()
+        .find(|e| e["event"] == "failed")
+        .unwrap_or_else(|| panic!("no failed event: {err}"));
+    assert_eq!(failed["code"], "declined-not-allowed", "{err}");
+    assert_eq!(
+        failed["reason"],
+        format!("{} declined: we are not on its allow list (--allow)", l.id).as_str()
     );
     assert!(!err.contains("\"session\""), "a session started: {err}");
     let refused = l.drain(Duration::from_secs(2));
-    let reason = format!("{a_id} is not allowed by {} (--allow)", l.id);
+    let reason = format!("{a_id} is not on the allow list (--allow)");
     assert!(
-        refused
-            .iter()
-            .any(|e| e["event"] == "refused" && e["reason"] == reason.as_str()),
+        refused.iter().any(|e| e["event"] == "refused"
+            && e["code"] == "not-allowed"
+            && e["reason"] == reason.as_str()),
         "{refused:?}"
     );
     assert!(

@@ -566,6 +566,7 @@ impl Host {
         };
         a.phase = Phase::Introducing;
         let fresh = a.fresh;
+        tracing::debug!(peer = %a.peer, session, ?fresh, pending = ?info.nat.pending, "connect sent");
         self.client
             .connect(now, a.peer, session, a.offer.clone(), info, fresh);
     }
@@ -579,6 +580,11 @@ impl Host {
         if self.turn.is_none() {
             self.take_turn(now, session);
         } else {
+            tracing::debug!(
+                session,
+                waiting = self.turn_queue.len() + 1,
+                "waiting for the symmetric-NAT turn"
+            );
             self.turn_queue.push_back(session);
         }
     }
@@ -622,10 +628,12 @@ impl Host {
             ..Timing::probe()
         };
         let tid = self.stun.start(now, id, self.cfg.stun, &req, timing, false);
+        tracing::debug!(session, socket = id.0, "taking a fresh mapping");
         self.fresh.insert(tid, (session, id));
     }
 
     fn fresh_done(&mut self, now: Instant, session: u64, fresh: Option<SocketAddr>) {
+        tracing::debug!(session, ?fresh, "fresh mapping");
         let info = self.info();
         let Some(a) = self.attempts.get_mut(&session) else {
             return;
@@ -835,6 +843,7 @@ impl Host {
             return;
         };
         self.events.push_back(HostEvent::Stalled { remote });
+        tracing::debug!(peer = %remote.peer, initiator = r.initiator, "path stalled");
         if r.initiator {
             let recent = r
                 .last_repunch
@@ -931,6 +940,7 @@ impl Host {
             r.repunch_at = None;
             r.last_repunch = Some(now);
             let peer = r.peer();
+            tracing::debug!(%peer, "punching again for a stalled path");
             if r.sessions > 0 && self.has_capacity(peer) {
                 // The re-punch's number is known once it starts.
                 let before: HashSet<u64> = self.attempts.keys().copied().collect();
@@ -1129,6 +1139,7 @@ impl Host {
             now,
             start_at,
         );
+        tracing::debug!(session, peer = %key.peer, instance = key.instance, %observed, kind = ?punch.kind(), "introduced");
         a.punch = Some(punch);
         a.remote = Some(key);
         a.phase = Phase::Punching;
@@ -1176,6 +1187,7 @@ impl Host {
         }
         self.stats.attempts += 1;
         self.events.push_back(HostEvent::Incoming { peer });
+        tracing::debug!(session, %peer, instance = key.instance, observed = %intro.observed, "incoming");
         let mut a = self.new_attempt(now, peer, Role::Responder, session);
         let cfg = self.punch_cfg();
         let peer_view = SideView {
@@ -1233,10 +1245,16 @@ impl Host {
             return;
         };
         if let Some(state) = peer {
+            tracing::debug!(session, fresh = ?state.fresh, pending = ?state.info.nat.pending, "the peer's state");
             p.set_peer_offer(&state.offer.ephemeral, &state.offer.sig);
             p.update_peer(now, state.info.nat, state.fresh);
         }
         if let Some(at) = start_at {
+            tracing::debug!(
+                session,
+                in_ms = at.saturating_duration_since(now).as_millis() as u64,
+                "go"
+            );
             p.go(now, at);
             if a.turn_until.is_some() {
                 // Our first new mappings are made shortly after the start.
@@ -1393,6 +1411,7 @@ impl Host {
         let old_sockets: Vec<SocketId> = r.validator.take().map(|v| v.sockets).unwrap_or_default();
         r.validator = validator;
         let live = r.sessions > 0;
+        tracing::debug!(peer = %key.peer, ?path, ?strategy, session, "path up");
         self.events
             .push_back(HostEvent::Route { remote: key, path });
         if live && old != Some(path) {
@@ -1456,6 +1475,7 @@ impl Host {
         let Some(a) = self.attempts.get(&session) else {
             return;
         };
+        tracing::debug!(session, peer = %a.peer, %error, "attempt failed");
         self.stats.failed += 1;
         let peer = a.peer;
         match (a.request, a.repair) {

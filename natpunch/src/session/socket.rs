@@ -274,6 +274,10 @@ pub struct PathSocket {
     turn: AtomicUsize,
     /// The socket whose send last blocked (what the writable poller waits on).
     blocked: AtomicUsize,
+    /// quinn's receiving task, woken when a socket is added so that it
+    /// starts polling it at once (otherwise a new socket is read only when
+    /// another one wakes the task).
+    receiver: Mutex<Option<std::task::Waker>>,
     pub stats: MuxStats,
 }
 
@@ -309,6 +313,7 @@ impl PathSocket {
             news,
             turn: AtomicUsize::new(0),
             blocked: AtomicUsize::new(0),
+            receiver: Mutex::new(None),
             stats: MuxStats::default(),
         })
     }
@@ -339,6 +344,14 @@ impl PathSocket {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, slot);
+        if let Some(w) = self
+            .receiver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            w.wake();
+        }
         Ok(())
     }
 
@@ -674,6 +687,12 @@ impl AsyncUdpSocket for PathSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        {
+            let mut r = self.receiver.lock().unwrap_or_else(|e| e.into_inner());
+            if r.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+                *r = Some(cx.waker().clone());
+            }
+        }
         let slots: Vec<(SocketId, Arc<Slot>)> = {
             let s = self.slots.read().unwrap_or_else(|e| e.into_inner());
             let mut v: Vec<(SocketId, Arc<Slot>)> =
