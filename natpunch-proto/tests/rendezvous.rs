@@ -72,6 +72,7 @@ fn register_as(
         instance,
         cookie: c,
         info: PeerInfo::default(),
+        rtt_ms: None,
         sig: vec![],
     };
     ask(s, now, from, &signed(id, f))
@@ -114,6 +115,7 @@ fn connect_frame(
             offer: offer(),
             info: info(mapping_known),
             fresh: None,
+            rtt_ms: None,
             sig: vec![],
         },
     )
@@ -157,6 +159,7 @@ fn nobody_registers_without_the_key_or_from_another_address() {
         instance: 1,
         cookie: c,
         info: PeerInfo::default(),
+        rtt_ms: None,
         sig: vec![],
     };
     // Signed by the wrong key.
@@ -384,6 +387,7 @@ fn a_targets_introduction_budget_is_counted_and_says_when_to_retry() {
                     offer: offer(),
                     info: info(true),
                     fresh: None,
+                    rtt_ms: None,
                     sig: vec![],
                 },
             );
@@ -586,4 +590,40 @@ fn a_heartbeat_tells_a_listener_that_the_server_forgot_it() {
             }
         )]
     ));
+}
+
+/// A listener that registers again with an old cookie (its facts changed)
+/// says what its round trip is; the server must not take the cookie's age
+/// for it, or both sides' starts drift apart by half of it.
+#[test]
+fn an_old_cookie_does_not_skew_the_start() {
+    let mut s = RendezvousServer::new([1; 32]);
+    let now = Instant::now();
+    let (a, b) = (Identity::from_seed([1; 32]), Identity::from_seed([2; 32]));
+    let c = cookie(&mut s, now, &b, B);
+    let later = now + Duration::from_secs(2);
+    let f = Frame::Register {
+        peer: b.peer_id(),
+        instance: 2,
+        cookie: c,
+        info: PeerInfo::default(),
+        rtt_ms: Some(40),
+        sig: vec![],
+    };
+    ask(&mut s, later, B, &signed(&b, f));
+    let f = connect_frame(&mut s, later, &a, &b, 9, true);
+    let r = ask(&mut s, later, A, &f);
+    let starts: Vec<u16> = r
+        .iter()
+        .filter_map(|(_, f)| match f {
+            Frame::Peer { start_in_ms, .. } | Frame::Incoming { start_in_ms, .. } => {
+                Some(*start_in_ms)
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !starts.is_empty() && starts.iter().all(|ms| *ms <= 40),
+        "{starts:?}"
+    );
 }

@@ -70,6 +70,13 @@ pub mod defaults {
     /// Probes sent to validate a new path of a connected pair (one per
     /// [`INTERVAL`]) before it counts as dead.
     pub const VALIDATION_TRIES: u32 = 10;
+    /// A side still measuring its hops holds its direct probes this long
+    /// past the start for the opener TTL: without openers, a probe that
+    /// reaches the peer's NAT before the peer's own first packet leaves
+    /// makes a Linux NAT map the peer to another port (a conntrack clash).
+    /// Hop discovery sends every TTL at once and ends in about one round
+    /// trip to the server, which a connector's introduction takes anyway.
+    pub const HOPS_GRACE: Duration = Duration::from_millis(150);
 }
 
 /// Peer-reflexive paths probed back, and paths heard from, at most (bounds
@@ -193,6 +200,9 @@ pub enum PunchEvent {
 
 #[derive(Debug)]
 struct Running {
+    /// The group that started it (its label may change with the pair's
+    /// kind).
+    group: Group,
     stream: Stream,
     round: u32,
     index: usize,
@@ -303,6 +313,22 @@ pub fn verify_offer(
         &sig,
     )
     .is_ok()
+}
+
+/// What `group`'s probes are called for a pair of `kind`: the technique
+/// they belong to.
+fn label(group: Group, kind: PairKind) -> Strategy {
+    match group {
+        Group::Lan => Strategy::Lan,
+        Group::Direct => match kind {
+            PairKind::Predict => Strategy::Predict,
+            PairKind::Ttl => Strategy::Ttl,
+            _ => Strategy::Cone,
+        },
+        Group::PredictEasy => Strategy::Predict,
+        Group::Ttl => Strategy::Ttl,
+        Group::BirthdayEasy | Group::BirthdayHard => Strategy::Birthday,
+    }
 }
 
 /// The streams of `group` that `me` sends to `peer`.
@@ -493,11 +519,12 @@ impl Punch {
             }));
             return;
         }
-        let label = self.kind.strategy().unwrap_or(Strategy::Cone);
-        // Streams already running now count for the technique we know.
+        // Direct probes are the hard side's part of prediction once the
+        // pair needs it; running ones are renamed accordingly.
+        let kind = self.kind;
         for r in &mut self.streams {
-            if r.stream.strategy != Strategy::Lan && self.kind.strategy().is_some() {
-                r.stream.strategy = label;
+            if r.group == Group::Direct {
+                r.stream.strategy = label(Group::Direct, kind);
             }
         }
         let groups = match self.kind {
@@ -508,21 +535,31 @@ impl Punch {
             if self.started.contains(&g) {
                 continue;
             }
+            if g == Group::Direct && self.awaiting_hops(now) {
+                continue;
+            }
             let early = plan::starts_early(g, &self.me, &self.peer);
             let at = match (early, self.go_at) {
                 (true, _) => self.start_at,
                 (false, Some(go)) => go,
                 (false, None) => continue,
             };
-            let streams = group_streams(g, &self.me, &self.peer, &self.cfg.plan, label);
+            let streams = group_streams(g, &self.me, &self.peer, &self.cfg.plan, label(g, kind));
             if streams.is_empty() {
                 // Not ready (a prediction without the peer's fresh mapping):
                 // tried again on the next fact.
                 continue;
             }
             self.started.push(g);
-            self.add_streams(now, at, streams);
+            self.add_streams(now, at, g, streams);
         }
+    }
+
+    /// Our opener TTL is still being measured, and worth waiting for.
+    fn awaiting_hops(&self, now: Instant) -> bool {
+        self.me.nat.pending.hops
+            && self.cfg.plan.ttl.is_none()
+            && now < self.start_at + defaults::HOPS_GRACE
     }
 
     fn peer_role(&self) -> Role {
@@ -571,7 +608,7 @@ impl Punch {
         }
     }
 
-    fn add_streams(&mut self, now: Instant, start: Instant, streams: Vec<Stream>) {
+    fn add_streams(&mut self, now: Instant, start: Instant, group: Group, streams: Vec<Stream>) {
         for s in streams {
             if !self.attempted.contains(&s.strategy) {
                 self.attempted.push(s.strategy);
@@ -581,6 +618,7 @@ impl Punch {
             }
             let next = start.max(now) + s.offset;
             self.streams.push(Running {
+                group,
                 stream: s,
                 round: 0,
                 index: 0,
@@ -737,14 +775,9 @@ impl Punch {
     fn connect(&mut self, now: Instant, path: Path, strategy: Strategy) {
         self.state = State::Connected;
         self.path = Some(path);
-        // The initiator names the technique: the pair's kind as classified
-        // now (a probe's label may predate the last fact; LAN candidates
-        // name themselves), and its Confirm tells the responder, so both
-        // report the same.
-        let strategy = match (self.role, strategy, self.kind.strategy()) {
-            (Role::Responder, s, _) | (_, s @ Strategy::Lan, _) | (_, s, None) => s,
-            (Role::Initiator, _, Some(k)) => k,
-        };
+        // The technique is the one whose probe got through (the acked
+        // probe's label, for the initiator; its Confirm tells the
+        // responder, so both report the same).
         self.winner = Some(strategy);
         self.streams.clear();
         let elapsed = now.checked_duration_since(self.created).unwrap_or_default();
@@ -795,6 +828,14 @@ impl Punch {
         if self.state == State::Connected {
             self.validate_due(now);
             return;
+        }
+        if self.state == State::Punching
+            && !self.started.contains(&Group::Direct)
+            && self.me.nat.pending.hops
+            && now >= self.start_at + defaults::HOPS_GRACE
+        {
+            // The opener TTL did not come in time: go without.
+            self.replan(now);
         }
         if self.state == State::Punching && now >= self.deadline {
             let failure = PunchFailure::TimedOut {
@@ -864,13 +905,18 @@ impl Punch {
             State::Done => None,
             State::Waiting => Some(self.start_at),
             State::Connected => self.validating.iter().map(|v| v.next).min(),
-            State::Punching => Some(
-                self.streams
-                    .iter()
-                    .map(|r| r.next)
-                    .min()
-                    .map_or(self.deadline, |t| t.min(self.deadline)),
-            ),
+            State::Punching => {
+                let grace = (!self.started.contains(&Group::Direct) && self.me.nat.pending.hops)
+                    .then(|| self.start_at + defaults::HOPS_GRACE);
+                Some(
+                    self.streams
+                        .iter()
+                        .map(|r| r.next)
+                        .chain(grace)
+                        .min()
+                        .map_or(self.deadline, |t| t.min(self.deadline)),
+                )
+            }
         }
     }
 

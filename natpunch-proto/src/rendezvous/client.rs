@@ -371,6 +371,12 @@ impl RendezvousClient {
         self.request(now, Kind::Hello, None, payload, MAX_SENDS);
     }
 
+    /// Our round trip to the server for the server's timing, once measured.
+    fn rtt_ms(&self) -> Option<u32> {
+        self.srtt
+            .map(|d| d.as_millis().min(u128::from(u32::MAX)) as u32)
+    }
+
     fn rto(&self) -> Duration {
         match self.srtt {
             Some(s) => (s * 2).clamp(MIN_RTO, MAX_RTO),
@@ -569,6 +575,7 @@ impl RendezvousClient {
                 instance: self.instance,
                 cookie,
                 info: self.info.clone(),
+                rtt_ms: self.rtt_ms(),
                 sig: Vec::new(),
             },
             Queued::Unregister => Frame::Unregister {
@@ -592,6 +599,7 @@ impl RendezvousClient {
                 offer,
                 info,
                 fresh,
+                rtt_ms: self.rtt_ms(),
                 sig: Vec::new(),
             },
             Queued::Accept {

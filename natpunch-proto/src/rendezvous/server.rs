@@ -456,9 +456,13 @@ impl RendezvousServer {
                 instance,
                 cookie,
                 info,
+                rtt_ms,
                 sig,
             } => match self.authenticate(&r, &frame, peer, cookie, sig) {
-                Ok(rtt) => self.register(&r, *peer, *instance, info.clone(), rtt),
+                Ok(age) => {
+                    let rtt = round_trip(age, *rtt_ms);
+                    self.register(&r, *peer, *instance, info.clone(), rtt)
+                }
                 Err(code) => self.error(&r, code, None),
             },
             Frame::Ping { peer, instance } => self.ping(&r, *peer, *instance),
@@ -479,10 +483,11 @@ impl RendezvousServer {
                 offer,
                 info,
                 fresh,
+                rtt_ms,
                 sig,
             } => {
                 let rtt = match self.authenticate(&r, &frame, peer, cookie, sig) {
-                    Ok(rtt) => rtt,
+                    Ok(age) => round_trip(age, *rtt_ms),
                     Err(code) => return self.error(&r, code, Some(*session)),
                 };
                 let me = Party {
@@ -1004,6 +1009,17 @@ impl Session {
             SideOf::Initiator => &mut self.initiator,
             SideOf::Target => &mut self.target,
         }
+    }
+}
+
+/// A peer's round trip: the cookie's age bounds it from above (the cookie
+/// went there and back), and the peer's own measurement, when it sends
+/// one, is the better figure (its cookie may be minutes old). A peer that
+/// claims too little only starts its own probes early.
+fn round_trip(cookie_age: Duration, claimed_ms: Option<u32>) -> Duration {
+    match claimed_ms {
+        Some(ms) => cookie_age.min(Duration::from_millis(u64::from(ms))),
+        None => cookie_age,
     }
 }
 

@@ -227,6 +227,9 @@ pub enum Frame {
         instance: u64,
         cookie: Cookie,
         info: PeerInfo,
+        /// Our measured round trip to the server (the cookie's age says
+        /// it only when the cookie was just fetched).
+        rtt_ms: Option<u32>,
         sig: Vec<u8>,
     },
     /// Server → listener: the address the server saw.
@@ -245,6 +248,7 @@ pub enum Frame {
         offer: Offer,
         info: PeerInfo,
         fresh: Option<SocketAddr>,
+        rtt_ms: Option<u32>,
         sig: Vec<u8>,
     },
     /// Server → initiator: the target's registration, and when to start
