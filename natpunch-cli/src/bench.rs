@@ -44,9 +44,12 @@ pub struct SessionBench {
 
 #[derive(Debug, Args)]
 pub struct PunchBench {
-    /// Attempts per pair.
+    /// Attempts per pair (cold, then as many warm).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub runs: u32,
+    /// Random loss on each access link, each way (percent).
+    #[arg(long, default_value_t = 0.0)]
+    pub loss: f64,
     /// Pairs, as for `natpunch lab grid --pairs`.
     #[arg(
         long,
@@ -455,9 +458,14 @@ fn generate(
 fn punch(b: PunchBench) -> anyhow::Result<ExitCode> {
     use natpunch_lab::runner;
     natpunch_lab::topology::preflight()?;
+    anyhow::ensure!(
+        (0.0..100.0).contains(&b.loss),
+        "--loss is a percentage below 100"
+    );
     let pairs = runner::parse_pairs(&b.pairs)?;
     let link = natpunch_lab::LinkSpec {
         delay: (b.delay_ms > 0).then(|| Duration::from_millis(b.delay_ms)),
+        loss: b.loss / 100.0,
         ..Default::default()
     };
     let opts = natpunch_lab::LabOptions {
@@ -466,36 +474,126 @@ fn punch(b: PunchBench) -> anyhow::Result<ExitCode> {
     };
     if !b.json {
         println!(
-            "time to a direct path, {} runs per pair, {} ms one-way on each access link",
-            b.runs, b.delay_ms
+            "time to a direct path, {} cold and {} warm connects per pair, {} ms one-way on each access link{}",
+            b.runs,
+            b.runs,
+            b.delay_ms,
+            if b.loss > 0.0 { format!(", {} % loss", b.loss) } else { String::new() }
         );
+        println!("  cold: from the connector's process start to its `connected` event (the network's NAT facts cached by an earlier run)");
+        println!("  first: cold on a network seen for the first time (--no-nat-cache)");
+        println!("  warm: from Endpoint::connect on an endpoint that has measured its NAT");
         println!(
-            "  {:<44} {:<9} {:>7} {:>7} {:>9} {:>8} {:>7} {:>7} {:>8}",
-            "pair", "strategy", "direct", "<=5 s", "median", "floor", "ratio", "probes", "bytes"
+            "  {:<44} {:<9} {:>7} {:>8} {:>8} {:>7} {:>8} {:>7} {:>8} {:>7} {:>8} {:>7} {:>6} {:>7}",
+            "pair", "strategy", "direct", "floor", "cold", "ratio", "cold p95", "ratio", "first", "ratio", "warm", "ratio", "probes", "bytes"
         );
     }
-    runner::run_punch_bench(&opts, &pairs, b.runs, |r| {
+    runner::run_punch_bench(&opts, &pairs, b.runs, warm_connects, |r| {
         if b.json {
             crate::output::json_line(&serde_json::to_value(r).unwrap_or_default());
         } else {
-            let opt = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
+            let ms = |v: Option<u64>| v.map(|x| format!("{x} ms")).unwrap_or_else(|| "-".into());
+            let x = |v: Option<f64>| v.map(|x| format!("{x:.2}x")).unwrap_or_else(|| "-".into());
             println!(
-                "  {:<44} {:<9} {:>4}/{:<2} {:>4}/{:<2} {:>6} ms {:>5} ms {:>7} {:>7} {:>8}",
+                "  {:<44} {:<9} {:>4}/{:<2} {:>5} ms {:>8} {:>7} {:>8} {:>7} {:>8} {:>7} {:>8} {:>7} {:>6} {:>7}",
                 format!("{} / {}", r.a, r.b),
                 r.strategy.as_deref().unwrap_or("-"),
-                r.direct,
+                r.direct.min(r.first_direct),
                 r.runs,
-                r.within_5s,
-                r.runs,
-                opt(r.median_ms),
                 r.floor_ms,
-                r.ratio
-                    .map(|x| format!("{x:.2}x"))
-                    .unwrap_or_else(|| "-".into()),
-                opt(r.median_probes),
-                opt(r.median_bytes)
+                ms(r.cold_median_ms),
+                x(r.cold_ratio),
+                ms(r.cold_p95_ms),
+                x(r.cold_p95_ratio),
+                ms(r.first_median_ms),
+                x(r.first_ratio),
+                ms(r.warm_median_ms),
+                x(r.warm_ratio),
+                r.median_probes.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
+                r.median_bytes.map(|v| v.to_string()).unwrap_or_else(|| "-".into()),
             );
         }
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long a warm endpoint may take to measure its NAT before its
+/// connects are timed (discovery finishes in a second or two in the lab).
+const WARM_SETUP: Duration = Duration::from_secs(20);
+/// A warm connect that takes longer counts as failed.
+const WARM_LIMIT: Duration = Duration::from_secs(15);
+
+/// `runs` connects from one library endpoint in A's namespace to the
+/// listener, after the endpoint has measured its NAT; each one's time from
+/// `Endpoint::connect` to its `Connected` event. Each session is closed
+/// before the next connect, so every connect punches anew.
+fn warm_connects(lab: &natpunch_lab::Lab, target: &str, runs: u32) -> Vec<Option<Duration>> {
+    use natpunch::peer::PeerEvent;
+    use natpunch::session::{close, Endpoint, EndpointConfig};
+    let Some(ns) = lab.netns(natpunch_lab::Node::HostA).map(str::to_string) else {
+        return Vec::new();
+    };
+    let Ok(target) = target.parse::<natpunch_proto::identity::PeerId>() else {
+        return Vec::new();
+    };
+    let server = lab.server_addr();
+    let r = natpunch_lab::topology::in_netns(&ns, move || {
+        let Ok(rt) = crate::runtime() else {
+            return Vec::new();
+        };
+        rt.block_on(async move {
+            let identity = natpunch_proto::identity::Identity::from_seed(rand::random());
+            let mut cfg = EndpointConfig::new(identity, server);
+            cfg.accept = false;
+            cfg.peer.rto = Duration::from_millis(100);
+            let Ok(ep) = Endpoint::bind(cfg) else {
+                return Vec::new();
+            };
+            let Some(mut events) = ep.events() else {
+                return Vec::new();
+            };
+            let measured = tokio::time::timeout(WARM_SETUP, async {
+                while let Some(e) = events.recv().await {
+                    if matches!(e, PeerEvent::NatMeasured { .. }) {
+                        return true;
+                    }
+                }
+                false
+            })
+            .await;
+            if !matches!(measured, Ok(true)) {
+                return Vec::new();
+            }
+            let mut out = Vec::new();
+            for _ in 0..runs {
+                let took = match tokio::time::timeout(WARM_LIMIT, ep.connect(target)).await {
+                    Ok(Ok(conn)) => {
+                        let mut punched = None;
+                        while let Ok(e) = events.try_recv() {
+                            if let PeerEvent::Connected { elapsed, .. } = e {
+                                punched = Some(elapsed);
+                            }
+                        }
+                        conn.close_and_wait(close::DONE, "bench").await;
+                        // Until the session is gone, a connect reuses it.
+                        let _ = tokio::time::timeout(Duration::from_secs(3), async {
+                            while let Some(e) = events.recv().await {
+                                if matches!(e, PeerEvent::SessionEnded { .. }) {
+                                    break;
+                                }
+                            }
+                        })
+                        .await;
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        punched
+                    }
+                    _ => None,
+                };
+                out.push(took);
+            }
+            ep.close().await;
+            out
+        })
+    });
+    r.unwrap_or_default()
 }

@@ -61,6 +61,10 @@ pub struct CommonArgs {
     /// Give up punching after this many seconds.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub timeout: u64,
+    /// Measure the NAT afresh: do not start from what the last run on this
+    /// network measured (kept in ~/.cache/natpunch), nor keep this run's.
+    #[arg(long)]
+    pub no_nat_cache: bool,
     /// First retransmission timeout of NAT discovery in ms (later ones
     /// follow the measured round trip).
     #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=5000))]
@@ -249,6 +253,7 @@ pub fn run(
         cfg.peer.punch.timeout = Duration::from_secs(common.timeout);
         cfg.peer.rto = Duration::from_millis(common.rto_ms);
         cfg.peer.once = common.once;
+        cfg.peer.nat_cache = !common.no_nat_cache;
         cfg.accept = target.is_none();
         cfg.idle_timeout = Duration::from_secs(common.idle_timeout);
         if !listen.allow.is_empty() {
@@ -428,21 +433,30 @@ fn print_event(out: &Out, ev: &PeerEvent) {
                 "reason": refusal(peer_id, *reason)}),
             || format!("refused a session: {}", refusal(peer_id, *reason)),
         ),
-        PeerEvent::SessionStarted { peer_id, remote } => out.event(
-            json!({"event": "session", "peer_id": peer_id.to_string(), "remote": remote}),
+        PeerEvent::SessionStarted {
+            peer_id,
+            remote,
+            local,
+        } => out.event(
+            json!({"event": "session", "peer_id": peer_id.to_string(), "remote": remote, "local": local}),
             || format!("encrypted session with {peer_id} at {remote}"),
         ),
-        PeerEvent::PathChanged { peer_id, remote } => out.event(
-            json!({"event": "path-changed", "peer_id": peer_id.to_string(), "remote": remote}),
+        PeerEvent::PathChanged {
+            peer_id,
+            remote,
+            local,
+        } => out.event(
+            json!({"event": "path-changed", "peer_id": peer_id.to_string(), "remote": remote, "local": local}),
             || format!("path to {peer_id} moved to {remote}"),
         ),
         PeerEvent::PathRepaired {
             peer_id,
             remote,
+            local,
             strategy,
         } => out.event(
             json!({"event": "path-repaired", "peer_id": peer_id.to_string(), "remote": remote,
-                "strategy": strategy.as_str()}),
+                "local": local, "strategy": strategy.as_str()}),
             || format!("path to {peer_id} works again at {remote} (punched by {})", strategy.as_str()),
         ),
         PeerEvent::Stalled { peer_id } => out.event(

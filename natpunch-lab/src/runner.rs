@@ -553,14 +553,29 @@ pub struct BenchRow {
     pub b: String,
     pub strategy: Option<String>,
     pub runs: u32,
+    /// Cold connects that went direct.
     pub direct: u32,
-    /// Connected within 5 s.
+    /// Cold connects direct within 5 s.
     pub within_5s: u32,
-    pub median_ms: Option<u64>,
+    /// Cold: from the connector's process start to its `connected` event,
+    /// with the NAT facts the previous run on this network kept.
+    pub cold_median_ms: Option<u64>,
+    pub cold_p95_ms: Option<u64>,
+    pub cold_ratio: Option<f64>,
+    pub cold_p95_ratio: Option<f64>,
+    /// Cold on a network seen for the first time (`--no-nat-cache`).
+    pub first_direct: u32,
+    pub first_median_ms: Option<u64>,
+    pub first_p95_ms: Option<u64>,
+    pub first_ratio: Option<f64>,
+    /// Warm: from `Endpoint::connect` on an endpoint that has run a while
+    /// (its NAT measured) to its `Connected` event.
+    pub warm_direct: u32,
+    pub warm_median_ms: Option<u64>,
+    pub warm_ratio: Option<f64>,
     /// The physical floor measured in the same lab: when B can first learn
     /// of the attempt (A→server→B) plus one A↔B round trip.
     pub floor_ms: u64,
-    pub ratio: Option<f64>,
     pub median_probes: Option<u64>,
     pub median_bytes: Option<u64>,
 }
@@ -570,17 +585,108 @@ fn median(mut v: Vec<u64>) -> Option<u64> {
     v.get(v.len() / 2).copied()
 }
 
-/// Time to direct per pair over `runs` attempts, against the floor.
+/// The 95th percentile (nearest rank).
+fn p95(mut v: Vec<u64>) -> Option<u64> {
+    v.sort_unstable();
+    let rank = (v.len() * 95).div_ceil(100);
+    v.get(rank.saturating_sub(1)).copied()
+}
+
+/// A listener on B (`natpunch listen --keep-open --json`) and its peer ID.
+pub struct BenchListener {
+    child: std::process::Child,
+    pub id: String,
+}
+
+impl Drop for BenchListener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a listener on B that has measured its NAT (warm), keys in
+/// `keys`.
+pub fn bench_listener(lab: &Lab, keys: &std::path::Path) -> Result<BenchListener, LabError> {
+    let server = lab.server_addr().to_string();
+    let mut listen = lab.natpunch(Node::HostB);
+    listen
+        .args([
+            "listen",
+            "-s",
+            &server,
+            "--json",
+            "--keep-open",
+            "--rto-ms",
+            "100",
+            "--key",
+        ])
+        .arg(keys.join("b"))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    let (child, rx) = spawn_lines(listen)?;
+    let registered = wait_event(&rx, &["registered"], SETUP_LIMIT);
+    let id = registered
+        .as_ref()
+        .and_then(|v| v["peer_id"].as_str())
+        .map(str::to_string);
+    let nat = wait_event(&rx, &["nat"], SETUP_LIMIT);
+    // Keep draining its output so it never blocks on a full pipe.
+    std::thread::spawn(move || while rx.recv().is_ok() {});
+    match (id, nat) {
+        (Some(id), Some(_)) => Ok(BenchListener { child, id }),
+        _ => Err(LabError::Command {
+            command: "natpunch listen".into(),
+            stderr: "did not register and measure its NAT".into(),
+        }),
+    }
+}
+
+/// One cold connect from A: `natpunch connect ID --once --json`, timed from
+/// the spawn to its `connected` (or `failed`) line. The event and the time.
+pub fn cold_connect(
+    lab: &Lab,
+    id: &str,
+    key: &std::path::Path,
+    cache: Option<&std::path::Path>,
+) -> Result<(Option<serde_json::Value>, std::time::Duration), LabError> {
+    let server = lab.server_addr().to_string();
+    let mut connect = lab.natpunch(Node::HostA);
+    connect
+        .args([
+            "connect", id, "-s", &server, "--json", "--once", "--rto-ms", "100", "--key",
+        ])
+        .arg(key)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    match cache {
+        Some(dir) => connect.env("NATPUNCH_CACHE", dir),
+        None => connect.arg("--no-nat-cache"),
+    };
+    let t0 = Instant::now();
+    let (mut child, rx) = spawn_lines(connect)?;
+    let ev = wait_event(&rx, &["connected", "failed"], PUNCH_LIMIT);
+    let took = t0.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok((ev, took))
+}
+
+/// Time to a direct path per pair, cold and warm, against the floor.
 ///
 /// The floor uses each host's measured RTT to the server (its `natpunch
 /// nat` first transaction): B learns of the attempt after rtt_A/2 +
 /// rtt_B/2, and the A↔B round trip is rtt_A + rtt_B (every path crosses
 /// the two access links, which carry all the lab's delay; the hop through
 /// the internet router and server is sub-millisecond).
+///
+/// `warm(lab, server, listener_id, runs)` runs the warm connects (the
+/// library, in A's namespace) and returns each one's time to `Connected`.
 pub fn run_punch_bench(
     opts: &LabOptions,
     pairs: &[GridPair],
     runs: u32,
+    mut warm: impl FnMut(&Lab, &str, u32) -> Vec<Option<std::time::Duration>>,
     mut progress: impl FnMut(&BenchRow),
 ) -> Result<Vec<BenchRow>, LabError> {
     let mut out = Vec::new();
@@ -592,24 +698,48 @@ pub fn run_punch_bench(
         let floor_ms = (ra + rb) / 2 + (ra + rb);
         let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
         let _ = std::fs::create_dir_all(&keys);
-        let (mut times, mut probes, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+        let listener = bench_listener(&lab, &keys)?;
+        let (mut probes, mut bytes) = (Vec::new(), Vec::new());
         let mut strategy = None;
-        let mut direct = 0;
-        for _ in 0..runs {
-            let Ok(run) = connect_once(&lab, &keys) else {
-                continue;
-            };
-            if run.connected() {
-                direct += 1;
-                strategy = run.strategy().map(str::to_string);
-                times.extend(run.field("elapsed_ms"));
-                probes.extend(run.field("probes_sent"));
-                bytes.extend(run.field("bytes_sent"));
+        // First use on a network (no cache), then repeated use (the cache
+        // the first run of this series left).
+        let cache = keys.join("cache");
+        let mut series = Vec::new();
+        for cached in [false, true] {
+            let (mut times, mut direct) = (Vec::new(), 0u32);
+            for i in 0..runs {
+                let key = keys.join(format!("a{i}"));
+                let dir = cached.then_some(cache.as_path());
+                let Ok((Some(ev), took)) = cold_connect(&lab, &listener.id, &key, dir) else {
+                    continue;
+                };
+                if ev["event"] == "connected" {
+                    direct += 1;
+                    strategy = ev["strategy"].as_str().map(str::to_string);
+                    times.push(took.as_millis() as u64);
+                    probes.extend(ev["probes_sent"].as_u64());
+                    bytes.extend(ev["bytes_sent"].as_u64());
+                }
             }
+            series.push((times, direct));
         }
+        let (first, first_direct) = series.remove(0);
+        let (times, direct) = series.remove(0);
+        let warm_times: Vec<u64> = warm(&lab, &listener.id, runs)
+            .into_iter()
+            .flatten()
+            .map(|d| d.as_millis() as u64)
+            .collect();
+        drop(listener);
         let _ = std::fs::remove_dir_all(&keys);
         let within_5s = times.iter().filter(|t| **t <= 5000).count() as u32;
-        let median_ms = median(times);
+        let ratio = |v: Option<u64>| {
+            v.filter(|_| floor_ms > 0)
+                .map(|m| m as f64 / floor_ms as f64)
+        };
+        let (cold_median_ms, cold_p95_ms) = (median(times.clone()), p95(times));
+        let (first_median_ms, first_p95_ms) = (median(first.clone()), p95(first));
+        let warm_median_ms = median(warm_times.clone());
         let row = BenchRow {
             a: pair.a.clone(),
             b: pair.b.clone(),
@@ -617,11 +747,18 @@ pub fn run_punch_bench(
             runs,
             direct,
             within_5s,
-            median_ms,
+            cold_median_ms,
+            cold_p95_ms,
+            cold_ratio: ratio(cold_median_ms),
+            cold_p95_ratio: ratio(cold_p95_ms),
+            first_direct,
+            first_median_ms,
+            first_p95_ms,
+            first_ratio: ratio(first_median_ms),
+            warm_direct: warm_times.len() as u32,
+            warm_median_ms,
+            warm_ratio: ratio(warm_median_ms),
             floor_ms,
-            ratio: median_ms
-                .filter(|_| floor_ms > 0)
-                .map(|m| m as f64 / floor_ms as f64),
             median_probes: median(probes),
             median_bytes: median(bytes),
         };

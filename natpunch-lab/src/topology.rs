@@ -123,6 +123,8 @@ pub struct Lab {
     /// Every veth pair: (namespace, interface) at each end.
     wires: Vec<((String, String), (String, String))>,
     children: Vec<Child>,
+    /// The server among the children.
+    server_pid: Option<u32>,
     reaper: Option<Reaper>,
     natpunch: PathBuf,
     spec: TopologySpec,
@@ -202,6 +204,7 @@ impl Lab {
             hosts: Vec::new(),
             wires: Vec::new(),
             children: Vec::new(),
+            server_pid: None,
             reaper: Some(Reaper::start()?),
             natpunch: opts.natpunch.clone(),
             spec: spec.clone(),
@@ -250,8 +253,9 @@ impl Lab {
         self.command(node, &self.natpunch)
     }
 
-    /// Starts a long-running process in `node`, killed at teardown.
-    pub fn spawn(&mut self, mut cmd: Command) -> Result<(), LabError> {
+    /// Starts a long-running process in `node`, killed at teardown; its
+    /// process ID.
+    pub fn spawn(&mut self, mut cmd: Command) -> Result<u32, LabError> {
         let command = describe(&cmd);
         let child = cmd
             .stdin(Stdio::null())
@@ -259,8 +263,22 @@ impl Lab {
             .stderr(Stdio::null())
             .spawn()
             .map_err(|source| LabError::Spawn { command, source })?;
+        let pid = child.id();
         self.children.push(child);
-        Ok(())
+        Ok(pid)
+    }
+
+    /// Kills the server [`Lab::start_server`] started (a crash, or a
+    /// restart when started again): its registrations and cookies are gone.
+    pub fn stop_server(&mut self) {
+        let Some(pid) = self.server_pid.take() else {
+            return;
+        };
+        if let Some(i) = self.children.iter().position(|c| c.id() == pid) {
+            let mut c = self.children.remove(i);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Starts `natpunch server` (RFC 5780, both addresses) on the server
@@ -276,7 +294,7 @@ impl Lab {
             "--alt",
             &alt.to_string(),
         ]);
-        self.spawn(cmd)?;
+        self.server_pid = Some(self.spawn(cmd)?);
         // One Binding from inside the server node: it retransmits until
         // the server is up (about 250 ms), or fails after 3.75 s.
         let mut probe = self.natpunch(Node::Server);

@@ -12,6 +12,7 @@
 pub mod batch;
 pub mod keyfile;
 pub mod nat;
+pub mod nat_cache;
 pub mod net;
 pub mod peer;
 pub mod session;

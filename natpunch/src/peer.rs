@@ -28,6 +28,7 @@ use natpunch_proto::SocketId;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::nat::{NatError, NatOptions};
+use crate::nat_cache;
 use crate::net::{bind_udp, route_source, NetError};
 use crate::session::endpoint::{Shared, UserCommand};
 use crate::session::socket::{Datagram, PathSocket, SocketNews};
@@ -59,6 +60,9 @@ pub struct PeerConfig {
     /// Punch only: stop after the first punched path (or failure),
     /// without a QUIC session.
     pub once: bool,
+    /// Start from the facts the last discovery on this network measured
+    /// ([`crate::nat_cache`]), and keep them for the next run.
+    pub nat_cache: bool,
 }
 
 /// Events for the CLI (and scripts, as JSON).
@@ -114,20 +118,25 @@ pub enum PeerEvent {
         peer_id: PeerId,
         reason: DeclineReason,
     },
-    /// A QUIC session is up (authenticated).
+    /// A QUIC session is up (authenticated). `local`: our socket's
+    /// address on the path.
     SessionStarted {
         peer_id: PeerId,
         remote: SocketAddr,
+        local: Option<SocketAddr>,
     },
-    /// A session's path moved to a new address.
+    /// A session's path moved (another address of the peer, or another
+    /// socket of ours).
     PathChanged {
         peer_id: PeerId,
         remote: SocketAddr,
+        local: Option<SocketAddr>,
     },
     /// A stalled session's path works again (punched anew).
     PathRepaired {
         peer_id: PeerId,
         remote: SocketAddr,
+        local: Option<SocketAddr>,
         strategy: Strategy,
     },
     /// A session's path stopped answering; punching again.
@@ -229,9 +238,25 @@ pub(crate) async fn run(
         ttl: cfg.ttl,
         seed: rand::random(),
     });
-    // Discovery runs beside the connect, on its own sockets.
+    // What the last run on this network measured, before anything goes
+    // out; discovery runs beside the connect, on its own sockets.
+    let entry = cfg
+        .nat_cache
+        .then(nat_cache::cache_dir)
+        .flatten()
+        .map(|dir| nat_cache::entry_path(&dir, ip, stun));
+    let cached = entry
+        .as_ref()
+        .and_then(|(path, mac)| nat_cache::load(path, mac.as_deref()));
     let (facts_tx, mut facts) = mpsc::unbounded_channel::<Fact>();
-    tokio::spawn(discover(cfg.clone(), ip, stun, facts_tx, shared.clone()));
+    tokio::spawn(discover(
+        cfg.clone(),
+        ip,
+        stun,
+        (entry, cached.clone()),
+        facts_tx,
+        shared.clone(),
+    ));
     let mut d = Driver {
         cfg,
         shared,
@@ -246,6 +271,12 @@ pub(crate) async fn run(
         fatal: None,
         done: false,
     };
+    if let Some(c) = &cached {
+        tracing::debug!(?c, "NAT facts from the cache");
+        for f in c.facts() {
+            d.host.handle_fact(Instant::now(), f);
+        }
+    }
     d.host.start(Instant::now());
     loop {
         d.flush().await;
@@ -295,12 +326,18 @@ pub(crate) async fn run(
     }
 }
 
+/// A cache entry's file and the gateway's link-layer address now.
+type CacheEntry = (std::path::PathBuf, Option<String>);
+
 /// NAT discovery and hop discovery at once; each fact to the coordinator
-/// as soon as it is known, and the report for the user at the end.
+/// as soon as it is known, and the report for the user at the end. With
+/// the cache, last time's facts for this network go first, and what is
+/// measured now replaces them (and is kept for next time).
 async fn discover(
     cfg: PeerConfig,
     ip: IpAddr,
     stun: SocketAddr,
+    (entry, cached): (Option<CacheEntry>, Option<nat_cache::Cached>),
     facts: mpsc::UnboundedSender<Fact>,
     shared: Arc<Shared>,
 ) {
@@ -313,24 +350,65 @@ async fn discover(
         },
         ..DiscoveryConfig::new(stun, rand::random())
     };
-    let hops = async {
-        let ttl = match cfg.ttl {
-            Some(t) => Some(t),
-            None => ttl::discover_hops(
-                ip,
-                stun,
-                ttl::defaults::MAX_TTL,
-                ttl::defaults::PER_HOP_TIMEOUT,
-            )
-            .await
-            .map_err(|e| tracing::debug!(error = %e, "hop discovery failed"))
-            .ok()
-            .and_then(|h| h.opener_ttl),
+    // Each fact measured now goes to the coordinator and into the entry,
+    // which is written as it grows (a punch-only run may end before
+    // discovery does).
+    let (measured_tx, mut measured) = mpsc::unbounded_channel::<Fact>();
+    let keep = async {
+        let mut c = cached.clone().unwrap_or_default();
+        while let Some(f) = measured.recv().await {
+            let _ = facts.send(f);
+            c.learn(&f);
+            if let (Some((path, mac)), true) = (&entry, c.mapping.is_some() || c.nat == Some(false))
+            {
+                c.gateway_mac = nat_cache::gateway_mac().or(mac.clone());
+                if let Err(e) = nat_cache::store(path, &c) {
+                    tracing::debug!(error = %e, path = %path.display(), "cannot write the NAT cache");
+                }
+            }
+        }
+    };
+    let hops_tx = measured_tx.clone();
+    let cached_ttl = cached.as_ref().and_then(|c| c.opener_ttl);
+    let fresh_ttl = cached.as_ref().and_then(|c| c.fresh_opener_ttl());
+    let hops = async move {
+        if let Some(t) = cfg.ttl {
+            let _ = hops_tx.send(Fact::OpenerTtl { ttl: Some(t) });
+            return Some(t);
+        }
+        if let Some(t) = fresh_ttl {
+            // Measured minutes ago on this network: the routers' ICMP
+            // budget is better kept for when it matters.
+            return Some(t);
+        }
+        let report = ttl::discover_hops(
+            ip,
+            stun,
+            ttl::defaults::MAX_TTL,
+            ttl::defaults::PER_HOP_TIMEOUT,
+        )
+        .await
+        .map_err(|e| tracing::debug!(error = %e, "hop discovery failed"))
+        .ok();
+        // A gap before the opener TTL (a router rate-limiting its ICMP)
+        // makes it uncertain: the cached one, measured whole, stays.
+        let certain = report.as_ref().and_then(|r| r.certain_opener_ttl());
+        let ttl = match (certain, cached_ttl) {
+            (Some(t), _) => Some(t),
+            (None, Some(c)) => {
+                tracing::debug!(
+                    ?report,
+                    "hop discovery incomplete: keeping the cached opener TTL"
+                );
+                return Some(c);
+            }
+            (None, None) => None,
         };
-        let _ = facts.send(Fact::OpenerTtl { ttl });
+        let _ = hops_tx.send(Fact::OpenerTtl { ttl });
         ttl
     };
-    let (report, opener_ttl) = tokio::join!(crate::nat::survey(opts, facts.clone()), hops);
+    let survey = async move { tokio::join!(crate::nat::survey(opts, measured_tx), hops) };
+    let ((report, opener_ttl), ()) = tokio::join!(survey, keep);
     match report {
         Ok(report) => {
             if report.mapped.is_none() {
@@ -513,6 +591,7 @@ impl Driver {
                 self.emit(PeerEvent::PathChanged {
                     peer_id: remote.peer,
                     remote: path.remote,
+                    local: self.socket.local_of(path.socket),
                 });
             }
             HostEvent::PathRepaired {
@@ -524,6 +603,7 @@ impl Driver {
                 self.emit(PeerEvent::PathRepaired {
                     peer_id: remote.peer,
                     remote: path.remote,
+                    local: self.socket.local_of(path.socket),
                     strategy,
                 });
             }
@@ -558,10 +638,11 @@ impl Driver {
                 let conns = self.conns.entry(mapped).or_default();
                 conns.retain(|c| c.close_reason().is_none());
                 conns.push(conn);
-                let remote = self.socket.path_of(mapped).map_or(mapped, |p| p.remote);
+                let path = self.socket.path_of(mapped);
                 self.emit(PeerEvent::SessionStarted {
                     peer_id: peer,
-                    remote,
+                    remote: path.map_or(mapped, |p| p.remote),
+                    local: path.and_then(|p| self.socket.local_of(p.socket)),
                 });
             }
             Internal::Down { peer, mapped } => {

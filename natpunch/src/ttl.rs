@@ -63,6 +63,11 @@ pub mod defaults {
     /// packet.
     pub const MAX_TTL: u8 = 16;
 
+    /// TTLs probed at first; the rest only if the target is farther. A home
+    /// NAT, a carrier NAT and the first routers sit within 8 hops, and
+    /// every probe that reaches the server is one more request it answers.
+    pub const FIRST_WAVE: u8 = 8;
+
     /// How long to wait for the server's answer after the probes, and for
     /// silent hops after the server answered: 500 ms, RFC 8489 §6.2.1's
     /// initial RTO, since the last hop is an ordinary STUN transaction.
@@ -206,6 +211,23 @@ pub struct HopReport {
     pub target_distance: Option<u8>,
     /// The TTL for NAT-opening probes ([`opener_ttl`] of `hops`).
     pub opener_ttl: Option<u8>,
+    /// Every hop before the opener TTL (or before the target) answered, so
+    /// the opener TTL is certain. A router that rate-limits its ICMP
+    /// errors (Linux: about one per second per destination) leaves a gap,
+    /// and a gap can make the rule pick a TTL that reaches too far.
+    pub complete: bool,
+}
+
+impl HopReport {
+    /// The opener TTL, if nothing before it is unknown.
+    pub fn certain_opener_ttl(&self) -> Option<u8> {
+        let ttl = self.opener_ttl?;
+        self.hops
+            .iter()
+            .take(usize::from(ttl))
+            .all(Option::is_some)
+            .then_some(ttl)
+    }
 }
 
 /// Sets the TTL of outgoing unicast packets: `IP_TTL` on an IPv4 socket,
@@ -594,30 +616,46 @@ pub async fn discover_hops(
     let mut buf = vec![0u8; RECV_BUF];
     let mut recv_errors = 0u32;
     tracing::debug!(local = %local_ip, %target, max_ttl, "discovering hops");
-    for ttl in 1..=max_ttl {
-        let id: [u8; 12] = rand::random();
-        run.ids.push(id);
-        run.hops.push(None);
-        let req = Message::binding_request(TransactionId::new(id)).to_bytes();
-        send_probe(&sock, &mut run, ttl, &req).await?;
+    let first_wave = max_ttl.min(defaults::FIRST_WAVE);
+    for ttl in 1..=first_wave {
+        send_ttl(&sock, &mut run, ttl).await?;
     }
-    let mut deadline = tokio::time::Instant::now() + per_hop_timeout;
+    let started = tokio::time::Instant::now();
+    let mut deadline = started + per_hop_timeout;
     let mut reached = false;
+    let mut second_wave = first_wave >= max_ttl;
     while !run.complete() {
+        let now = tokio::time::Instant::now();
+        if !second_wave
+            && run.target_distance.is_none()
+            && (run.first_wave_answered(first_wave) || now >= started + per_hop_timeout / 2)
+        {
+            // The near hops answered (or some stay silent) and the target
+            // is farther: the rest.
+            second_wave = true;
+            for ttl in first_wave + 1..=max_ttl {
+                send_ttl(&sock, &mut run, ttl).await?;
+            }
+            deadline = now + per_hop_timeout;
+        }
+        let wake = if second_wave {
+            deadline
+        } else {
+            deadline.min(started + per_hop_timeout / 2)
+        };
         if !reached && run.target_distance.is_some() {
             // Hops that have not answered by now are given a little longer.
             reached = true;
             deadline = deadline.min(tokio::time::Instant::now() + per_hop_timeout);
         }
-        let ready = match tokio::time::timeout_at(
-            deadline,
-            sock.ready(Interest::READABLE | Interest::ERROR),
-        )
-        .await
-        {
-            Err(_) => break,
-            Ok(r) => r.map_err(|source| TtlError::Receive { source })?,
-        };
+        let ready =
+            match tokio::time::timeout_at(wake, sock.ready(Interest::READABLE | Interest::ERROR))
+                .await
+            {
+                Err(_) if wake < deadline => continue,
+                Err(_) => break,
+                Ok(r) => r.map_err(|source| TtlError::Receive { source })?,
+            };
         if ready.is_error() {
             // try_io clears the error readiness only when the closure
             // says WouldBlock, i.e. once the queue is empty.
@@ -659,6 +697,7 @@ pub async fn discover_hops(
     if let Ok(v) = read_icmp_errors(&sock) {
         v.into_iter().for_each(|e| run.apply(max_ttl, e));
     }
+    let complete = run.complete();
     let mut hops = run.hops;
     if let Some(d) = run.target_distance {
         hops.truncate(usize::from(d));
@@ -667,6 +706,7 @@ pub async fn discover_hops(
         opener_ttl: opener_ttl(&hops),
         hops,
         target_distance: run.target_distance,
+        complete,
     };
     tracing::debug!(?report, "hop discovery done");
     Ok(report)
@@ -689,6 +729,15 @@ fn bind_probe_socket(addr: SocketAddr) -> Result<UdpSocket, TtlError> {
     };
     enable_recverr(&s).map_err(|source| TtlError::SetOption { option, source })?;
     UdpSocket::from_std(s.into()).map_err(bind)
+}
+
+/// Sends the probe for `ttl` (the next one) with a new transaction ID.
+async fn send_ttl(sock: &UdpSocket, run: &mut Run, ttl: u8) -> Result<(), TtlError> {
+    let id: [u8; 12] = rand::random();
+    run.ids.push(id);
+    run.hops.push(None);
+    let req = Message::binding_request(TransactionId::new(id)).to_bytes();
+    send_probe(sock, run, ttl, &req).await
 }
 
 /// Sends one probe with its own TTL. A pending ICMP error fails the next
@@ -730,6 +779,14 @@ struct Run {
 }
 
 impl Run {
+    /// Every probe of the first wave has its hop.
+    fn first_wave_answered(&self, wave: u8) -> bool {
+        self.hops
+            .iter()
+            .take(usize::from(wave))
+            .all(Option::is_some)
+    }
+
     /// Every hop before the target (or the end of the path) answered.
     fn complete(&self) -> bool {
         let end = match (self.target_distance, self.path_ended) {

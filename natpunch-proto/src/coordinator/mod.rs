@@ -689,6 +689,7 @@ impl Host {
 
     /// A fact about our NAT, as measured.
     pub fn handle_fact(&mut self, now: Instant, fact: Fact) {
+        let before = self.nat;
         let mut fresh_now = None;
         match fact {
             Fact::Mapping {
@@ -725,6 +726,10 @@ impl Host {
                 // if the NAT were a cone (the likelier case).
                 self.nat.pending = Default::default();
             }
+        }
+        if self.nat == before && fresh_now.is_none() {
+            // Nothing new (a cached fact measured again): no updates.
+            return;
         }
         let info = self.info();
         self.client.set_info(now, info.clone());

@@ -75,8 +75,9 @@ pub mod defaults {
     /// reaches the peer's NAT before the peer's own first packet leaves
     /// makes a Linux NAT map the peer to another port (a conntrack clash).
     /// Hop discovery sends every TTL at once and ends in about one round
-    /// trip to the server, which a connector's introduction takes anyway.
-    pub const HOPS_GRACE: Duration = Duration::from_millis(150);
+    /// trip to the server, which a connector's introduction takes anyway;
+    /// when a router stays silent, this caps what waiting costs.
+    pub const HOPS_GRACE: Duration = Duration::from_millis(60);
 }
 
 /// Peer-reflexive paths probed back, and paths heard from, at most (bounds

@@ -28,12 +28,24 @@ use crate::ratelimit::{RateLimit, RateLimiter};
 /// without SOFTWARE. Tested in `reply_size_is_bounded`.
 pub const MAX_REPLY_V4: usize = 20 + 4 * 12 + 8;
 
-/// Default per-source limit: 50 Binding requests per second with a burst of
-/// 100. A full `natpunch nat` run sends about 30; coturn's default has no
-/// limit at all. Bounded to 65 536 tracked sources (≈ 3 MB).
+/// Default per-source limit (per IP and port: one process's socket): 50
+/// Binding requests per second with a burst of 100. A full `natpunch nat`
+/// run sends about 30 from all its sockets; coturn's default has no limit
+/// at all. Bounded to 65 536 tracked sources (≈ 3 MB).
 pub const DEFAULT_RATE_LIMIT: RateLimit = RateLimit {
     rate: 50.0,
     burst: 100.0,
+    max_sources: 65_536,
+};
+
+/// Per source IP, over all its ports: many peers share one address behind
+/// a carrier-grade NAT or an office router (forty peers discovering at
+/// once send about 1200 requests), so this is only a cap against floods:
+/// 2000 per second, burst 4000, ≈ 130 kB/s more toward a spoofed victim
+/// than it sent, at most.
+pub const IP_RATE_LIMIT: RateLimit = RateLimit {
+    rate: 2000.0,
+    burst: 4000.0,
     max_sources: 65_536,
 };
 
@@ -82,7 +94,8 @@ pub struct ServerStats {
 #[derive(Debug)]
 pub struct Server {
     config: ServerConfig,
-    limiter: RateLimiter,
+    limiter: RateLimiter<SocketAddr>,
+    ip_limiter: RateLimiter<IpAddr>,
     stats: ServerStats,
 }
 
@@ -90,6 +103,11 @@ impl Server {
     pub fn new(config: ServerConfig) -> Self {
         Self {
             limiter: RateLimiter::new(config.rate_limit),
+            ip_limiter: RateLimiter::new(if config.rate_limit.rate.is_infinite() {
+                RateLimit::unlimited()
+            } else {
+                IP_RATE_LIMIT
+            }),
             config,
             stats: ServerStats::default(),
         }
@@ -149,7 +167,7 @@ impl Server {
     ) -> Option<Reply> {
         out.clear();
         self.stats.received += 1;
-        if !self.limiter.allow(now, remote.ip()) {
+        if !self.limiter.allow(now, remote) || !self.ip_limiter.allow(now, remote.ip()) {
             self.stats.rate_limited += 1;
             tracing::trace!(%remote, "rate-limited");
             return None;

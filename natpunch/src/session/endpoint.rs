@@ -67,6 +67,7 @@ impl EndpointConfig {
                 punch: PunchConfig::new(0),
                 rto: Duration::from_millis(250),
                 once: false,
+                nat_cache: true,
             },
             accept: true,
             allow: None,

@@ -367,6 +367,11 @@ impl PathSocket {
         self.table().by_real.retain(|(s, _), _| *s != id);
     }
 
+    /// The local address of socket `id`.
+    pub fn local_of(&self, id: SocketId) -> Option<SocketAddr> {
+        self.slot(id).and_then(|s| s.io.local_addr().ok())
+    }
+
     /// Sockets open now.
     pub fn socket_count(&self) -> usize {
         self.slots.read().unwrap_or_else(|e| e.into_inner()).len()
