@@ -211,3 +211,34 @@ fn stun_over_udp_and_tcp_against_our_server() {
         assert!(v["mapped"].as_str().unwrap().starts_with("127.0.0.1:"));
     }
 }
+
+/// Each subcommand offers only what it does.
+#[test]
+fn help_matches_what_each_side_accepts() {
+    let help = |args: &[&str]| {
+        let o = natpunch().args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let listen = help(&["listen", "--help"]);
+    assert!(
+        !listen.contains("--dest") && !listen.contains("--forward") && !listen.contains("--to "),
+        "{listen}"
+    );
+    assert!(
+        listen.contains("--expose") && listen.contains("--allow") && listen.contains("--keep-open")
+    );
+    let connect = help(&["connect", "--help"]);
+    for flag in ["--dest", "--keep-open", "--expose", "--allow"] {
+        assert!(!connect.contains(flag), "connect offers {flag}: {connect}");
+    }
+    assert!(connect.contains("<PEER_ID>") && connect.contains("--forward"));
+    let top = help(&["--help"]);
+    assert!(
+        top.contains("-s SERVER -d PEER_ID") && top.contains("Peer mode"),
+        "{top}"
+    );
+    for sub in [&["nat", "--help"][..], &["listen", "--help"][..]] {
+        assert!(help(sub).contains("-H, --stun"), "{sub:?}");
+    }
+}

@@ -457,6 +457,10 @@ fn ssh_runs_through_the_session_as_a_proxy_command() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(stdout, "through-natpunch\n100000\n");
+    // As a ProxyCommand natpunch says nothing unless something fails
+    // (ssh shows its stderr on the user's terminal).
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("natpunch:"), "chatty ProxyCommand: {err}");
 }
 
 /// A pseudo-terminal: (master, slave). The slave stands in for a person's
@@ -517,4 +521,142 @@ fn a_receiver_typing_nothing_at_a_terminal_exits_when_the_file_has_arrived() {
     let st = st.expect("the receiver exits without a Ctrl-D");
     assert!(st.success());
     assert!(std::fs::read(s.dir.join("got")).unwrap() == data);
+}
+
+/// Two senders overlap on a `--keep-open` pipe listener: their bytes never
+/// mix. The second is told to wait and goes after the first, whole.
+#[test]
+fn a_keep_open_pipe_listener_serves_overlapping_senders_one_after_another() {
+    let s = setup("keep-open");
+    let out = s.dir.join("out");
+    let l = s.listener(
+        &["--keep-open"],
+        Stdio::null(),
+        std::fs::File::create(&out).unwrap().into(),
+    );
+    let sizes = [3_000_000usize, 2_000_000];
+    let mut senders = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let path = s.dir.join(format!("in{i}"));
+        std::fs::write(&path, test_bytes(*size, 10 + i as u64)).unwrap();
+        senders.push(
+            s.peer(&format!("a{i}"))
+                .args(["-d", &l.id])
+                .stdin(std::fs::File::open(&path).unwrap())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let mut queued = 0;
+    for c in senders {
+        let o = output_within(c, Duration::from_secs(60)).expect("a sender hung");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{err}");
+        queued += json_lines(&o.stderr)
+            .iter()
+            .filter(|e| e["event"] == "queued")
+            .count();
+    }
+    let got = std::fs::read(&out).unwrap();
+    let (a, b) = (test_bytes(sizes[0], 10), test_bytes(sizes[1], 11));
+    let ab = [a.clone(), b.clone()].concat();
+    let ba = [b, a].concat();
+    assert_eq!(got.len(), ab.len());
+    assert!(got == ab || got == ba, "the two senders' bytes are mixed");
+    assert_eq!(queued, 1, "the later sender is told it waits");
+}
+
+#[test]
+fn connecting_to_our_own_id_says_so() {
+    let s = setup("own-id");
+    let me = peer_id_of_key(&s.dir.join("a"));
+    let o = s
+        .peer("a")
+        .args(["-d", &me])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let failed = json_lines(&o.stderr)
+        .into_iter()
+        .find(|e| e["event"] == "failed")
+        .expect("a failed event");
+    assert_eq!(failed["code"], "own-peer-id");
+    assert!(
+        failed["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("this peer's own ID")),
+        "{failed}"
+    );
+    // Every line on stderr is JSON (no stray text with --json).
+    assert_eq!(
+        json_lines(&o.stderr).len(),
+        String::from_utf8_lossy(&o.stderr).lines().count()
+    );
+}
+
+#[test]
+fn a_busy_source_port_names_the_os_reason() {
+    let s = setup("busy-port");
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    peer_id_of_key(&s.dir.join("k"));
+    let o = natpunch()
+        .args(["-s", &s.server, "-i", "127.0.0.1", "-p", &port, "--key"])
+        .arg(s.dir.join("k"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("cannot bind 127.0.0.1:{port}")) && err.contains("in use"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+/// A second listener with the same key takes the registration over; the
+/// first says so, and is back (registered, reachable) soon after the
+/// second leaves cleanly.
+#[test]
+fn a_listener_displaced_by_a_second_process_with_its_key_says_so_and_comes_back() {
+    let s = setup("displaced");
+    let first = s.listener(&["--keep-open"], Stdio::null(), Stdio::null());
+    let mut second = start_listener(
+        s.peer("b")
+            .args(["--keep-open"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    let wait_for = |l: &Listener, kind: &str, within: Duration| {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(e) = l.events.recv_timeout(Duration::from_millis(100)) {
+                if e["event"] == kind {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+    assert!(wait_for(&first, "displaced", Duration::from_secs(5)));
+    // The second leaves cleanly (Ctrl-C): the first registers again.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(second.proc.0.id() as libc::pid_t, libc::SIGINT) };
+    let left = Instant::now();
+    assert!(second.wait(Duration::from_secs(5)).is_some());
+    assert!(wait_for(&first, "registered", Duration::from_secs(5)));
+    let back = left.elapsed();
+    eprintln!("the first listener is registered again {back:?} after the second left");
+    // And it takes connections.
+    let o = s
+        .peer("a")
+        .args(["-d", &first.id, "--once"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
