@@ -628,20 +628,33 @@ pub fn bench_listener(lab: &Lab, keys: &std::path::Path) -> Result<BenchListener
         .arg(keys.join("b"))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
-    let (child, rx) = spawn_lines(listen)?;
-    let registered = wait_event(&rx, &["registered"], SETUP_LIMIT);
-    let id = registered
-        .as_ref()
-        .and_then(|v| v["peer_id"].as_str())
-        .map(str::to_string);
-    let nat = wait_event(&rx, &["nat"], SETUP_LIMIT);
+    let (mut child, rx) = spawn_lines(listen)?;
+    // Registered and measured, in whichever order they come.
+    let (mut id, mut measured) = (None, false);
+    let mut said = Vec::new();
+    let deadline = Instant::now() + SETUP_LIMIT;
+    while id.is_none() || !measured {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            break;
+        };
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        match v["event"].as_str() {
+            Some("registered") => id = v["peer_id"].as_str().map(str::to_string),
+            Some("nat") => measured = true,
+            _ => said.push(line),
+        }
+    }
     // Keep draining its output so it never blocks on a full pipe.
     std::thread::spawn(move || while rx.recv().is_ok() {});
-    match (id, nat) {
-        (Some(id), Some(_)) => Ok(BenchListener { child, id }),
+    match (id, measured) {
+        (Some(id), true) => Ok(BenchListener { child, id }),
         _ => Err(LabError::Command {
             command: "natpunch listen".into(),
-            stderr: "did not register and measure its NAT".into(),
+            stderr: format!(
+                "did not register and measure its NAT (exit: {:?}); it said: {said:?}",
+                child.try_wait()
+            ),
         }),
     }
 }

@@ -224,6 +224,18 @@ fn lifetime_brackets_the_expiry() {
 /// `delay` each way between the host and the server: each fact with the
 /// virtual time it arrived, and the final report.
 fn run_quick(nat: NatConfig, delay: Duration) -> (Vec<(Duration, Fact)>, NatReport) {
+    run_quick_lossy(nat, delay, 0.0, 1)
+}
+
+/// [`run_quick`] with `loss` of every datagram (seeded).
+fn run_quick_lossy(
+    nat: NatConfig,
+    delay: Duration,
+    loss: f64,
+    seed: u64,
+) -> (Vec<(Duration, Fact)>, NatReport) {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut server = Server::new(ServerConfig {
         primary: addr(P),
         alternate: Some(addr(A)),
@@ -251,6 +263,9 @@ fn run_quick(nat: NatConfig, delay: Duration) -> (Vec<(Duration, Fact)>, NatRepo
                 dst: t.destination,
                 payload: t.payload,
             };
+            if rng.random::<f64>() < loss {
+                continue;
+            }
             if let Some(p) = nat.outbound(pkt) {
                 queue.push((now + delay, false, p));
             }
@@ -364,5 +379,21 @@ fn quick_discovery_reports_each_fact_as_soon_as_it_is_known() {
                 assert_eq!(report.filtering, Some(f), "{what}");
             }
         }
+    }
+}
+
+/// With loss, quick discovery still ends, in seconds.
+#[test]
+fn quick_discovery_ends_despite_loss() {
+    for seed in 0..200 {
+        let n = nat(
+            Behaviour::EndpointIndependent,
+            Behaviour::AddressAndPortDependent,
+            PortAllocation::Preserving,
+            false,
+        );
+        let (facts, _) = run_quick_lossy(n, Duration::from_millis(20), 0.2, seed);
+        let last = facts.last().map(|f| f.0).unwrap_or_default();
+        assert!(last < Duration::from_secs(5), "seed {seed}: {facts:?}");
     }
 }

@@ -638,7 +638,10 @@ pub async fn discover_hops(
             }
             deadline = now + per_hop_timeout;
         }
-        let wake = if second_wave {
+        // Until the second wave is sent (or no longer needed), wake for it
+        // halfway; after that only the deadline matters. (A wake time in the
+        // past here would spin without ever yielding.)
+        let wake = if second_wave || run.target_distance.is_some() {
             deadline
         } else {
             deadline.min(started + per_hop_timeout / 2)

@@ -274,3 +274,112 @@ fn mapped_port(listing: &str, key: &str) -> Option<u16> {
         .unwrap_or(value.len());
     value[..end].parse().ok()
 }
+
+/// Thread CPU time so far (the test's runtime runs on one thread).
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we pass.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// A router that sends no ICMP leaves its hop unknown and the run waits
+/// out its deadline; while it waits it must sleep, not spin, so other
+/// tasks on the same runtime keep running (a regression: the wake time
+/// for the second wave stayed in the past once the target had answered).
+#[test]
+fn silent_hop_waits_without_spinning() {
+    if let Some(reason) = lab_unavailable() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("the NAT lab cannot run in CI: {reason}");
+        }
+        eprintln!("*** SKIPPED: {reason} ***");
+        return;
+    }
+    let spec = TopologySpec::Pair {
+        a: Side::parse("full-cone+full-cone").unwrap(),
+        b: Side::parse("full-cone").unwrap(),
+    };
+    let opts = LabOptions {
+        natpunch: PathBuf::from("natpunch"),
+        links: Links::default(),
+    };
+    let lab = Lab::build(&spec, &opts).expect("lab builds");
+    let _server = Server::start(&lab);
+    // The carrier NAT drops the time-exceeded errors it generates.
+    let carrier = lab.netns(Node::CarrierA).unwrap().to_string();
+    let nft = "add table ip silent\n\
+               add chain ip silent out { type filter hook output priority 0; }\n\
+               add rule ip silent out icmp type time-exceeded drop\n";
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &carrier, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft runs");
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), nft.as_bytes()).unwrap();
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success(), "nft rules load");
+
+    let ns = lab.netns(Node::HostA).unwrap().to_string();
+    let local = IpAddr::V4(lab.host_ip(Node::HostA).unwrap());
+    let target = lab.server_addr();
+    let timeout = Duration::from_millis(800);
+    let (done, result) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        enter_netns(&format!("/var/run/netns/{ns}"));
+        let r = runtime().block_on(async move {
+            let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+            let counter = ticks.clone();
+            let ticker = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            let (t0, c0) = (std::time::Instant::now(), thread_cpu());
+            // More than the first wave, so a second wave is pending when the
+            // target answers.
+            let report = discover_hops(local, target, 2 * MAX_TTL, timeout)
+                .await
+                .expect("discover_hops");
+            let (wall, cpu) = (t0.elapsed(), thread_cpu() - c0);
+            ticker.abort();
+            let ticks = ticks.load(std::sync::atomic::Ordering::Relaxed);
+            (report, wall, cpu, ticks)
+        });
+        let _ = done.send(r);
+    });
+    // A spinning run never reaches its deadline check; fail, don't hang.
+    let (report, wall, cpu, ticks) = result
+        .recv_timeout(timeout * 10)
+        .expect("hop discovery ends (it spun past its deadline)");
+    print_report("host A, silent carrier", local, target, &report);
+    eprintln!("wall {wall:?}, cpu {cpu:?}, ticks {ticks}");
+    assert_eq!(
+        report.hops,
+        vec![
+            Some("10.0.1.1".parse().unwrap()),
+            None,
+            Some("198.51.100.1".parse().unwrap()),
+            Some("203.0.113.10".parse().unwrap()),
+        ]
+    );
+    assert_eq!(report.target_distance, Some(4));
+    assert!(
+        wall >= timeout * 3 / 4,
+        "the run waits for the silent hop: {wall:?}"
+    );
+    assert!(
+        cpu < wall / 5,
+        "waiting must not spin: {cpu:?} of CPU in {wall:?}"
+    );
+    let expected = (wall.as_millis() / 10) as u32;
+    assert!(
+        ticks >= expected / 2,
+        "another task on the runtime ran {ticks} times of ~{expected}"
+    );
+}

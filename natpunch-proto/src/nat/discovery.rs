@@ -684,6 +684,7 @@ impl Discovery {
                     let ii = SocketAddr::new(o.ip(), server.port());
                     self.send(now, SocketId(0), ii, Purpose::Quick(base), None);
                     self.send(now, SocketId(0), o, Purpose::Quick(base + 1), None);
+                    let rtt = self.round_trip();
                     self.quick_filter(now, rtt);
                 }
                 Some(_) => {
@@ -706,6 +707,22 @@ impl Discovery {
             }
         }
         self.maybe_finish();
+    }
+
+    /// The round trip from the samples so far, by Karn's rule: only an
+    /// answer that came before the first retransmission measures it (a
+    /// later one may answer the retransmission). Without one, the
+    /// configured RTO bounds it.
+    fn round_trip(&self) -> Duration {
+        let rto = self.config.timing.rto;
+        self.quick
+            .samples
+            .iter()
+            .flatten()
+            .map(|(_, rtt)| *rtt)
+            .filter(|rtt| *rtt < rto)
+            .min()
+            .unwrap_or(rto)
     }
 
     fn quick_filter(&mut self, now: Instant, rtt: Duration) {
@@ -786,13 +803,14 @@ impl Discovery {
                 .flatten()
                 .map(|(s, _)| s.clone())
                 .collect();
+            let rtt = self.round_trip();
             self.facts.push_back(Fact::Mapping {
                 nat,
                 mapping,
                 allocation: allocation.kind,
                 delta: allocation.delta,
                 latest,
-                rtt: self.first_rtt,
+                rtt: Some(rtt),
             });
             if self.other.is_none() {
                 // No RFC 5780 server: filtering cannot be measured either.
