@@ -578,6 +578,10 @@ pub struct BenchRow {
     pub floor_ms: u64,
     pub median_probes: Option<u64>,
     pub median_bytes: Option<u64>,
+    /// Every successful connect's time, in the order run (ms).
+    pub cold_ms: Vec<u64>,
+    pub first_ms: Vec<u64>,
+    pub warm_ms: Vec<u64>,
 }
 
 fn median(mut v: Vec<u64>) -> Option<u64> {
@@ -760,8 +764,8 @@ pub fn run_punch_bench(
             v.filter(|_| floor_ms > 0)
                 .map(|m| m as f64 / floor_ms as f64)
         };
-        let (cold_median_ms, cold_p95_ms) = (median(times.clone()), p95(times));
-        let (first_median_ms, first_p95_ms) = (median(first.clone()), p95(first));
+        let (cold_median_ms, cold_p95_ms) = (median(times.clone()), p95(times.clone()));
+        let (first_median_ms, first_p95_ms) = (median(first.clone()), p95(first.clone()));
         let warm_median_ms = median(warm_times.clone());
         let row = BenchRow {
             a: pair.a.clone(),
@@ -784,6 +788,9 @@ pub fn run_punch_bench(
             floor_ms,
             median_probes: median(probes),
             median_bytes: median(bytes),
+            cold_ms: times,
+            first_ms: first,
+            warm_ms: warm_times,
         };
         progress(&row);
         out.push(row);

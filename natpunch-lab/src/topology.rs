@@ -64,6 +64,8 @@ pub enum LabError {
     NoSuchNode(Node),
     #[error("{0}")]
     Measure(String),
+    #[error("namespace {0}: no router at the other end of eth0")]
+    NoGateway(String),
 }
 
 /// A node of the lab, by role.
@@ -593,10 +595,24 @@ impl Lab {
         if link.loss > 0.0 {
             // numgen draws from 0..1_000_000: loss resolution of 1 ppm.
             let threshold = (link.loss.clamp(0.0, 1.0) * 1_000_000.0).round() as u64;
-            let rules = format!(
-                "table ip natpunch_link {{\n  chain out {{\n    type filter hook output priority -300; policy accept;\n    oifname \"eth0\" numgen random mod 1000000 < {threshold} drop\n  }}\n  chain in {{\n    type filter hook prerouting priority -300; policy accept;\n    iifname \"eth0\" numgen random mod 1000000 < {threshold} drop\n  }}\n}}\n"
-            );
-            nft_load(&ns, &rules)?;
+            // Each direction is dropped where it arrives (prerouting, before
+            // conntrack), so a lost packet is silent as on a real link: a
+            // drop in the sender's output hook would fail its sendmsg with
+            // EPERM, which no real loss does.
+            let drop_arriving = |iface: &str| {
+                let table: String = iface
+                    .chars()
+                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                    .collect();
+                format!(
+                    "table ip natpunch_link_{table} {{\n  chain in {{\n    type filter hook prerouting priority -300; policy accept;\n    iifname \"{iface}\" numgen random mod 1000000 < {threshold} drop\n  }}\n}}\n"
+                )
+            };
+            nft_load(&ns, &drop_arriving("eth0"))?;
+            let Some((peer_ns, peer_if)) = self.peer_of(&ns) else {
+                return Err(LabError::NoGateway(ns));
+            };
+            nft_load(&peer_ns, &drop_arriving(&peer_if))?;
         }
         if let Some(delay) = link.delay {
             if !on_path("iptables") {

@@ -203,6 +203,30 @@ fn introductions_sync_both_sides_and_start_when_both_mappings_are_known() {
     let f = connect_frame(&mut s, now, &a, &c, 8, true);
     let r = ask(&mut s, now, A, &f);
     assert_eq!(error_code(&r), Some(ErrorCode::PeerOffline), "{r:?}");
+    // Before B has accepted, nothing of B's is held: a Sync to B says so,
+    // so that B keeps re-sending an Accept that was lost (ack 0 would
+    // read as "your Accept arrived").
+    let ckb = cookie(&mut s, now, &b, B);
+    let poll = wire::encode(&Frame::Poll {
+        peer: b.peer_id(),
+        cookie: ckb,
+        session: 7,
+    });
+    let r = ask(&mut s, now, B, &poll);
+    assert!(
+        matches!(
+            r.as_slice(),
+            [(
+                _,
+                Frame::Sync {
+                    ack: None,
+                    peer: Some(_),
+                    ..
+                }
+            )]
+        ),
+        "{r:?}"
+    );
     // B accepts with its mapping known: B's answer acknowledges it, A is
     // pushed B's state, but nobody starts while A's mapping is pending.
     let ckb = cookie(&mut s, now, &b, B);
@@ -221,7 +245,7 @@ fn introductions_sync_both_sides_and_start_when_both_mappings_are_known() {
             && matches!(
                 f,
                 Frame::Sync {
-                    ack: 0,
+                    ack: Some(0),
                     start_in_ms: None,
                     ..
                 }
@@ -250,7 +274,7 @@ fn introductions_sync_both_sides_and_start_when_both_mappings_are_known() {
             && matches!(
                 f,
                 Frame::Sync {
-                    ack: 1,
+                    ack: Some(1),
                     start_in_ms: Some(_),
                     ..
                 }
@@ -276,7 +300,7 @@ fn introductions_sync_both_sides_and_start_when_both_mappings_are_known() {
             [(
                 _,
                 Frame::Sync {
-                    ack: 1,
+                    ack: Some(1),
                     peer: Some(_),
                     start_in_ms: Some(_),
                     ..

@@ -13,6 +13,9 @@
 //! Limited-TTL packets: TTL 1 dies before the host's NAT, TTL 2 passes the
 //! NAT (creating its mapping) and dies at the first router, more reaches
 //! the destination.
+//!
+//! `NATPUNCH_SIM_TRACE=1` prints every datagram's fate (sent, lost on
+//! which link, dropped or filtered by a NAT) with its virtual time.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
@@ -97,6 +100,8 @@ pub struct World {
     next_ip: u8,
     /// Datagrams dropped by loss.
     pub lost: u64,
+    /// Print every datagram's fate on stderr (`NATPUNCH_SIM_TRACE=1`).
+    pub trace: bool,
 }
 
 impl World {
@@ -123,7 +128,29 @@ impl World {
             counter: 0,
             next_ip: 2,
             lost: 0,
+            trace: std::env::var_os("NATPUNCH_SIM_TRACE").is_some(),
         }
+    }
+
+    /// One datagram's fate, for `NATPUNCH_SIM_TRACE`.
+    fn log(&self, src: SocketAddr, dst: SocketAddr, payload: &[u8], fate: &str) {
+        if !self.trace {
+            return;
+        }
+        let what = if is_rendezvous(payload) {
+            "rendezvous".to_string()
+        } else if looks_like_stun(payload) {
+            "stun".to_string()
+        } else {
+            match natpunch_proto::punch::wire::decode(payload) {
+                Ok(f) => format!("punch {:?} {:?} seq {}", f.kind, f.strategy, f.seq),
+                Err(_) => format!("{} bytes", payload.len()),
+            }
+        };
+        eprintln!(
+            "{:>8.1} ms  {src} -> {dst}  {what}: {fate}",
+            self.elapsed().as_secs_f64() * 1000.0
+        );
     }
 
     /// Adds a NAT with public address `198.51.100.<n>`; its index.
@@ -317,13 +344,18 @@ impl World {
             payload: t.payload,
         };
         if t.ttl == Some(1) {
+            self.log(pkt.src, pkt.dst, &pkt.payload, "TTL 1, dies before the NAT");
             return;
         }
         if let Some(n) = self.hosts[h].spec.nat {
             let hairpin = pkt.dst.ip() == self.nats[n].public_ip();
+            let (src, dst) = (pkt.src, pkt.dst);
             match self.nats[n].outbound(pkt) {
                 Some(p) => pkt = p,
-                None => return,
+                None => {
+                    self.log(src, dst, &[], "dropped by the NAT");
+                    return;
+                }
             }
             if hairpin {
                 // Turned back inside by the NAT, destination rewritten.
@@ -338,6 +370,7 @@ impl World {
             return;
         }
         if self.lose() {
+            self.log(pkt.src, pkt.dst, &pkt.payload, "lost on the sender's link");
             return;
         }
         let delay = if pkt.dst == server() {
@@ -345,10 +378,17 @@ impl World {
         } else {
             // Our access link, then the receiver's.
             if self.lose() {
+                self.log(
+                    pkt.src,
+                    pkt.dst,
+                    &pkt.payload,
+                    "lost on the receiver's link",
+                );
                 return;
             }
             self.hop * 2
         };
+        self.log(pkt.src, pkt.dst, &pkt.payload, "sent");
         self.push(delay, pkt);
     }
 
@@ -395,10 +435,16 @@ impl World {
             return;
         }
         // Through a NAT with that public address, or straight to a host.
+        let trace = self.trace.then(|| payload.clone());
         let inside = match self.nats.iter_mut().find(|n| n.public_ip() == dst.ip()) {
             Some(n) => match n.inbound(Packet { src, dst, payload }) {
                 Some(p) => p,
-                None => return,
+                None => {
+                    if let Some(p) = trace {
+                        self.log(src, dst, &p, "filtered by the NAT");
+                    }
+                    return;
+                }
             },
             None => Packet { src, dst, payload },
         };
@@ -429,8 +475,10 @@ impl World {
 
     fn send_from_server(&mut self, to: SocketAddr, payload: Vec<u8>) {
         if self.lose() {
+            self.log(server(), to, &payload, "lost");
             return;
         }
+        self.log(server(), to, &payload, "sent");
         self.push(
             self.hop,
             Packet {

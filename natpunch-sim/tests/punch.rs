@@ -96,6 +96,7 @@ fn failure(w: &World, h: usize) -> Option<ConnectError> {
     .map(|(_, e)| e)
 }
 
+#[derive(Debug)]
 struct Outcome {
     a: Option<Strategy>,
     b: Option<Strategy>,
@@ -220,28 +221,40 @@ fn a_cold_connect_takes_about_two_floors_not_seconds() {
 }
 
 /// With 10 % loss on every access link, every connect still succeeds
-/// directly, and quickly.
+/// directly, and quickly: a cone pair's 95th percentile within three
+/// floors. A pair with a symmetric side has one more round trip on its
+/// critical path (the symmetric side's fresh mapping, then its Accept),
+/// each exposed to loss, so its bound is half a floor wider.
 #[test]
 fn ten_percent_loss_costs_little() {
-    let mut times = Vec::new();
-    for seed in 0..40 {
-        let o = pair(
-            Some(PORT_RESTRICTED),
-            Some(PORT_RESTRICTED),
-            COLD,
-            0.10,
-            seed,
+    for (a, b, want, bound) in [
+        (PORT_RESTRICTED, PORT_RESTRICTED, Strategy::Cone, 3.0),
+        (PORT_RESTRICTED, SYM_SEQ, Strategy::Predict, 3.5),
+        (SYM_SEQ, PORT_RESTRICTED, Strategy::Predict, 3.5),
+    ] {
+        let mut times = Vec::new();
+        for seed in 0..40 {
+            let o = pair(Some(a), Some(b), COLD, 0.10, seed);
+            assert_eq!(
+                o.a,
+                Some(want),
+                "{a:?} / {b:?} seed {seed}: {:?}",
+                o.failure
+            );
+            times.push(o.took.unwrap_or_default());
+        }
+        times.sort();
+        let p95 = times[times.len() * 95 / 100 - 1];
+        let ratio = p95.as_secs_f64() / floor().as_secs_f64();
+        eprintln!(
+            "{a:?} / {b:?}, 10 % loss: median {:?}, p95 {p95:?} ({ratio:.2} x the floor)",
+            times[times.len() / 2],
         );
-        assert_eq!(o.a, Some(Strategy::Cone), "seed {seed}: {:?}", o.failure);
-        times.push(o.took.unwrap_or_default());
+        assert!(
+            ratio <= bound,
+            "{a:?} / {b:?}: p95 {p95:?} is {ratio:.2} x the floor"
+        );
     }
-    times.sort();
-    let p95 = times[times.len() * 95 / 100 - 1];
-    eprintln!(
-        "10 % loss: median {:?}, p95 {p95:?}",
-        times[times.len() / 2]
-    );
-    assert!(p95 <= floor() * 4, "p95 {p95:?}");
 }
 
 /// Forty connectors behind one NAT, each with its own key, at the same

@@ -617,8 +617,21 @@ pub async fn discover_hops(
     let mut recv_errors = 0u32;
     tracing::debug!(local = %local_ip, %target, max_ttl, "discovering hops");
     let first_wave = max_ttl.min(defaults::FIRST_WAVE);
+    // A probe that cannot be sent (a local firewall, a full buffer) leaves
+    // its hop unknown, like a lost one; only a wave of failures is an error.
+    let mut sent = 0u8;
+    let mut last_error = None;
     for ttl in 1..=first_wave {
-        send_ttl(&sock, &mut run, ttl).await?;
+        match send_ttl(&sock, &mut run, ttl).await {
+            Ok(()) => sent += 1,
+            Err(e) => {
+                tracing::debug!(error = %e, "hop probe not sent");
+                last_error = Some(e);
+            }
+        }
+    }
+    if let (0, Some(e)) = (sent, last_error) {
+        return Err(e);
     }
     let started = tokio::time::Instant::now();
     let mut deadline = started + per_hop_timeout;
@@ -634,7 +647,9 @@ pub async fn discover_hops(
             // is farther: the rest.
             second_wave = true;
             for ttl in first_wave + 1..=max_ttl {
-                send_ttl(&sock, &mut run, ttl).await?;
+                if let Err(e) = send_ttl(&sock, &mut run, ttl).await {
+                    tracing::debug!(error = %e, "hop probe not sent");
+                }
             }
             deadline = now + per_hop_timeout;
         }

@@ -85,6 +85,10 @@ pub mod defaults {
     pub const ALLOC_MAX: Duration = Duration::from_secs(3);
     /// A fresh mapping's Binding: 4 sends 100 ms apart, doubling.
     pub const FRESH_TIMING_RTO: Duration = Duration::from_millis(100);
+    /// ... with a second copy 10 ms after the first: the fresh mapping
+    /// gates a symmetric side's start, and one lost datagram should not
+    /// cost an RTO.
+    pub const FRESH_HEDGE: Duration = Duration::from_millis(10);
 }
 
 /// Names a user's connect, so its answer finds its way back.
@@ -626,7 +630,8 @@ impl Host {
         let timing = Timing {
             rto: defaults::FRESH_TIMING_RTO,
             ..Timing::probe()
-        };
+        }
+        .hedged(defaults::FRESH_HEDGE);
         let tid = self.stun.start(now, id, self.cfg.stun, &req, timing, false);
         tracing::debug!(session, socket = id.0, "taking a fresh mapping");
         self.fresh.insert(tid, (session, id));

@@ -52,6 +52,9 @@ pub const QUICK_SLOW_SAMPLE: u32 = 2;
 /// 20 ms of scheduling slack, within these bounds (the lower one still
 /// covers loopback jitter, the upper one is the RFC's default initial
 /// RTO). Four sends, then three RTOs of waiting: ten RTOs in all.
+/// Quick mode's hedge: the mapping tests' second copy follows the first
+/// after this, so one lost datagram (not a burst) costs 10 ms.
+pub const QUICK_HEDGE: Duration = Duration::from_millis(10);
 pub const QUICK_MIN_RTO: Duration = Duration::from_millis(50);
 pub const QUICK_MAX_RTO: Duration = Duration::from_millis(500);
 
@@ -196,6 +199,13 @@ struct Quick {
     samples: Vec<Option<(MappingSample, Duration)>>,
     /// Requests by creation index not finished yet.
     outstanding: usize,
+    /// Which requests (by creation index) have finished.
+    resolved: Vec<bool>,
+    /// When the first requests went out.
+    started: Option<Instant>,
+    /// Unanswered allocation samples are too late to count (see
+    /// [`QUICK_SLOW_SAMPLE`]), so the pattern need not wait for them.
+    allocation_cutoff_passed: bool,
     mapping_reported: bool,
     filtering_reported: bool,
     filter_started: bool,
@@ -252,8 +262,15 @@ impl Discovery {
         let tid = self.tid();
         let mut req = Message::binding_request(tid);
         req.attributes.extend(extra);
+        // Quick mode's mapping tests (I, II, III) decide the first fact a
+        // connect waits for: a lost one should cost milliseconds, not an RTO.
+        let base = 2 + self.config.allocation_sockets;
+        let timing = match purpose {
+            Purpose::Quick(i) if i == 0 || i >= base => self.config.timing.hedged(QUICK_HEDGE),
+            _ => self.config.timing,
+        };
         self.client
-            .start(now, socket, destination, &req, self.config.timing, false);
+            .start(now, socket, destination, &req, timing, false);
         self.purposes.push((tid, purpose));
         tid
     }
@@ -427,6 +444,13 @@ impl Discovery {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.client.handle_timeout(now);
         self.drain_events(now);
+        if self.config.quick
+            && !self.quick.mapping_reported
+            && self.allocation_cutoff().is_some_and(|c| now >= c)
+        {
+            self.quick.allocation_cutoff_passed = true;
+            self.maybe_finish();
+        }
         // Lifetime checks fire on their own schedule.
         for i in 0..self.config.lifetime_steps.len() {
             let (Some(opened), Some(m), None) = (
@@ -538,6 +562,18 @@ impl Discovery {
 
     fn finish(&mut self) {
         self.done = true;
+        let allocation = if self.config.quick {
+            self.samples = self
+                .quick
+                .samples
+                .iter()
+                .flatten()
+                .map(|(s, _)| s.clone())
+                .collect();
+            allocation::classify(&self.quick_ordered())
+        } else {
+            allocation::classify(&self.samples)
+        };
         let mapping = match (self.other, self.mapped) {
             (Some(_), [Some(m1), Some(m2), m3]) => Some(if m1 == m2 {
                 Behaviour::EndpointIndependent
@@ -592,7 +628,7 @@ impl Discovery {
             mapped: self.mapped[0],
             mapping,
             filtering,
-            allocation: allocation::classify(&self.samples),
+            allocation,
             hairpin: self.hairpin,
             classic: Classic::derive(nat, mapping, filtering),
             local,
@@ -620,7 +656,9 @@ impl Discovery {
     fn quick_start(&mut self, now: Instant) {
         let n = 2 + self.config.allocation_sockets;
         self.quick.samples = vec![None; n];
+        self.quick.resolved = vec![false; n];
         self.quick.outstanding = n;
+        self.quick.started = Some(now);
         let server = self.config.server;
         for i in 0..n {
             self.send(now, SocketId(i), server, Purpose::Quick(i), None);
@@ -636,6 +674,9 @@ impl Discovery {
         rtt: Duration,
     ) {
         self.quick.outstanding = self.quick.outstanding.saturating_sub(1);
+        if let Some(r) = self.quick.resolved.get_mut(i) {
+            *r = true;
+        }
         let socket = match i {
             // Tests II and III go from socket 0.
             i if i >= 2 + self.config.allocation_sockets => 0,
@@ -680,6 +721,7 @@ impl Discovery {
                     // with an RTO from this round trip.
                     let base = 2 + self.config.allocation_sockets;
                     self.quick.samples.resize(base + 2, None);
+                    self.quick.resolved.resize(base + 2, false);
                     self.quick.outstanding += 2;
                     let ii = SocketAddr::new(o.ip(), server.port());
                     self.send(now, SocketId(0), ii, Purpose::Quick(base), None);
@@ -736,6 +778,7 @@ impl Discovery {
             rc: 4,
             rm: 3,
             ti: self.config.timing.ti,
+            hedge: None,
         };
         let server = self.config.server;
         for change_ip in [true, false] {
@@ -753,9 +796,61 @@ impl Discovery {
         }
     }
 
+    /// The fastest answer among the quick samples so far.
+    fn quick_fastest(&self) -> Option<Duration> {
+        self.quick
+            .samples
+            .iter()
+            .flatten()
+            .map(|(_, rtt)| *rtt)
+            .min()
+    }
+
+    /// When an allocation sample still unanswered is too slow to be used:
+    /// the verdict keeps only answers within [`QUICK_SLOW_SAMPLE`] times
+    /// the fastest (plus 5 ms), so waiting past that changes nothing.
+    fn allocation_cutoff(&self) -> Option<Instant> {
+        let fastest = self.quick_fastest()?;
+        Some(self.quick.started? + fastest * QUICK_SLOW_SAMPLE + Duration::from_millis(5))
+    }
+
+    /// The allocation samples in creation order, without those answered
+    /// so late that their mapping may have been made out of order.
+    fn quick_ordered(&self) -> Vec<MappingSample> {
+        let fastest = self.quick_fastest().unwrap_or_default();
+        self.quick
+            .samples
+            .iter()
+            .flatten()
+            .filter(|(_, rtt)| *rtt <= fastest * QUICK_SLOW_SAMPLE + Duration::from_millis(5))
+            .map(|(s, _)| s.clone())
+            .collect()
+    }
+
+    /// Whether the mapping fact can be told: the mapping tests are over
+    /// and, unless the mapping is endpoint-independent (one mapping, so no
+    /// port to predict), the allocation pattern is as known as it will be.
+    fn quick_mapping_ready(&self) -> bool {
+        if self.quick.outstanding == 0 {
+            return true;
+        }
+        let resolved = |i: usize| self.quick.resolved.get(i).copied().unwrap_or(false);
+        let base = 2 + self.config.allocation_sockets;
+        let (tests_over, eim) = match (self.other, self.mapped) {
+            (None, _) => (resolved(0), false),
+            (Some(_), [Some(m1), Some(m2), _]) if m1 == m2 => (true, true),
+            (Some(_), _) => (resolved(0) && resolved(base) && resolved(base + 1), false),
+        };
+        let allocation_over = self.quick.allocation_cutoff_passed || (1..base).all(resolved);
+        tests_over && (eim || allocation_over)
+    }
+
     /// Reports what quick mode has measured, once each.
     fn quick_progress(&mut self) {
-        if !self.quick.mapping_reported && self.quick.outstanding == 0 {
+        if !self.quick.mapping_reported
+            && self.quick.started.is_some()
+            && self.quick_mapping_ready()
+        {
             self.quick.mapping_reported = true;
             let mapping = match (self.other, self.mapped) {
                 (Some(_), [Some(m1), Some(m2), m3]) => Some(if m1 == m2 {
@@ -767,23 +862,7 @@ impl Discovery {
                 }),
                 _ => None,
             };
-            let fastest = self
-                .quick
-                .samples
-                .iter()
-                .flatten()
-                .map(|(_, rtt)| *rtt)
-                .min()
-                .unwrap_or_default();
-            let ordered: Vec<MappingSample> = self
-                .quick
-                .samples
-                .iter()
-                .flatten()
-                .filter(|(_, rtt)| *rtt <= fastest * QUICK_SLOW_SAMPLE + Duration::from_millis(5))
-                .map(|(s, _)| s.clone())
-                .collect();
-            let allocation = super::allocation::classify(&ordered);
+            let allocation = super::allocation::classify(&self.quick_ordered());
             // The newest mapping the NAT made (a reused one, as tests II and
             // III get through an endpoint-independent NAT, is not new).
             let mut seen: Vec<(SocketAddr, SocketAddr)> = Vec::new();
@@ -796,13 +875,6 @@ impl Discovery {
             }
             let local = self.locals.first().copied();
             let nat = self.mapped[0].zip(local).map(|(m, l)| m != l);
-            self.samples = self
-                .quick
-                .samples
-                .iter()
-                .flatten()
-                .map(|(s, _)| s.clone())
-                .collect();
             let rtt = self.round_trip();
             self.facts.push_back(Fact::Mapping {
                 nat,
@@ -839,10 +911,15 @@ impl Discovery {
             .filter(|i| self.lifetime_alive[*i].is_none() && !self.lifetime_checking(*i))
             .filter_map(|i| Some(self.lifetime_opened_at[i]? + self.config.lifetime_steps[i]))
             .min();
-        match (self.client.poll_timeout(), life) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let cutoff = (self.config.quick
+            && !self.quick.mapping_reported
+            && !self.quick.allocation_cutoff_passed)
+            .then(|| self.allocation_cutoff())
+            .flatten();
+        [self.client.poll_timeout(), life, cutoff]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The report, once the run is over (taken once).

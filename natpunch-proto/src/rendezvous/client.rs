@@ -392,6 +392,7 @@ impl RendezvousClient {
         payload: Vec<u8>,
         max_sends: u32,
     ) {
+        tracing::trace!(?kind, ?origin, "rendezvous request");
         self.pending.retain(|p| p.kind != kind);
         let rto = self.rto();
         self.pending.push(Pending {
@@ -819,7 +820,7 @@ impl RendezvousClient {
                     Some(Queued::Update { seq, .. }) => *seq,
                     _ => 0,
                 };
-                let holds_ours = ack >= waiting_on && !s.acked;
+                let holds_ours = ack.is_some_and(|a| a >= waiting_on) && !s.acked;
                 let accepting =
                     matches!(s.state, Some(Queued::Accept { .. } | Queued::Update { .. }));
                 let outstanding = self
@@ -990,6 +991,7 @@ impl RendezvousClient {
                 continue;
             }
             p.sends += 1;
+            tracing::trace!(kind = ?p.kind, sends = p.sends, "rendezvous send");
             p.first_sent.get_or_insert(now);
             p.next = if p.sends == 1 {
                 // The hedge: a second copy right behind the first.

@@ -915,7 +915,7 @@ impl RendezvousServer {
         });
         let frame = Frame::Sync {
             session,
-            ack: me.seq,
+            ack: me.state.as_ref().map(|_| me.seq),
             peer: other.state.clone(),
             start_in_ms,
         };

@@ -304,11 +304,12 @@ pub enum Frame {
         session: u64,
     },
     /// Server → one side: the other side's latest state (once it has
-    /// spoken), the last of our states the server holds (`ack`), and, once
-    /// both mappings are known, when to start prediction.
+    /// spoken), the number of the newest of our states the server holds
+    /// (`ack`; none before our Accept arrived), and, once both mappings
+    /// are known, when to start prediction.
     Sync {
         session: u64,
-        ack: u32,
+        ack: Option<u32>,
         peer: Option<PartyState>,
         start_in_ms: Option<u16>,
     },

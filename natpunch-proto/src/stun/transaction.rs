@@ -27,6 +27,10 @@ pub struct Timing {
     /// Reliable transports (TCP) send once and wait this long, Ti.
     /// RFC 8489 §6.2.2: 39.5 s.
     pub ti: Duration,
+    /// A second copy of each send this long after it (UDP only), for
+    /// requests on a connect's critical path: one lost datagram then costs
+    /// this instead of an RTO. Copies are not counted in `rc`.
+    pub hedge: Option<Duration>,
 }
 
 impl Default for Timing {
@@ -36,6 +40,7 @@ impl Default for Timing {
             rc: 7,
             rm: 16,
             ti: Duration::from_millis(39_500),
+            hedge: None,
         }
     }
 }
@@ -51,6 +56,15 @@ impl Timing {
             rc: 4,
             rm: 8,
             ti: Duration::from_secs(5),
+            hedge: None,
+        }
+    }
+
+    /// This timing with a hedged first send (see [`Timing::hedge`]).
+    pub fn hedged(self, after: Duration) -> Self {
+        Self {
+            hedge: Some(after),
+            ..self
         }
     }
 
@@ -110,6 +124,8 @@ struct Pending {
     sends: u32,
     first_sent: Option<Instant>,
     next: Instant,
+    /// When the hedge copy of the first send is due.
+    hedge_at: Option<Instant>,
     rto: Duration,
 }
 
@@ -186,6 +202,7 @@ impl Client {
             sends: 0,
             first_sent: None,
             next: now,
+            hedge_at: None,
             rto: timing.rto,
         });
         self.handle_timeout(now);
@@ -271,6 +288,16 @@ impl Client {
         let mut i = 0;
         while i < self.pending.len() {
             let p = &mut self.pending[i];
+            if p.hedge_at.is_some_and(|h| now >= h) {
+                p.hedge_at = None;
+                self.stats.bytes_sent += p.payload.len() as u64;
+                self.transmits.push_back(Transmit {
+                    socket: p.socket,
+                    destination: p.destination,
+                    payload: p.payload.clone(),
+                    ttl: None,
+                });
+            }
             if now < p.next {
                 i += 1;
                 continue;
@@ -294,6 +321,9 @@ impl Client {
                 continue;
             }
             p.sends += 1;
+            if !p.reliable {
+                p.hedge_at = p.timing.hedge.map(|h| now + h);
+            }
             if p.first_sent.is_none() {
                 p.first_sent = Some(now);
                 self.stats.requests_sent += 1;
@@ -322,7 +352,10 @@ impl Client {
 
     /// The next instant [`Client::handle_timeout`] must be called, if any.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.pending.iter().map(|p| p.next).min()
+        self.pending
+            .iter()
+            .map(|p| p.hedge_at.map_or(p.next, |h| h.min(p.next)))
+            .min()
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -383,6 +416,37 @@ mod tests {
         assert_eq!(sends, vec![0, 500, 1500, 3500, 7500, 15500, 31500]);
         assert_eq!(now.duration_since(t0).as_millis(), 39500);
         assert_eq!(Timing::default().total(false).as_millis(), 39500);
+    }
+
+    /// A hedged transaction sends each copy `hedge` after its original and
+    /// keeps the RFC schedule and timeout of the unhedged one.
+    #[test]
+    fn a_hedged_transaction_doubles_each_send_on_the_same_schedule() {
+        let t0 = Instant::now();
+        let mut c = Client::new();
+        let req = Message::binding_request(TransactionId::new([2; 12]));
+        let timing = Timing::probe().hedged(Duration::from_millis(10));
+        c.start(t0, SocketId(0), addr("192.0.2.1:3478"), &req, timing, false);
+        let mut sends = vec![];
+        let mut now = t0;
+        loop {
+            while c.poll_transmit().is_some() {
+                sends.push(now.duration_since(t0).as_millis());
+            }
+            if let Some(ev) = c.poll_event() {
+                assert_eq!(ev.outcome, Outcome::Timeout);
+                break;
+            }
+            now = c.poll_timeout().expect("a timer while pending");
+            c.handle_timeout(now);
+        }
+        assert_eq!(
+            sends,
+            vec![0, 10, 250, 260, 750, 760, 1750, 1760],
+            "four sends at 0, 250, 750, 1750 ms, each with its copy"
+        );
+        assert_eq!(now.duration_since(t0), Timing::probe().total(false));
+        assert_eq!(c.stats().retransmits, 3);
     }
 
     #[test]
