@@ -674,9 +674,7 @@ pub fn cold_connect(
     let server = lab.server_addr().to_string();
     let mut connect = lab.natpunch(Node::HostA);
     connect
-        .args([
-            "connect", id, "-s", &server, "--json", "--once", "--rto-ms", "100", "--key",
-        ])
+        .args(["connect", id, "-s", &server, "--json", "--once", "--key"])
         .arg(key)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use natpunch_proto::identity::Identity;
-use natpunch_proto::rendezvous::server::{Limits, INCOMING_REPEAT, TARGET_LIMIT};
+use natpunch_proto::rendezvous::server::{Limits, COOKIE_LIFETIME, INCOMING_REPEAT, TARGET_LIMIT};
 use natpunch_proto::rendezvous::wire::{
     self, context, Cookie, DeclineReason, ErrorCode, Frame, NatSummary, Offer, PeerInfo, RegStatus,
 };
@@ -169,9 +169,22 @@ fn nobody_registers_without_the_key_or_from_another_address() {
     let r = ask(&mut s, now, "203.0.113.66:1", &signed(&a, f.clone()));
     assert_eq!(error_code(&r), Some(ErrorCode::BadCookie), "{r:?}");
     // An expired cookie.
-    let r = ask(&mut s, now + Duration::from_secs(600), A, &signed(&a, f));
+    let later = now + COOKIE_LIFETIME + Duration::from_secs(1);
+    let r = ask(&mut s, later, A, &signed(&a, f.clone()));
     assert_eq!(error_code(&r), Some(ErrorCode::BadCookie), "{r:?}");
     assert_eq!(s.registered(), 0);
+    // The cookie proves the IP address, not the port: another socket (or
+    // a later process) of the same host may use it, minutes later.
+    let r = ask(
+        &mut s,
+        now + COOKIE_LIFETIME / 2,
+        "198.51.100.7:4999",
+        &signed(&a, f),
+    );
+    assert!(
+        matches!(r.as_slice(), [(to, Frame::Registered { .. })] if *to == addr("198.51.100.7:4999")),
+        "{r:?}"
+    );
 }
 
 /// A connector needs no registration; the target hears of it twice

@@ -22,7 +22,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use natpunch_proto::coordinator::{Host, HostConfig, HostEvent, Policy, RequestId};
+use natpunch_proto::coordinator::{Host, HostConfig, HostEvent, Policy, RequestId, ServerMemo};
 use natpunch_proto::identity::{Identity, PeerId};
 use natpunch_proto::nat::{AllocationKind, Behaviour, Fact};
 use natpunch_proto::punch::PunchConfig;
@@ -55,6 +55,8 @@ pub struct HostSpec {
     /// The NAT facts arrive this long after start, as discovery would
     /// report them (`None`: never; they stay pending).
     pub facts_after: Option<Duration>,
+    /// The server's cookie and round trip, as an earlier process kept.
+    pub server_memo: Option<ServerMemo>,
 }
 
 /// One host and what it did.
@@ -197,6 +199,7 @@ impl World {
             punch: PunchConfig::new(i as u64),
             ttl: None,
             seed: 77 + i as u64,
+            server_memo: spec.server_memo,
         });
         let facts_at = spec.facts_after.map(|after| self.now + after);
         let mut sockets = HashMap::new();

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use natpunch_proto::coordinator::{ConnectError, HostEvent, Policy};
+use natpunch_proto::coordinator::{ConnectError, HostEvent, Policy, ServerMemo};
 use natpunch_proto::identity::PeerId;
 use natpunch_proto::nat::Behaviour::{self, *};
 use natpunch_proto::punch::{PunchFailure, Strategy};
@@ -77,6 +77,7 @@ fn host(w: &mut World, seed: u8, nat: Option<Nat>, policy: Policy, facts: Durati
         nat,
         policy,
         facts_after: Some(facts),
+        server_memo: None,
     })
 }
 
@@ -257,6 +258,112 @@ fn ten_percent_loss_costs_little() {
     }
 }
 
+/// One connector connecting again and again to a listener behind a
+/// sequential symmetric NAT (each session over before the next): every
+/// connect is as fast as the second (the first also fetched the server's
+/// cookie). The listener's probes leave from its
+/// fresh socket, whose mapping toward the connector is new each time; from
+/// its main socket they would reuse the first session's mapping, which
+/// prediction stops covering once the NAT's counter has moved on.
+#[test]
+fn repeated_connects_to_a_symmetric_listener_stay_fast() {
+    let mut w = World::new(HOP, 0.0, 1);
+    let hb = host(&mut w, 2, Some(SYM_SEQ), listener(), WARM);
+    let target = w.hosts[hb].peer_id;
+    w.run_until(Duration::from_secs(5), |w| {
+        w.find(hb, |e| {
+            matches!(e, HostEvent::Registered { .. }).then_some(())
+        })
+        .is_some()
+    });
+    let ha = host(&mut w, 1, Some(PORT_RESTRICTED), connector(), WARM);
+    let mut times = Vec::new();
+    for i in 0..8u64 {
+        let t0 = w.elapsed();
+        let before = w.hosts[ha].events.len();
+        w.connect(ha, target, i);
+        w.run_until(Duration::from_secs(10), |w| {
+            w.hosts[ha].events[before..]
+                .iter()
+                .any(|(_, e)| matches!(e, HostEvent::Connected { .. }))
+        });
+        let (at, strategy) = w.hosts[ha].events[before..]
+            .iter()
+            .find_map(|(t, e)| match e {
+                HostEvent::Connected { strategy, .. } => Some((*t, *strategy)),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("connect {i}: {:?}", failure(&w, ha)));
+        assert_eq!(strategy, Strategy::Predict, "connect {i}");
+        times.push(at.saturating_duration_since(w.start) - t0);
+        // Let the attempts end on both sides before the next connect.
+        w.run_until(Duration::from_secs(2), |_| false);
+    }
+    eprintln!("repeated connects: {times:?}");
+    // The first one also fetched the server's cookie.
+    for (i, t) in times.iter().enumerate().skip(2) {
+        assert!(
+            *t <= times[1] + Duration::from_millis(10),
+            "connect {i} took {t:?}, the second {:?}",
+            times[1]
+        );
+    }
+}
+
+/// A process that starts with the cookie (and round trip) an earlier
+/// process on its network kept sends its Connect at once: it connects one
+/// server round trip sooner than the earlier, cookieless one.
+#[test]
+fn a_kept_cookie_saves_the_hello_round_trip() {
+    let mut w = World::new(HOP, 0.0, 1);
+    let hb = host(&mut w, 2, Some(PORT_RESTRICTED), listener(), WARM);
+    let target = w.hosts[hb].peer_id;
+    w.run_until(Duration::from_secs(5), |w| {
+        w.find(hb, |e| {
+            matches!(e, HostEvent::Registered { .. }).then_some(())
+        })
+        .is_some()
+    });
+    let Nat(m, f, a) = PORT_RESTRICTED;
+    let home = w.add_nat(m, f, a, 5);
+    let run = |w: &mut World, seed: u8, memo: Option<ServerMemo>| {
+        let h = w.add_host(HostSpec {
+            seed,
+            nat: Some(home),
+            policy: connector(),
+            // Known at once, as from the same cache as the cookie.
+            facts_after: Some(WARM),
+            server_memo: memo,
+        });
+        let t0 = w.elapsed();
+        w.connect(h, target, 1);
+        w.run_until(Duration::from_secs(10), |w| connected(w, h).is_some());
+        let (at, _) = connected(w, h).unwrap_or_else(|| panic!("{:?}", failure(w, h)));
+        (h, at - t0)
+    };
+    let (first, took_first) = run(&mut w, 1, None);
+    let (at, (cookie, rtt)) = w
+        .find(first, |e| match e {
+            HostEvent::ServerCookie { cookie, rtt } => Some((*cookie, *rtt)),
+            _ => None,
+        })
+        .expect("the first process got a cookie");
+    let rtt = rtt.expect("the Hello measured the round trip");
+    // The second process (another key) starts a few seconds later.
+    w.run_until(Duration::from_secs(3), |_| false);
+    let memo = ServerMemo {
+        cookie,
+        age: w.now - at,
+        rtt,
+    };
+    let (_, took_second) = run(&mut w, 3, Some(memo));
+    eprintln!("without a kept cookie {took_first:?}, with one {took_second:?}");
+    assert!(
+        took_second + HOP * 2 <= took_first + Duration::from_millis(5),
+        "{took_second:?} vs {took_first:?}"
+    );
+}
+
 /// Forty connectors behind one NAT, each with its own key, at the same
 /// moment: every one connects (no "busy", no prediction confusion).
 #[test]
@@ -283,6 +390,7 @@ fn forty_connectors_at_once_all_connect() {
                     nat: Some(shared),
                     policy: connector(),
                     facts_after: Some(COLD),
+                    server_memo: None,
                 })
             })
             .collect();

@@ -12,6 +12,10 @@
 //! facts it measures replace the cached ones (the coordinator sends them
 //! to the peer as an update), so a stale entry costs a late correction.
 //!
+//! The entry also keeps the rendezvous server's address cookie and our
+//! round trip to it, so the next process sends its first request at once
+//! (the server accepts the cookie from any port of our public address).
+//!
 //! The file is a line of `key=value` pairs (easy to read, and no parser a
 //! hostile file could exploit: unknown or malformed content is ignored).
 
@@ -20,7 +24,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use natpunch_proto::coordinator::ServerMemo;
 use natpunch_proto::nat::{AllocationKind, Behaviour, Fact};
+use natpunch_proto::rendezvous::wire::Cookie;
 use sha2::{Digest, Sha256};
 
 /// An entry older than this is not used: NAT behaviour rarely changes, but
@@ -51,6 +57,44 @@ pub struct Cached {
     pub ttl_at: Option<u64>,
     /// The gateway's link-layer address then, if the kernel knew it.
     pub gateway_mac: Option<String>,
+    /// The rendezvous server's cookie, as last given.
+    pub server: Option<ServerNote>,
+}
+
+/// A rendezvous server's cookie, when it was given, and our round trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerNote {
+    pub addr: SocketAddr,
+    pub cookie: Cookie,
+    /// When the cookie was given (Unix ms).
+    pub at_ms: u64,
+    pub rtt_ms: u32,
+}
+
+impl ServerNote {
+    /// A note taken now.
+    pub fn now(addr: SocketAddr, cookie: Cookie, rtt: Duration) -> Self {
+        Self {
+            addr,
+            cookie,
+            at_ms: now_unix_ms(),
+            rtt_ms: rtt.as_millis().min(u128::from(u32::MAX)) as u32,
+        }
+    }
+
+    /// What the coordinator starts from, for `server` (none for another
+    /// server, or from a clock that went back).
+    pub fn memo(&self, server: SocketAddr) -> Option<ServerMemo> {
+        if self.addr != server {
+            return None;
+        }
+        let age = now_unix_ms().checked_sub(self.at_ms)?;
+        Some(ServerMemo {
+            cookie: self.cookie,
+            age: Duration::from_millis(age),
+            rtt: Duration::from_millis(u64::from(self.rtt_ms)),
+        })
+    }
 }
 
 impl Cached {
@@ -228,6 +272,13 @@ fn allocation_str(a: AllocationKind) -> &'static str {
     }
 }
 
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -251,6 +302,16 @@ pub fn encode(c: &Cached, saved_unix: u64) -> String {
     put("ttl", c.opener_ttl.map(|t| t.to_string()));
     put("ttl_at", c.ttl_at.map(|t| t.to_string()));
     put("mac", c.gateway_mac.clone());
+    if let Some(n) = &c.server {
+        let mut mac = String::new();
+        for b in n.cookie.mac {
+            let _ = write!(mac, "{b:02x}");
+        }
+        put("rv", Some(n.addr.to_string()));
+        put("cookie", Some(format!("{}.{mac}", n.cookie.issued_ms)));
+        put("cookie_at", Some(n.at_ms.to_string()));
+        put("rtt", Some(n.rtt_ms.to_string()));
+    }
     s.push('\n');
     s
 }
@@ -264,6 +325,7 @@ pub fn decode(text: &str, now_unix: u64) -> Option<Cached> {
     }
     let mut c = Cached::default();
     let mut saved = None;
+    let (mut rv, mut cookie, mut cookie_at, mut rtt) = (None, None, None, None);
     for w in words {
         let (k, v) = w.split_once('=')?;
         match k {
@@ -276,12 +338,40 @@ pub fn decode(text: &str, now_unix: u64) -> Option<Cached> {
             "ttl" => c.opener_ttl = Some(v.parse().ok()?),
             "ttl_at" => c.ttl_at = Some(v.parse().ok()?),
             "mac" if v.len() <= 64 => c.gateway_mac = Some(v.to_string()),
+            "rv" => rv = Some(v.parse::<SocketAddr>().ok()?),
+            "cookie" => cookie = Some(parse_cookie(v)?),
+            "cookie_at" => cookie_at = Some(v.parse::<u64>().ok()?),
+            "rtt" => rtt = Some(v.parse::<u32>().ok()?),
             // A later version's field: ignored.
             _ => {}
         }
     }
+    if let (Some(addr), Some(cookie), Some(at_ms), Some(rtt_ms)) = (rv, cookie, cookie_at, rtt) {
+        c.server = Some(ServerNote {
+            addr,
+            cookie,
+            at_ms,
+            rtt_ms,
+        });
+    }
     let age = now_unix.checked_sub(saved?)?;
     (age <= LIFETIME.as_secs()).then_some(c)
+}
+
+/// `ISSUED.MAC` (decimal, then 32 hex digits).
+fn parse_cookie(v: &str) -> Option<Cookie> {
+    let (issued, hex) = v.split_once('.')?;
+    if hex.len() != 32 || !hex.is_ascii() {
+        return None;
+    }
+    let mut mac = [0u8; 16];
+    for (i, b) in mac.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(Cookie {
+        issued_ms: issued.parse().ok()?,
+        mac,
+    })
 }
 
 /// The entry at `path`, if fresh and not from another router (`mac`: the
@@ -324,12 +414,42 @@ mod tests {
             opener_ttl: Some(2),
             ttl_at: Some(990),
             gateway_mac: Some("02:00:00:00:00:01".into()),
+            server: Some(ServerNote {
+                addr: "203.0.113.10:3478".parse().unwrap(),
+                cookie: Cookie {
+                    issued_ms: 123_456,
+                    mac: [0xab; 16],
+                },
+                at_ms: 999_000,
+                rtt_ms: 41,
+            }),
         };
         let text = encode(&c, 1000);
         assert_eq!(decode(&text, 1000 + 60), Some(c));
         assert_eq!(decode(&text, 1000 + LIFETIME.as_secs() + 1), None);
         // From the future (a clock set back): not trusted.
         assert_eq!(decode(&text, 10), None);
+    }
+
+    #[test]
+    fn a_server_note_serves_only_its_server() {
+        let server: SocketAddr = "203.0.113.10:3478".parse().unwrap();
+        let cookie = Cookie {
+            issued_ms: 7,
+            mac: [1; 16],
+        };
+        let note = ServerNote::now(server, cookie, Duration::from_millis(42));
+        let memo = note.memo(server).expect("same server");
+        assert_eq!(memo.cookie, cookie);
+        assert_eq!(memo.rtt, Duration::from_millis(42));
+        assert!(memo.age < Duration::from_secs(5));
+        assert_eq!(note.memo("203.0.113.11:3478".parse().unwrap()), None);
+        // Taken "in the future" (a clock set back since): not used.
+        let future = ServerNote {
+            at_ms: now_unix_ms() + 60_000,
+            ..note
+        };
+        assert_eq!(future.memo(server), None);
     }
 
     #[test]
@@ -359,6 +479,10 @@ mod tests {
             "v1 saved=x",
             "v1 saved=1 delta",
             "v1 saved=1 ttl=300",
+            "v1 saved=1 cookie=12.abc",
+            "v1 saved=1 cookie=x.abababababababababababababababab",
+            "v1 saved=1 cookie=1.zzababababababababababababababab",
+            "v1 saved=1 rv=nowhere",
         ] {
             assert_eq!(decode(bad, 2), None, "{bad:?}");
         }

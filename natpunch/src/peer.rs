@@ -183,6 +183,8 @@ type Reply = oneshot::Sender<Result<Connection, SessionError>>;
 
 struct Driver {
     cfg: PeerConfig,
+    /// To the task that keeps this network's cache entry.
+    cache: mpsc::UnboundedSender<CacheNews>,
     shared: Arc<Shared>,
     host: Host,
     socket: Arc<PathSocket>,
@@ -213,6 +215,7 @@ pub(crate) async fn run(
         None => route_source(cfg.server)?,
     };
     let main = bind_udp(SocketAddr::new(ip, cfg.source_port.unwrap_or(0)), false)?;
+    crate::net::grow_buffers(&main, crate::net::BURST_BUFFER);
     let local = main.local_addr().map_err(|source| NetError::Bind {
         addr: SocketAddr::new(ip, cfg.source_port.unwrap_or(0)),
         source,
@@ -224,6 +227,17 @@ pub(crate) async fn run(
         SessionError::Socket(io) => PeerError::Socket(io),
         other => PeerError::Socket(std::io::Error::other(other.to_string())),
     })?;
+    // What the last run on this network measured (and the server's
+    // cookie), before anything goes out; discovery runs beside the
+    // connect, on its own sockets.
+    let entry = cfg
+        .nat_cache
+        .then(nat_cache::cache_dir)
+        .flatten()
+        .map(|dir| nat_cache::entry_path(&dir, ip, stun));
+    let cached = entry
+        .as_ref()
+        .and_then(|(path, mac)| nat_cache::load(path, mac.as_deref()));
     let host = Host::new(HostConfig {
         identity: cfg.identity.clone(),
         instance: rand::random(),
@@ -237,28 +251,25 @@ pub(crate) async fn run(
         punch: cfg.punch.clone(),
         ttl: cfg.ttl,
         seed: rand::random(),
+        server_memo: cached
+            .as_ref()
+            .and_then(|c| c.server)
+            .and_then(|n| n.memo(cfg.server)),
     });
-    // What the last run on this network measured, before anything goes
-    // out; discovery runs beside the connect, on its own sockets.
-    let entry = cfg
-        .nat_cache
-        .then(nat_cache::cache_dir)
-        .flatten()
-        .map(|dir| nat_cache::entry_path(&dir, ip, stun));
-    let cached = entry
-        .as_ref()
-        .and_then(|(path, mac)| nat_cache::load(path, mac.as_deref()));
     let (facts_tx, mut facts) = mpsc::unbounded_channel::<Fact>();
+    let (cache_tx, cache_rx) = mpsc::unbounded_channel::<CacheNews>();
+    tokio::spawn(keep_cache(entry, cached.clone(), cache_rx, facts_tx));
     tokio::spawn(discover(
         cfg.clone(),
         ip,
         stun,
-        (entry, cached.clone()),
-        facts_tx,
+        cached.clone(),
+        cache_tx.clone(),
         shared.clone(),
     ));
     let mut d = Driver {
         cfg,
+        cache: cache_tx,
         shared,
         host,
         socket,
@@ -329,16 +340,55 @@ pub(crate) async fn run(
 /// A cache entry's file and the gateway's link-layer address now.
 type CacheEntry = (std::path::PathBuf, Option<String>);
 
+/// What goes into this network's cache entry.
+enum CacheNews {
+    /// Measured now (also passed on to the coordinator).
+    Fact(Fact),
+    /// The rendezvous server gave us a cookie.
+    Server(nat_cache::ServerNote),
+}
+
+/// Keeps this network's entry: each measured fact goes to the coordinator
+/// and into the entry, which is written as it grows (a punch-only run may
+/// end before discovery does), and so does each new server cookie. Ends
+/// when the driver and discovery are both done.
+async fn keep_cache(
+    entry: Option<CacheEntry>,
+    cached: Option<nat_cache::Cached>,
+    mut news: mpsc::UnboundedReceiver<CacheNews>,
+    facts: mpsc::UnboundedSender<Fact>,
+) {
+    let mut c = cached.unwrap_or_default();
+    while let Some(n) = news.recv().await {
+        match n {
+            CacheNews::Fact(f) => {
+                let _ = facts.send(f);
+                c.learn(&f);
+            }
+            CacheNews::Server(note) => c.server = Some(note),
+        }
+        let Some((path, mac)) = &entry else {
+            continue;
+        };
+        if c.mapping.is_some() || c.nat == Some(false) || c.server.is_some() {
+            c.gateway_mac = nat_cache::gateway_mac().or(mac.clone());
+            if let Err(e) = nat_cache::store(path, &c) {
+                tracing::debug!(error = %e, path = %path.display(), "cannot write the NAT cache");
+            }
+        }
+    }
+}
+
 /// NAT discovery and hop discovery at once; each fact to the coordinator
-/// as soon as it is known, and the report for the user at the end. With
-/// the cache, last time's facts for this network go first, and what is
-/// measured now replaces them (and is kept for next time).
+/// (through [`keep_cache`]) as soon as it is known, and the report for the
+/// user at the end. With the cache, last time's facts for this network
+/// went first, and what is measured now replaces them.
 async fn discover(
     cfg: PeerConfig,
     ip: IpAddr,
     stun: SocketAddr,
-    (entry, cached): (Option<CacheEntry>, Option<nat_cache::Cached>),
-    facts: mpsc::UnboundedSender<Fact>,
+    cached: Option<nat_cache::Cached>,
+    news: mpsc::UnboundedSender<CacheNews>,
     shared: Arc<Shared>,
 ) {
     let mut opts = NatOptions::new(stun);
@@ -350,22 +400,10 @@ async fn discover(
         },
         ..DiscoveryConfig::new(stun, rand::random())
     };
-    // Each fact measured now goes to the coordinator and into the entry,
-    // which is written as it grows (a punch-only run may end before
-    // discovery does).
     let (measured_tx, mut measured) = mpsc::unbounded_channel::<Fact>();
     let keep = async {
-        let mut c = cached.clone().unwrap_or_default();
         while let Some(f) = measured.recv().await {
-            let _ = facts.send(f);
-            c.learn(&f);
-            if let (Some((path, mac)), true) = (&entry, c.mapping.is_some() || c.nat == Some(false))
-            {
-                c.gateway_mac = nat_cache::gateway_mac().or(mac.clone());
-                if let Err(e) = nat_cache::store(path, &c) {
-                    tracing::debug!(error = %e, path = %path.display(), "cannot write the NAT cache");
-                }
-            }
+            let _ = news.send(CacheNews::Fact(f));
         }
     };
     let hops_tx = measured_tx.clone();
@@ -421,7 +459,7 @@ async fn discover(
         }
         Err(e) => {
             tracing::warn!(error = %e, "NAT discovery failed; connecting without its facts");
-            let _ = facts.send(Fact::Unreachable);
+            let _ = news.send(CacheNews::Fact(Fact::Unreachable));
         }
     }
 }
@@ -574,6 +612,13 @@ impl Driver {
             }
             HostEvent::ServerLost { server } => self.emit(PeerEvent::ServerLost { server }),
             HostEvent::ServerBack { server } => self.emit(PeerEvent::ServerBack { server }),
+            HostEvent::ServerCookie {
+                cookie,
+                rtt: Some(rtt),
+            } => {
+                let note = nat_cache::ServerNote::now(self.cfg.server, cookie, rtt);
+                let _ = self.cache.send(CacheNews::Server(note));
+            }
             HostEvent::Displaced => self.emit(PeerEvent::Displaced {
                 peer_id: self.host.peer_id(),
             }),

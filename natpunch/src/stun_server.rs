@@ -89,7 +89,9 @@ impl RunningServer {
         let locals = core.stun.local_addresses();
         let mut sockets = Vec::new();
         for a in &locals {
-            sockets.push(Arc::new(bind_udp(*a, true)?));
+            let s = bind_udp(*a, true)?;
+            crate::net::grow_buffers(&s, crate::net::BURST_BUFFER);
+            sockets.push(Arc::new(s));
         }
         let mut listeners = Vec::new();
         for a in &locals {

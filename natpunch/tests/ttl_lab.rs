@@ -27,7 +27,10 @@ fn lab_unavailable() -> Option<String> {
     if let Err(e) = natpunch_lab::topology::preflight() {
         return Some(e.to_string());
     }
-    let probe = format!("npttlprobe{}", std::process::id());
+    // One name per call: the tests of this file run in parallel.
+    static PROBES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = format!("npttlprobe{}x{n}", std::process::id());
     match Command::new("ip").args(["netns", "add", &probe]).output() {
         Ok(o) if o.status.success() => {
             let _ = Command::new("ip").args(["netns", "del", &probe]).output();

@@ -37,7 +37,7 @@ use remote::{Remote, Validator};
 use crate::identity::{Ephemeral, Identity, PeerId};
 use crate::nat::discovery::Fact;
 use crate::punch::{make_offer, Path, Punch, PunchConfig, PunchEvent, Role, SideView, Strategy};
-use crate::rendezvous::wire::{DeclineReason, ErrorCode, Offer, PartyState};
+use crate::rendezvous::wire::{Cookie, DeclineReason, ErrorCode, Offer, PartyState};
 use crate::rendezvous::{ClientEvent, NatSummary, PeerInfo, RendezvousClient};
 use crate::stun::message::{looks_like_stun, Message, TransactionId};
 use crate::stun::transaction::{Client as StunClient, Outcome, Timing};
@@ -121,6 +121,18 @@ pub struct HostConfig {
     pub ttl: Option<u8>,
     /// Seed for session numbers and ephemeral keys (a test replays a run).
     pub seed: u64,
+    /// What an earlier process on this network learned of the server.
+    pub server_memo: Option<ServerMemo>,
+}
+
+/// The rendezvous server's address cookie and round trip, as an earlier
+/// process kept them ([`HostEvent::ServerCookie`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerMemo {
+    pub cookie: Cookie,
+    /// How old the cookie is now.
+    pub age: Duration,
+    pub rtt: Duration,
 }
 
 /// What the driver must do, and what the user may want to know.
@@ -144,6 +156,12 @@ pub enum HostEvent {
     Route {
         remote: RemoteKey,
         path: Path,
+    },
+    /// A new address cookie from the rendezvous server: keep it (with the
+    /// round trip) for the next process on this network.
+    ServerCookie {
+        cookie: Cookie,
+        rtt: Option<Duration>,
     },
     /// `remote` is gone: drop its route.
     Forget {
@@ -411,6 +429,9 @@ impl Host {
     /// Starts: a cookie from the server, and the registration if we accept
     /// sessions.
     pub fn start(&mut self, now: Instant) {
+        if let Some(m) = self.cfg.server_memo {
+            self.client.prime(now, Some((m.cookie, m.age)), Some(m.rtt));
+        }
         self.client.start(now);
         self.flush_client(now);
     }
@@ -1002,6 +1023,9 @@ impl Host {
                 self.events.push_back(HostEvent::ServerBack { server })
             }
             ClientEvent::Displaced => self.events.push_back(HostEvent::Displaced),
+            ClientEvent::Cookie { cookie, rtt } => self
+                .events
+                .push_back(HostEvent::ServerCookie { cookie, rtt }),
             ClientEvent::Peer {
                 session,
                 peer,
@@ -1513,7 +1537,8 @@ impl Host {
         };
         let sockets = a.sockets.clone();
         let remote = a.remote;
-        for s in sockets.into_iter().skip(1) {
+        // (The main socket is never closed.)
+        for s in sockets {
             if Some(s) != keep.map(|p| p.socket) && s != NO_SOCKET {
                 self.close_socket(s);
             }
@@ -1566,11 +1591,18 @@ impl Host {
             let Some((session, id)) = self.fresh.remove(&ev.transaction) else {
                 continue;
             };
-            self.close_socket(id);
             let fresh = match &ev.outcome {
                 Outcome::Success { response, .. } => response.mapped_address(),
                 _ => None,
             };
+            // The attempt probes from the fresh socket: its first packet to
+            // the peer is certain to make a new mapping (the next port),
+            // where the main socket may still hold one toward the peer
+            // from an earlier session, which prediction would miss.
+            match (fresh, self.attempts.get_mut(&session)) {
+                (Some(_), Some(a)) => a.sockets[0] = id,
+                _ => self.close_socket(id),
+            }
             self.fresh_done(now, session, fresh);
         }
     }

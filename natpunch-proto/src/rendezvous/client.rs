@@ -26,9 +26,13 @@ pub const HEARTBEAT: Duration = Duration::from_secs(3);
 /// noticed within a second.
 pub const LOST_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Renew the cookie when it is this old (the server accepts it for
-/// [`super::server::COOKIE_LIFETIME`], 120 s), so a request never waits
+/// [`super::server::COOKIE_LIFETIME`], 600 s), so a request never waits
 /// for a fresh one.
 pub const COOKIE_RENEW: Duration = Duration::from_secs(60);
+/// A cookie an earlier process kept is used up to this age (half the
+/// server's lifetime: room for the two clocks to disagree); an older one
+/// would likely cost a BadCookie round trip on top of the Hello.
+pub const CACHED_COOKIE_MAX_AGE: Duration = Duration::from_secs(300);
 /// First retransmission timeout, before any round trip is measured: a
 /// lost first Hello costs this. 100 ms re-sends spuriously on paths slower
 /// than that, which costs a few small datagrams.
@@ -108,6 +112,12 @@ pub enum ClientEvent {
     ServerBack { server: SocketAddr },
     /// Another process with our key took the registration over.
     Displaced,
+    /// The server gave us a new address cookie (worth keeping for the next
+    /// process on this network, with the round trip measured so far).
+    Cookie {
+        cookie: Cookie,
+        rtt: Option<Duration>,
+    },
 }
 
 /// What a request is for; at most one outstanding request per kind.
@@ -328,7 +338,8 @@ impl RendezvousClient {
     pub fn start(&mut self, now: Instant) {
         if self.listen {
             self.submit(now, Queued::Register);
-        } else {
+        } else if self.cookie.is_none() {
+            // A cookie before the first connect, unless one was kept.
             self.hello(now);
         }
     }
@@ -369,6 +380,29 @@ impl RendezvousClient {
         }
         let payload = wire::encode(&Frame::Hello { peer: self.peer });
         self.request(now, Kind::Hello, None, payload, MAX_SENDS);
+    }
+
+    /// Starts from what an earlier process on this network learned: a
+    /// cookie `age` old (used only if younger than
+    /// [`CACHED_COOKIE_MAX_AGE`]) and the round trip to the server, so the
+    /// first request goes out at once with a fitting RTO, and our start
+    /// delay is computed from a real figure. Call before anything is sent.
+    pub fn prime(
+        &mut self,
+        now: Instant,
+        cookie: Option<(Cookie, Duration)>,
+        rtt: Option<Duration>,
+    ) {
+        if let Some(rtt) = rtt {
+            self.srtt = Some(rtt);
+        }
+        // The cookie alone would make the server take its age as our
+        // round trip; without a figure to claim it is not used.
+        if let (Some((c, age)), Some(_)) = (cookie, rtt) {
+            if age < CACHED_COOKIE_MAX_AGE {
+                self.cookie = Some((c, now.checked_sub(age).unwrap_or(now)));
+            }
+        }
     }
 
     /// Our round trip to the server for the server's timing, once measured.
@@ -716,6 +750,10 @@ impl RendezvousClient {
                 }
                 self.done(now, Kind::Hello);
                 self.cookie = Some((cookie, now));
+                self.events.push_back(ClientEvent::Cookie {
+                    cookie,
+                    rtt: self.srtt,
+                });
                 for q in std::mem::take(&mut self.queued) {
                     self.send_queued(now, q);
                 }

@@ -30,9 +30,14 @@ use super::wire::{
 use crate::identity::{self, PeerId};
 use crate::ratelimit::{RateLimit, RateLimiter};
 
-/// A cookie is good for this long; clients renew theirs after
-/// [`super::client::COOKIE_RENEW`], well inside it.
-pub const COOKIE_LIFETIME: Duration = Duration::from_secs(120);
+/// A cookie is good for this long; running clients renew theirs after
+/// [`super::client::COOKIE_RENEW`], and a new process may start with one
+/// an earlier process on its network kept (up to
+/// [`super::client::CACHED_COOKIE_MAX_AGE`]), saving the Hello round trip.
+/// It proves only that someone at the address received the server's
+/// answer; a longer life only lengthens how long an attacker who was once
+/// on that path could keep sending from the address.
+pub const COOKIE_LIFETIME: Duration = Duration::from_secs(600);
 /// A registration lives this long without a heartbeat: five missed
 /// [`super::client::HEARTBEAT`]s, so a crashed listener's key is free again
 /// (for a displaced instance) within 15 s.
@@ -40,6 +45,10 @@ pub const REGISTRATION_TTL: Duration = Duration::from_secs(15);
 /// An introduction lives this long: longer than any punch attempt
 /// (10 s by default) plus its rendezvous round trips.
 pub const SESSION_TTL: Duration = Duration::from_secs(30);
+/// A peer's round trip when it claims none and its cookie is old: half of
+/// it delays that peer's start, so an old cookie must not stand for it.
+/// One second covers any terrestrial path.
+pub const UNKNOWN_RTT: Duration = Duration::from_secs(1);
 /// Added to the staggered start so both peers' first probes leave after
 /// they have processed the message (scheduling jitter on loaded hosts).
 pub const START_MARGIN: Duration = Duration::from_millis(10);
@@ -267,12 +276,15 @@ impl RendezvousServer {
             .as_millis() as u32
     }
 
-    fn mac(&self, issued_ms: u32, addr: SocketAddr, peer: &PeerId) -> [u8; 16] {
+    /// A cookie binds the issue time and the source IP address only: not
+    /// the port, so that every socket and process of a host (or of hosts
+    /// behind one NAT address) can use it, and not the peer ID, which each
+    /// request proves by its signature instead.
+    fn mac(&self, issued_ms: u32, addr: SocketAddr) -> [u8; 16] {
         let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.secret)
             .expect("HMAC takes any key length");
         m.update(&issued_ms.to_be_bytes());
-        m.update(addr.to_string().as_bytes());
-        m.update(peer.as_bytes());
+        m.update(addr.ip().to_canonical().to_string().as_bytes());
         let full: [u8; 32] = m.finalize().into_bytes().into();
         let mut out = [0u8; 16];
         out.copy_from_slice(&full[..16]);
@@ -281,15 +293,9 @@ impl RendezvousServer {
 
     /// Checks a cookie; returns the time since it was issued (an RTT
     /// estimate when the client answered at once).
-    fn check_cookie(
-        &mut self,
-        now: Instant,
-        c: &Cookie,
-        from: SocketAddr,
-        peer: &PeerId,
-    ) -> Option<Duration> {
+    fn check_cookie(&mut self, now: Instant, c: &Cookie, from: SocketAddr) -> Option<Duration> {
         let age = Duration::from_millis(u64::from(self.ms(now).wrapping_sub(c.issued_ms)));
-        let expected = self.mac(c.issued_ms, from, peer);
+        let expected = self.mac(c.issued_ms, from);
         let equal = expected
             .iter()
             .zip(c.mac.iter())
@@ -378,7 +384,7 @@ impl RendezvousServer {
         cookie: &Cookie,
         sig: &[u8],
     ) -> Result<Duration, ErrorCode> {
-        let Some(age) = self.check_cookie(r.now, cookie, r.from, peer) else {
+        let Some(age) = self.check_cookie(r.now, cookie, r.from) else {
             return Err(ErrorCode::BadCookie);
         };
         if !self.verify(frame, peer, sig) {
@@ -439,9 +445,9 @@ impl RendezvousServer {
         };
         self.expire(now);
         match &frame {
-            Frame::Hello { peer } => {
+            Frame::Hello { .. } => {
                 let issued_ms = self.ms(now);
-                let mac = self.mac(issued_ms, from, peer);
+                let mac = self.mac(issued_ms, from);
                 self.reply_unverified(
                     local,
                     from,
@@ -565,7 +571,7 @@ impl RendezvousServer {
                 cookie,
                 session,
             } => {
-                if self.check_cookie(now, cookie, from, peer).is_none() {
+                if self.check_cookie(now, cookie, from).is_none() {
                     return self.error(&r, ErrorCode::BadCookie, Some(*session));
                 }
                 let Some(side) = self.side_of(*session, peer) else {
@@ -1019,7 +1025,7 @@ impl Session {
 fn round_trip(cookie_age: Duration, claimed_ms: Option<u32>) -> Duration {
     match claimed_ms {
         Some(ms) => cookie_age.min(Duration::from_millis(u64::from(ms))),
-        None => cookie_age,
+        None => cookie_age.min(UNKNOWN_RTT),
     }
 }
 
