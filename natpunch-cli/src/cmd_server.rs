@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use natpunch::stun_server::RunningServer;
 use natpunch_proto::ratelimit::RateLimit;
+use natpunch_proto::rendezvous::server::RendezvousStats;
 use natpunch_proto::stun::server::{ServerConfig, ServerStats, DEFAULT_RATE_LIMIT};
 
 #[derive(Debug, Args)]
@@ -77,13 +78,27 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
             );
         }
         wait_for_signal().await?;
-        let stats = server.shutdown().await;
+        let (stats, rv) = server.shutdown_all().await;
         if args.json {
-            crate::output::json_line(&stats_json("stopped", &stats));
+            let mut v = stats_json("stopped", &stats);
+            v["rendezvous"] = rendezvous_json(&rv);
+            crate::output::json_line(&v);
         } else {
             eprintln!(
-                "natpunch server: stopped; {} received, {} answered, {} errors sent, {} malformed, {} rate-limited",
+                "natpunch server: stopped; STUN: {} received, {} answered, {} errors sent, {} malformed, {} rate-limited",
                 stats.received, stats.answered, stats.errors_sent, stats.malformed, stats.rate_limited
+            );
+            eprintln!(
+                "natpunch server: rendezvous: {} received, {} registrations, {} introductions, {} introductions over a target's budget, {} rate-limited, {} bad cookies, {} bad signatures, {} displaced, {} refused (tables full)",
+                rv.received,
+                rv.registrations,
+                rv.introductions,
+                rv.introduction_limited,
+                rv.rate_limited,
+                rv.bad_cookie,
+                rv.bad_signature,
+                rv.displaced,
+                rv.server_full
             );
         }
         Ok(ExitCode::SUCCESS)
@@ -100,6 +115,26 @@ pub fn stats_json(event: &str, s: &ServerStats) -> serde_json::Value {
         "rate_limited": s.rate_limited,
         "ignored": s.ignored,
         "change_requests": s.change_requests,
+    })
+}
+
+/// The rendezvous counters, for `--json`.
+pub fn rendezvous_json(s: &RendezvousStats) -> serde_json::Value {
+    serde_json::json!({
+        "received": s.received,
+        "malformed": s.malformed,
+        "unsupported_version": s.unsupported_version,
+        "bad_cookie": s.bad_cookie,
+        "bad_signature": s.bad_signature,
+        "rate_limited": s.rate_limited,
+        "introduction_limited": s.introduction_limited,
+        "server_full": s.server_full,
+        "amplification_dropped": s.amplification_dropped,
+        "registrations": s.registrations,
+        "displaced": s.displaced,
+        "introductions": s.introductions,
+        "updates": s.updates,
+        "pings": s.pings,
     })
 }
 

@@ -8,15 +8,17 @@ use natpunch_proto::nat::{AllocationKind, NatReport};
 /// script reading line by line sees it at once.
 pub fn json_line(v: &serde_json::Value) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{v}");
+    let _ = out.write_all(format!("{v}\n").as_bytes());
     let _ = out.flush();
 }
 
 /// One JSON object per line on stderr (peer events; stdout stays free for
 /// data).
 pub fn json_line_stderr(v: &serde_json::Value) {
+    // Whole lines in one write: stderr is unbuffered, and a line written
+    // piecewise could be split by another writer (a log line).
     let mut err = std::io::stderr().lock();
-    let _ = writeln!(err, "{v}");
+    let _ = err.write_all(format!("{v}\n").as_bytes());
     let _ = err.flush();
 }
 

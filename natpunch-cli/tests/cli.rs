@@ -238,6 +238,13 @@ fn help_matches_what_each_side_accepts() {
         top.contains("-s SERVER -d PEER_ID") && top.contains("Peer mode"),
         "{top}"
     );
+    // The first line, which `-h` shows too, names peer mode first.
+    let short = help(&["-h"]);
+    let first = short.lines().next().unwrap_or_default();
+    assert!(
+        first.contains("peers") && first.contains("connect"),
+        "{first}"
+    );
     for sub in [&["nat", "--help"][..], &["listen", "--help"][..]] {
         assert!(help(sub).contains("-H, --stun"), "{sub:?}");
     }

@@ -382,7 +382,8 @@ fn quick_discovery_reports_each_fact_as_soon_as_it_is_known() {
     }
 }
 
-/// With loss, quick discovery still ends, in seconds.
+/// With loss, quick discovery still ends, in seconds, and reports the
+/// path's round trip (Karn's rule), not one stretched by a retransmission.
 #[test]
 fn quick_discovery_ends_despite_loss() {
     for seed in 0..200 {
@@ -392,9 +393,11 @@ fn quick_discovery_ends_despite_loss() {
             PortAllocation::Preserving,
             false,
         );
-        let (facts, _) = run_quick_lossy(n, Duration::from_millis(20), 0.2, seed);
+        let (facts, report) = run_quick_lossy(n, Duration::from_millis(20), 0.2, seed);
         let last = facts.last().map(|f| f.0).unwrap_or_default();
         assert!(last < Duration::from_secs(5), "seed {seed}: {facts:?}");
+        // The round trip is the path's (40 ms), not a retransmission's.
+        assert_eq!(report.rtt_ms, Some(40), "seed {seed}");
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use natpunch_proto::rendezvous::server::RendezvousStats;
+use natpunch_proto::rendezvous::server::{Limits, RendezvousStats};
 use natpunch_proto::rendezvous::wire::is_rendezvous;
 use natpunch_proto::rendezvous::RendezvousServer;
 use natpunch_proto::stun::message::{framed_len, HEADER_LEN};
@@ -82,9 +82,16 @@ impl RunningServer {
                 return Err(ServerError::AltNotDistinct { primary: p, alt });
             }
         }
+        // `--no-rate-limit` lifts the rendezvous limits too (per source,
+        // per IP and per target), for benchmarks on loopback.
+        let limits = if config.rate_limit.rate.is_infinite() {
+            Limits::unlimited()
+        } else {
+            Limits::default()
+        };
         let core = Cores {
             stun: Server::new(config),
-            rendezvous: RendezvousServer::new(rand::random()),
+            rendezvous: RendezvousServer::with_limits(rand::random(), limits),
         };
         let locals = core.stun.local_addresses();
         let mut sockets = Vec::new();
@@ -140,11 +147,16 @@ impl RunningServer {
         (c.rendezvous.stats(), c.rendezvous.registered())
     }
 
-    /// Stops every task and returns the final counters.
-    pub async fn shutdown(mut self) -> ServerStats {
+    /// Stops every task and returns the final STUN counters.
+    pub async fn shutdown(self) -> ServerStats {
+        self.shutdown_all().await.0
+    }
+
+    /// Stops every task and returns the final STUN and rendezvous counters.
+    pub async fn shutdown_all(mut self) -> (ServerStats, RendezvousStats) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
-        self.stats()
+        (self.stats(), self.rendezvous_stats().0)
     }
 }
 

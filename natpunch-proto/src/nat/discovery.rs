@@ -175,6 +175,8 @@ pub struct Discovery {
     // Results.
     mapped: [Option<SocketAddr>; 3],
     first_rtt: Option<Duration>,
+    /// The shortest round trip of a request answered on its first send.
+    best_rtt: Option<Duration>,
     other: Option<SocketAddr>,
     filter_ip_port: Option<bool>,
     filter_port: Option<bool>,
@@ -227,6 +229,7 @@ impl Discovery {
             started: false,
             mapped: [None; 3],
             first_rtt: None,
+            best_rtt: None,
             other: None,
             filter_ip_port: None,
             filter_port: None,
@@ -492,6 +495,9 @@ impl Discovery {
     }
 
     fn on_event(&mut self, now: Instant, purpose: Purpose, ev: Event) {
+        if ev.sends == 1 && matches!(ev.outcome, Outcome::Success { .. }) {
+            self.best_rtt = Some(self.best_rtt.map_or(ev.rtt, |b| b.min(ev.rtt)));
+        }
         let (mapped, resp) = match &ev.outcome {
             Outcome::Success { response, .. } => (response.mapped_address(), Some(response)),
             Outcome::Error { code, .. } => {
@@ -636,7 +642,13 @@ impl Discovery {
             other_address: self.other,
             nat,
             lifetime,
-            rtt_ms: self.first_rtt.map(|d| d.as_millis() as u64),
+            // Karn's rule: an answer after a retransmission does not say
+            // how long the path takes; the first answer stands in only when
+            // no request was answered on its first send.
+            rtt_ms: self
+                .best_rtt
+                .or(self.first_rtt)
+                .map(|d| d.as_millis() as u64),
             samples: std::mem::take(&mut self.samples),
             notes: std::mem::take(&mut self.notes),
         });

@@ -111,6 +111,9 @@ pub struct Event {
     pub outcome: Outcome,
     /// Time from the first send to the answer (or the timeout).
     pub rtt: Duration,
+    /// Sends made (hedge copies not counted): with more than one, `rtt`
+    /// may include a retransmission timeout (Karn's rule).
+    pub sends: u32,
 }
 
 #[derive(Debug)]
@@ -279,6 +282,7 @@ impl Client {
             received_on: Some(socket),
             outcome,
             rtt,
+            sends: p.sends,
         });
         true
     }
@@ -317,6 +321,7 @@ impl Client {
                     received_on: None,
                     outcome: Outcome::Timeout,
                     rtt,
+                    sends: p.sends,
                 });
                 continue;
             }
