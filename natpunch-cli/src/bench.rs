@@ -546,6 +546,9 @@ fn warm_connects(lab: &natpunch_lab::Lab, target: &str, runs: u32) -> Vec<Option
             let mut cfg = EndpointConfig::new(identity, server);
             cfg.accept = false;
             cfg.peer.rto = Duration::from_millis(100);
+            // Time to the punched path: relay-first would answer the
+            // connect from the relay first.
+            cfg.peer.relay = false;
             let Ok(ep) = Endpoint::bind(cfg) else {
                 return Vec::new();
             };

@@ -13,11 +13,11 @@ use anyhow::Context;
 use clap::Args;
 use natpunch::keyfile;
 use natpunch::net::resolve;
-use natpunch::peer::PeerEvent;
+use natpunch::peer::{PathView, PeerEvent};
 use natpunch::session::service::Services;
 use natpunch::session::{Endpoint, EndpointConfig};
 use natpunch_proto::identity::PeerId;
-use natpunch_proto::punch::Role;
+use natpunch_proto::punch::{Role, Strategy};
 
 use crate::output::Out;
 
@@ -65,6 +65,10 @@ pub struct CommonArgs {
     /// network measured (kept in ~/.cache/natpunch), nor keep this run's.
     #[arg(long)]
     pub no_nat_cache: bool,
+    /// Direct paths only: do not start sessions on the server's relay
+    /// while punching (a pair that cannot punch then fails).
+    #[arg(long)]
+    pub no_relay: bool,
     /// First retransmission timeout of NAT discovery in ms (later ones
     /// follow the measured round trip).
     #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=5000))]
@@ -254,6 +258,7 @@ pub fn run(
         cfg.peer.rto = Duration::from_millis(common.rto_ms);
         cfg.peer.once = common.once;
         cfg.peer.nat_cache = !common.no_nat_cache;
+        cfg.peer.relay = !common.no_relay;
         cfg.accept = target.is_none();
         cfg.idle_timeout = Duration::from_secs(common.idle_timeout);
         if !listen.allow.is_empty() {
@@ -343,6 +348,16 @@ impl Seen {
     }
 }
 
+/// A path as JSON: `{"path": "direct"|"relay", "remote": …, "local": …}`.
+fn path_json(p: &PathView) -> serde_json::Value {
+    match p {
+        PathView::Direct { remote, local } => {
+            serde_json::json!({"path": "direct", "remote": remote, "local": local})
+        }
+        PathView::Relay { server } => serde_json::json!({"path": "relay", "remote": server}),
+    }
+}
+
 fn print_event(out: &Out, ev: &PeerEvent) {
     use serde_json::json;
     match ev {
@@ -404,7 +419,8 @@ fn print_event(out: &Out, ev: &PeerEvent) {
             bytes_sent,
             reused,
         } => out.event(
-            json!({"event": "connected", "peer_id": peer_id.to_string(), "path": "direct",
+            json!({"event": "connected", "peer_id": peer_id.to_string(),
+                "path": if *strategy == Strategy::Relay { "relay" } else { "direct" },
                 "transport": "udp", "strategy": strategy.as_str(), "remote": remote,
                 "role": match role { Role::Initiator => "initiator", Role::Responder => "responder" },
                 "reused": reused,
@@ -412,6 +428,11 @@ fn print_event(out: &Out, ev: &PeerEvent) {
             || {
                 if *reused {
                     format!("connected to {peer_id} at {remote} over the live path")
+                } else if *strategy == Strategy::Relay {
+                    format!(
+                        "connected to {peer_id} through the relay at {remote} in {} ms; punching for a direct path",
+                        elapsed.as_millis()
+                    )
                 } else {
                     format!(
                         "connected to {peer_id} directly at {remote} by {} in {} ms ({})",
@@ -433,21 +454,48 @@ fn print_event(out: &Out, ev: &PeerEvent) {
                 "reason": refusal(peer_id, *reason)}),
             || format!("refused a session: {}", refusal(peer_id, *reason)),
         ),
-        PeerEvent::SessionStarted {
-            peer_id,
-            remote,
-            local,
-        } => out.event(
-            json!({"event": "session", "peer_id": peer_id.to_string(), "remote": remote, "local": local}),
-            || format!("encrypted session with {peer_id} at {remote}"),
-        ),
-        PeerEvent::PathChanged {
-            peer_id,
-            remote,
-            local,
-        } => out.event(
-            json!({"event": "path-changed", "peer_id": peer_id.to_string(), "remote": remote, "local": local}),
-            || format!("path to {peer_id} moved to {remote}"),
+        PeerEvent::SessionStarted { peer_id, path } => {
+            let local = match path {
+                PathView::Direct { local, .. } => *local,
+                PathView::Relay { .. } => None,
+            };
+            out.event(
+                json!({"event": "session", "peer_id": peer_id.to_string(), "path": path.kind(),
+                    "remote": path.remote(), "local": local}),
+                || match path {
+                    PathView::Relay { server } => {
+                        format!("encrypted session with {peer_id} through the relay at {server}")
+                    }
+                    PathView::Direct { remote, .. } => {
+                        format!("encrypted session with {peer_id} at {remote}")
+                    }
+                },
+            )
+        }
+        PeerEvent::PathChanged { peer_id, from, to } => {
+            let (remote, local) = match to {
+                PathView::Direct { remote, local } => (*remote, *local),
+                PathView::Relay { server } => (*server, None),
+            };
+            out.event(
+                json!({"event": "path-changed", "peer_id": peer_id.to_string(),
+                    "from": from.as_ref().map(path_json), "to": path_json(to),
+                    "path": to.kind(), "remote": remote, "local": local}),
+                || match (from, to) {
+                    (Some(PathView::Relay { .. }), PathView::Direct { .. }) => {
+                        format!("path to {peer_id} moved from the relay to a direct path at {remote}")
+                    }
+                    (_, PathView::Relay { server }) => {
+                        format!("path to {peer_id} moved to the relay at {server}; punching again")
+                    }
+                    _ => format!("path to {peer_id} moved to {remote}"),
+                },
+            )
+        }
+        PeerEvent::Relayed { peer_id, error } => out.event(
+            json!({"event": "relayed", "peer_id": peer_id.to_string(), "code": error.code(),
+                "reason": error.to_string()}),
+            || format!("staying on the relay with {peer_id}: {error}"),
         ),
         PeerEvent::PathRepaired {
             peer_id,

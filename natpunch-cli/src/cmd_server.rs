@@ -1,4 +1,4 @@
-//! `natpunch server`: the STUN server (later also rendezvous and relay).
+//! `natpunch server`: STUN, rendezvous and relay on one port.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -7,6 +7,8 @@ use anyhow::Context;
 use clap::Args;
 use natpunch::stun_server::RunningServer;
 use natpunch_proto::ratelimit::RateLimit;
+use natpunch_proto::relay::server::{PEER_BYTES, PEER_PACKETS};
+use natpunch_proto::relay::{RelayConfig, RelayStats};
 use natpunch_proto::rendezvous::server::RendezvousStats;
 use natpunch_proto::stun::server::{ServerConfig, ServerStats, DEFAULT_RATE_LIMIT};
 
@@ -28,9 +30,17 @@ pub struct ServerArgs {
     /// Requests per second allowed per source IP (burst: twice this).
     #[arg(long, default_value_t = DEFAULT_RATE_LIMIT.rate, conflicts_with = "no_rate_limit")]
     pub rate: f64,
-    /// Disable per-source rate limiting (benchmarks on loopback only).
+    /// Disable per-source rate limiting, and the relay's per-peer rates
+    /// (benchmarks on loopback only).
     #[arg(long)]
     pub no_rate_limit: bool,
+    /// Do not relay: peers that cannot punch a direct path fail.
+    #[arg(long)]
+    pub no_relay: bool,
+    /// Relayed traffic each peer may send, in Mbit/s (sustained; bursts of
+    /// 4 MiB). A rate, never a total: long sessions are not cut off.
+    #[arg(long, default_value_t = PEER_BYTES.rate * 8.0 / 1e6, value_name = "MBIT")]
+    pub relay_peer_mbit: f64,
 }
 
 impl ServerArgs {
@@ -48,6 +58,10 @@ impl ServerArgs {
                 ..DEFAULT_RATE_LIMIT
             }
         };
+        anyhow::ensure!(
+            self.relay_peer_mbit.is_finite() && self.relay_peer_mbit > 0.0,
+            "--relay-peer-mbit must be a positive number"
+        );
         Ok(ServerConfig {
             primary: self.listen,
             alternate: self.alt,
@@ -57,10 +71,41 @@ impl ServerArgs {
     }
 }
 
+impl ServerArgs {
+    pub fn relay(&self) -> RelayConfig {
+        if self.no_relay {
+            return RelayConfig::disabled();
+        }
+        if self.no_rate_limit {
+            return RelayConfig::unlimited();
+        }
+        let bytes = self.relay_peer_mbit * 1e6 / 8.0;
+        RelayConfig {
+            peer_bytes: RateLimit {
+                rate: bytes,
+                ..PEER_BYTES
+            },
+            // Packets scale with the byte rate (full-size packets), never
+            // below the default.
+            peer_packets: RateLimit {
+                rate: (bytes / 1250.0).max(PEER_PACKETS.rate),
+                ..PEER_PACKETS
+            },
+            ..RelayConfig::default()
+        }
+    }
+}
+
+/// With `--json`, the counters are printed this often (when they moved).
+const STATS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let config = args.config()?;
+    let relay = args.relay();
     crate::runtime()?.block_on(async move {
-        let server = RunningServer::start(config).await.context("cannot start the server")?;
+        let server = RunningServer::start_with(config, relay)
+            .await
+            .context("cannot start the server")?;
         let locals: Vec<String> = server.local_addresses().iter().map(|a| a.to_string()).collect();
         if args.json {
             crate::output::json_line(&serde_json::json!({
@@ -68,20 +113,46 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
                 "udp": locals,
                 "tcp": locals,
                 "rfc5780": args.alt.is_some(),
+                "relay": !args.no_relay,
             }));
         } else {
             eprintln!(
-                "natpunch server: STUN on udp+tcp {} ({}), rate limit {}",
+                "natpunch server: STUN, rendezvous{} on udp {} (STUN on tcp too) ({}), rate limit {}",
+                if args.no_relay { "" } else { " and relay" },
                 locals.join(", "),
                 if args.alt.is_some() { "RFC 5780 enabled" } else { "no --alt: CHANGE-REQUEST answered 420" },
                 if args.no_rate_limit { "off".to_string() } else { format!("{}/s per source", args.rate) },
             );
         }
-        wait_for_signal().await?;
-        let (stats, rv) = server.shutdown_all().await;
+        let signal = wait_for_signal();
+        tokio::pin!(signal);
+        let mut tick = tokio::time::interval(STATS_EVERY);
+        tick.tick().await;
+        let mut last = None;
+        loop {
+            tokio::select! {
+                r = &mut signal => { r?; break; }
+                _ = tick.tick(), if args.json => {
+                    let now = (server.stats(), server.rendezvous_stats().0, server.relay_stats());
+                    if last != Some(now) {
+                        let mut v = stats_json("stats", &now.0);
+                        v["rendezvous"] = rendezvous_json(&now.1);
+                        v["relay"] = relay_json(&now.2 .0, now.2 .1, now.2 .2);
+                        crate::output::json_line(&v);
+                        last = Some(now);
+                    }
+                }
+            }
+        }
+        let (channels, peers) = {
+            let (_, c, p) = server.relay_stats();
+            (c, p)
+        };
+        let (stats, rv, relay) = server.shutdown_all().await;
         if args.json {
             let mut v = stats_json("stopped", &stats);
             v["rendezvous"] = rendezvous_json(&rv);
+            v["relay"] = relay_json(&relay, channels, peers);
             crate::output::json_line(&v);
         } else {
             eprintln!(
@@ -99,6 +170,19 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
                 rv.bad_signature,
                 rv.displaced,
                 rv.server_full
+            );
+            eprintln!(
+                "natpunch server: relay: {} channels opened, {} packets ({} bytes) relayed, {} keepalives; dropped: {} over a peer's rate, {} for no channel, {} from neither end, {} before the target accepted, {} malformed; {} refused (tables full)",
+                relay.channels_opened,
+                relay.packets,
+                relay.bytes,
+                relay.keepalives,
+                relay.dropped_rate,
+                relay.dropped_unknown_channel,
+                relay.dropped_stranger,
+                relay.dropped_unaccepted,
+                relay.dropped_malformed,
+                relay.refused_full
             );
         }
         Ok(ExitCode::SUCCESS)
@@ -135,6 +219,28 @@ pub fn rendezvous_json(s: &RendezvousStats) -> serde_json::Value {
         "introductions": s.introductions,
         "updates": s.updates,
         "pings": s.pings,
+    })
+}
+
+/// The relay counters, for `--json`.
+pub fn relay_json(s: &RelayStats, channels: usize, peers: usize) -> serde_json::Value {
+    serde_json::json!({
+        "channels": channels,
+        "peers": peers,
+        "channels_opened": s.channels_opened,
+        "channels_expired": s.channels_expired,
+        "refused_full": s.refused_full,
+        "packets": s.packets,
+        "bytes": s.bytes,
+        "keepalives": s.keepalives,
+        "rebinds": s.rebinds,
+        "dropped": {
+            "rate": s.dropped_rate,
+            "unaccepted": s.dropped_unaccepted,
+            "unknown_channel": s.dropped_unknown_channel,
+            "stranger": s.dropped_stranger,
+            "malformed": s.dropped_malformed,
+        },
     })
 }
 

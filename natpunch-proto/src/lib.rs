@@ -15,6 +15,7 @@
 //! - [`punch`]: the hole-punching ladder, one attempt.
 //! - [`coordinator`]: the connection core: every attempt, and per remote
 //!   peer the path its traffic takes.
+//! - [`relay`]: the server's relay between two introduced peers.
 //! - [`ratelimit`]: bounded per-source token buckets for servers.
 
 pub mod coordinator;
@@ -22,6 +23,7 @@ pub mod identity;
 pub mod nat;
 pub mod punch;
 pub mod ratelimit;
+pub mod relay;
 pub mod rendezvous;
 pub mod stun;
 

@@ -61,6 +61,12 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
 
     /// Takes one token for `source`; `false` means drop the packet.
     pub fn allow(&mut self, now: Instant, source: K) -> bool {
+        self.allow_n(now, source, 1.0)
+    }
+
+    /// Takes `cost` tokens for `source` (a byte bucket takes a packet's
+    /// length); `false` means drop the packet.
+    pub fn allow_n(&mut self, now: Instant, source: K, cost: f64) -> bool {
         if self.limit.is_unlimited() {
             return true;
         }
@@ -78,8 +84,8 @@ impl<K: Hash + Eq + Copy> RateLimiter<K> {
             .as_secs_f64();
         b.tokens = (b.tokens + elapsed * limit.rate).min(limit.burst);
         b.last = now.max(b.last);
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+        if b.tokens >= cost {
+            b.tokens -= cost;
             true
         } else {
             false

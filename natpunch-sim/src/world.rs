@@ -57,6 +57,9 @@ pub struct HostSpec {
     pub facts_after: Option<Duration>,
     /// The server's cookie and round trip, as an earlier process kept.
     pub server_memo: Option<ServerMemo>,
+    /// Relay-first sessions (the server relays; the sim forwards the
+    /// frames but has no QUIC, so only the events are checked).
+    pub relay: bool,
 }
 
 /// One host and what it did.
@@ -200,6 +203,7 @@ impl World {
             ttl: None,
             seed: 77 + i as u64,
             server_memo: spec.server_memo,
+            relay: spec.relay,
         });
         let facts_at = spec.facts_after.map(|after| self.now + after);
         let mut sockets = HashMap::new();
@@ -421,8 +425,12 @@ impl World {
             if !self.server_up {
                 return;
             }
-            if is_rendezvous(&payload) {
-                self.server.handle(now, server(), src, &payload);
+            if is_rendezvous(&payload) || natpunch_proto::relay::is_relay(&payload) {
+                if is_rendezvous(&payload) {
+                    self.server.handle(now, server(), src, &payload);
+                } else {
+                    self.server.handle_relay(now, src, &payload);
+                }
                 while let Some(o) = self.server.poll_transmit() {
                     self.send_from_server(o.to, o.payload);
                 }

@@ -78,6 +78,7 @@ fn host(w: &mut World, seed: u8, nat: Option<Nat>, policy: Policy, facts: Durati
         policy,
         facts_after: Some(facts),
         server_memo: None,
+        relay: false,
     })
 }
 
@@ -334,6 +335,7 @@ fn a_kept_cookie_saves_the_hello_round_trip() {
             // Known at once, as from the same cache as the cookie.
             facts_after: Some(WARM),
             server_memo: memo,
+            relay: false,
         });
         let t0 = w.elapsed();
         w.connect(h, target, 1);
@@ -391,6 +393,7 @@ fn forty_connectors_at_once_all_connect() {
                     policy: connector(),
                     facts_after: Some(COLD),
                     server_memo: None,
+                    relay: false,
                 })
             })
             .collect();

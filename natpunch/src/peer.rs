@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use natpunch_proto::coordinator::{
-    ConnectError, Host, HostConfig, HostEvent, Policy, RemoteKey, RequestId,
+    ConnectError, Host, HostConfig, HostEvent, Policy, RemoteKey, RequestId, Via,
 };
 use natpunch_proto::identity::{Identity, PeerId};
 use natpunch_proto::nat::{DiscoveryConfig, Fact, NatReport};
@@ -63,6 +63,39 @@ pub struct PeerConfig {
     /// Start from the facts the last discovery on this network measured
     /// ([`crate::nat_cache`]), and keep them for the next run.
     pub nat_cache: bool,
+    /// Start sessions on the server's relay at once and move them to a
+    /// direct path when one is punched (never in punch-only runs).
+    pub relay: bool,
+}
+
+/// A path as events show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathView {
+    /// Straight to the peer's `remote` address from our `local` socket.
+    Direct {
+        remote: SocketAddr,
+        local: Option<SocketAddr>,
+    },
+    /// Through the relay on `server`.
+    Relay { server: SocketAddr },
+}
+
+impl PathView {
+    /// `"direct"` or `"relay"`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PathView::Direct { .. } => "direct",
+            PathView::Relay { .. } => "relay",
+        }
+    }
+
+    /// The address the traffic goes to (the peer, or the relay).
+    pub fn remote(&self) -> SocketAddr {
+        match self {
+            PathView::Direct { remote, .. } => *remote,
+            PathView::Relay { server } => *server,
+        }
+    }
 }
 
 /// Events for the CLI (and scripts, as JSON).
@@ -118,19 +151,22 @@ pub enum PeerEvent {
         peer_id: PeerId,
         reason: DeclineReason,
     },
-    /// A QUIC session is up (authenticated). `local`: our socket's
-    /// address on the path.
+    /// A QUIC session is up (authenticated), on `path`.
     SessionStarted {
         peer_id: PeerId,
-        remote: SocketAddr,
-        local: Option<SocketAddr>,
+        path: PathView,
     },
-    /// A session's path moved (another address of the peer, or another
-    /// socket of ours).
+    /// A session's path moved (another address of the peer, another
+    /// socket of ours, from the relay to a direct path or back).
     PathChanged {
         peer_id: PeerId,
-        remote: SocketAddr,
-        local: Option<SocketAddr>,
+        from: Option<PathView>,
+        to: PathView,
+    },
+    /// Punching failed for a relayed peer: its sessions stay on the relay.
+    Relayed {
+        peer_id: PeerId,
+        error: ConnectError,
     },
     /// A stalled session's path works again (punched anew).
     PathRepaired {
@@ -251,6 +287,7 @@ pub(crate) async fn run(
         punch: cfg.punch.clone(),
         ttl: cfg.ttl,
         seed: rand::random(),
+        relay: cfg.relay && !cfg.once,
         server_memo: cached
             .as_ref()
             .and_then(|c| c.server)
@@ -541,6 +578,19 @@ impl Driver {
                 let mapped = self.socket.route_for(remote);
                 self.socket.set_path(mapped, path);
             }
+            HostEvent::RelayRoute { remote, relay } => {
+                let mapped = self.socket.route_for(remote);
+                self.socket.set_relay(mapped, relay);
+            }
+            HostEvent::UseRelay { remote } => {
+                let mapped = self.socket.route_for(remote);
+                self.socket.use_relay(mapped);
+                self.nudge(remote);
+            }
+            HostEvent::DirectFailed { remote, error } => self.emit(PeerEvent::Relayed {
+                peer_id: remote.peer,
+                error,
+            }),
             HostEvent::Forget { remote } => {
                 let mapped = self.socket.route_for(remote);
                 self.socket.forget(mapped);
@@ -631,12 +681,12 @@ impl Driver {
                 peer_id: peer,
                 strategy,
             }),
-            HostEvent::PathChanged { remote, path } => {
+            HostEvent::PathChanged { remote, from, to } => {
                 self.nudge(remote);
                 self.emit(PeerEvent::PathChanged {
                     peer_id: remote.peer,
-                    remote: path.remote,
-                    local: self.socket.local_of(path.socket),
+                    from: from.map(|v| self.view(v)),
+                    to: self.view(to),
                 });
             }
             HostEvent::PathRepaired {
@@ -656,6 +706,16 @@ impl Driver {
                 peer_id: remote.peer,
             }),
             _ => {}
+        }
+    }
+
+    fn view(&self, via: Via) -> PathView {
+        match via {
+            Via::Direct(p) => PathView::Direct {
+                remote: p.remote,
+                local: self.socket.local_of(p.socket),
+            },
+            Via::Relay(r) => PathView::Relay { server: r.server },
         }
     }
 
@@ -683,11 +743,18 @@ impl Driver {
                 let conns = self.conns.entry(mapped).or_default();
                 conns.retain(|c| c.close_reason().is_none());
                 conns.push(conn);
-                let path = self.socket.path_of(mapped);
+                let path = match (self.socket.relay_of(mapped), self.socket.path_of(mapped)) {
+                    (Some(r), _) if self.socket.on_relay(mapped) => Via::Relay(r),
+                    (_, Some(p)) => Via::Direct(p),
+                    // A dial to a known address: the route's own.
+                    _ => Via::Direct(Path {
+                        socket: SocketId(0),
+                        remote: mapped,
+                    }),
+                };
                 self.emit(PeerEvent::SessionStarted {
                     peer_id: peer,
-                    remote: path.map_or(mapped, |p| p.remote),
-                    local: path.and_then(|p| self.socket.local_of(p.socket)),
+                    path: self.view(path),
                 });
             }
             Internal::Down { peer, mapped } => {

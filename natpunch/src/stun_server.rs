@@ -1,5 +1,7 @@
-//! Tokio driver for the sans-IO STUN server: UDP on one to four sockets
-//! (RFC 5780 needs 2 IPs × 2 ports) and TCP with RFC 8489 §6.2.2 framing.
+//! Tokio driver for the server's sans-IO machines: STUN on UDP (one to
+//! four sockets: RFC 5780 needs 2 IPs × 2 ports) and on TCP with RFC 8489
+//! §6.2.2 framing; the rendezvous protocol (0x2A) and the relay (0x2C) on
+//! the same UDP sockets.
 
 use std::io;
 use std::net::SocketAddr;
@@ -7,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use natpunch_proto::relay::{is_relay, RelayConfig, RelayStats};
 use natpunch_proto::rendezvous::server::{Limits, RendezvousStats};
 use natpunch_proto::rendezvous::wire::is_rendezvous;
 use natpunch_proto::rendezvous::RendezvousServer;
@@ -71,8 +74,14 @@ fn lock(core: &Mutex<Cores>) -> MutexGuard<'_, Cores> {
 }
 
 impl RunningServer {
-    /// Binds every address and starts serving.
+    /// Binds every address and starts serving, with the relay on and its
+    /// default quotas.
     pub async fn start(config: ServerConfig) -> Result<Self, ServerError> {
+        Self::start_with(config, RelayConfig::default()).await
+    }
+
+    /// Binds every address and starts serving, with these relay settings.
+    pub async fn start_with(config: ServerConfig, relay: RelayConfig) -> Result<Self, ServerError> {
         if let Some(alt) = config.alternate {
             let p = config.primary;
             if p.ip().is_unspecified() || alt.ip().is_unspecified() {
@@ -91,7 +100,7 @@ impl RunningServer {
         };
         let core = Cores {
             stun: Server::new(config),
-            rendezvous: RendezvousServer::with_limits(rand::random(), limits),
+            rendezvous: RendezvousServer::with_relay(rand::random(), limits, relay),
         };
         let locals = core.stun.local_addresses();
         let mut sockets = Vec::new();
@@ -147,16 +156,26 @@ impl RunningServer {
         (c.rendezvous.stats(), c.rendezvous.registered())
     }
 
+    /// The relay's counters, channels open and peers on them now.
+    pub fn relay_stats(&self) -> (RelayStats, usize, usize) {
+        lock(&self.core).rendezvous.relay_stats()
+    }
+
     /// Stops every task and returns the final STUN counters.
     pub async fn shutdown(self) -> ServerStats {
         self.shutdown_all().await.0
     }
 
-    /// Stops every task and returns the final STUN and rendezvous counters.
-    pub async fn shutdown_all(mut self) -> (ServerStats, RendezvousStats) {
+    /// Stops every task and returns the final STUN, rendezvous and relay
+    /// counters.
+    pub async fn shutdown_all(mut self) -> (ServerStats, RendezvousStats, RelayStats) {
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
-        (self.stats(), self.rendezvous_stats().0)
+        (
+            self.stats(),
+            self.rendezvous_stats().0,
+            self.relay_stats().0,
+        )
     }
 }
 
@@ -200,6 +219,15 @@ async fn udp_loop(
                     for k in 0..rb.len() {
                         let (data, from) = rb.get(k);
                         let Some(from) = from else { continue };
+                        if is_relay(data) {
+                            core.rendezvous.handle_relay(now, from, data);
+                            while let Some(o) = core.rendezvous.poll_transmit() {
+                                if let Some(j) = locals.iter().position(|l| *l == o.from) {
+                                    sends[j].push(&o.payload, o.to);
+                                }
+                            }
+                            continue;
+                        }
                         if is_rendezvous(data) {
                             core.rendezvous.handle(now, locals[i], from, data);
                             while let Some(o) = core.rendezvous.poll_transmit() {

@@ -89,6 +89,26 @@ pub mod defaults {
     /// gates a symmetric side's start, and one lost datagram should not
     /// cost an RTO.
     pub const FRESH_HEDGE: Duration = Duration::from_millis(10);
+    /// A relayed session whose punch failed (or whose direct path died
+    /// and could not be punched again) tries direct again this long after:
+    /// NATs and firewalls change (a mapping ages out, a rule is lifted),
+    /// and an attempt costs about a hundred probes.
+    pub const DIRECT_RETRY: Duration = Duration::from_secs(30);
+}
+
+/// A relay path: the rendezvous server's channel between us and a remote
+/// ([`crate::relay`]), always from our main socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RelayPath {
+    pub server: SocketAddr,
+    pub channel: u64,
+}
+
+/// Where a remote's traffic goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    Direct(Path),
+    Relay(RelayPath),
 }
 
 /// Names a user's connect, so its answer finds its way back.
@@ -123,6 +143,9 @@ pub struct HostConfig {
     pub seed: u64,
     /// What an earlier process on this network learned of the server.
     pub server_memo: Option<ServerMemo>,
+    /// Start sessions on the server's relay at once, and move them to a
+    /// direct path when punching finds one (off for punch-only runs).
+    pub relay: bool,
 }
 
 /// The rendezvous server's address cookie and round trip, as an earlier
@@ -157,6 +180,17 @@ pub enum HostEvent {
         remote: RemoteKey,
         path: Path,
     },
+    /// `remote` can be reached through `relay`: its frames arriving there
+    /// are `remote`'s, and its traffic goes there while no direct path is
+    /// confirmed.
+    RelayRoute {
+        remote: RemoteKey,
+        relay: RelayPath,
+    },
+    /// The direct path died: send `remote`'s traffic on its relay.
+    UseRelay {
+        remote: RemoteKey,
+    },
     /// A new address cookie from the rendezvous server: keep it (with the
     /// round trip) for the next process on this network.
     ServerCookie {
@@ -169,7 +203,9 @@ pub enum HostEvent {
     },
     /// A path to `remote` is up. With a `request`, start the session for
     /// the user who asked; without, we are the responder (the peer starts
-    /// it) or it repaired a path.
+    /// it) or it repaired a path. Relay-first, the first path is the relay
+    /// (`strategy` [`Strategy::Relay`], `path` the server); a direct path
+    /// found later is a [`HostEvent::PathChanged`].
     Connected {
         request: Option<RequestId>,
         remote: RemoteKey,
@@ -222,7 +258,14 @@ pub enum HostEvent {
     /// A live remote's traffic moved to another path.
     PathChanged {
         remote: RemoteKey,
-        path: Path,
+        from: Option<Via>,
+        to: Via,
+    },
+    /// Punching for a relayed remote failed: it stays on the relay (and
+    /// tries direct again later unless the NATs rule it out).
+    DirectFailed {
+        remote: RemoteKey,
+        error: ConnectError,
     },
     /// A re-punch after a stall found a path (maybe the same one: the
     /// NATs' mappings are made again).
@@ -271,6 +314,12 @@ struct Attempt {
     incoming: Option<IncomingIntro>,
     /// It holds the symmetric-NAT turn until then.
     turn_until: Option<Instant>,
+    /// Its session started on the relay: a punched path moves it, a
+    /// failure leaves it there.
+    relayed: bool,
+    /// The server relays this session (it starts there once the target
+    /// has accepted).
+    relay_offered: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -512,12 +561,23 @@ impl Host {
             .filter(|r| r.peer() == peer && r.live())
             .max_by_key(|r| r.sessions)
         {
-            if let Some(path) = r.path {
+            let via = match (r.on_relay, r.relay, r.path) {
+                (true, Some(relay), _) => Some((
+                    Path {
+                        socket: SocketId(0),
+                        remote: relay.server,
+                    },
+                    Strategy::Relay,
+                )),
+                (_, _, Some(path)) => Some((path, r.strategy.unwrap_or(Strategy::Cone))),
+                _ => None,
+            };
+            if let Some((path, strategy)) = via {
                 self.events.push_back(HostEvent::Connected {
                     request: Some(request),
                     remote: r.key,
                     path,
-                    strategy: r.strategy.unwrap_or(Strategy::Cone),
+                    strategy,
                     role: Role::Initiator,
                     elapsed: Duration::ZERO,
                     probes_sent: 0,
@@ -558,6 +618,8 @@ impl Host {
             started: now,
             incoming: None,
             turn_until: None,
+            relayed: false,
+            relay_offered: false,
         }
     }
 
@@ -874,7 +936,17 @@ impl Host {
             return;
         };
         self.events.push_back(HostEvent::Stalled { remote });
-        tracing::debug!(peer = %remote.peer, initiator = r.initiator, "path stalled");
+        tracing::debug!(peer = %remote.peer, initiator = r.initiator, on_relay = r.on_relay, "path stalled");
+        if let (Some(relay), false) = (r.relay, r.on_relay) {
+            // The relay carries the session while we punch again.
+            r.on_relay = true;
+            self.events.push_back(HostEvent::UseRelay { remote });
+            self.events.push_back(HostEvent::PathChanged {
+                remote,
+                from: r.path.map(Via::Direct),
+                to: Via::Relay(relay),
+            });
+        }
         if r.initiator {
             let recent = r
                 .last_repunch
@@ -967,6 +1039,18 @@ impl Host {
         let Some(r) = self.remotes.get_mut(&key) else {
             return;
         };
+        if r.keepalive_at.is_some_and(|t| now >= t) {
+            r.keepalive_at = None;
+            if let Some(relay) = r.relay.filter(|_| r.sessions > 0 || r.on_relay) {
+                r.keepalive_at = Some(now + crate::relay::server::KEEPALIVE);
+                self.out.push_back(Transmit {
+                    socket: SocketId(0),
+                    destination: relay.server,
+                    payload: crate::relay::encode(relay.channel, &[]),
+                    ttl: None,
+                });
+            }
+        }
         if r.repunch_at.is_some_and(|t| now >= t) {
             r.repunch_at = None;
             r.last_repunch = Some(now);
@@ -1033,15 +1117,21 @@ impl Host {
                 observed,
                 info,
                 start_at,
+                relay,
                 ..
-            } => self.on_peer(
-                now,
-                session,
-                RemoteKey { peer, instance },
-                observed,
-                info,
-                start_at,
-            ),
+            } => {
+                self.on_peer(
+                    now,
+                    session,
+                    RemoteKey { peer, instance },
+                    observed,
+                    info,
+                    start_at,
+                );
+                if let Some(a) = self.attempts.get_mut(&session) {
+                    a.relay_offered = relay;
+                }
+            }
             ClientEvent::Incoming {
                 session,
                 from,
@@ -1051,6 +1141,7 @@ impl Host {
                 info,
                 fresh,
                 start_at,
+                relay,
             } => {
                 let intro = IncomingIntro {
                     observed,
@@ -1059,15 +1150,15 @@ impl Host {
                     fresh,
                     start_at,
                 };
-                self.on_incoming(
-                    now,
-                    session,
-                    RemoteKey {
-                        peer: from,
-                        instance,
-                    },
-                    intro,
-                );
+                let key = RemoteKey {
+                    peer: from,
+                    instance,
+                };
+                self.on_incoming(now, session, key, intro);
+                if let Some(a) = self.attempts.get_mut(&session) {
+                    a.relay_offered = relay;
+                }
+                self.relay_first(now, session);
             }
             ClientEvent::Sync {
                 session,
@@ -1194,6 +1285,58 @@ impl Host {
         self.drive_attempt(now, session);
     }
 
+    /// The server relays `session` and both sides took it (the target
+    /// accepted): the remote can be reached through the relay at once. A
+    /// new session starts there (the user's connect is answered now) while
+    /// the attempt keeps punching; a re-punch only renews the channel (the
+    /// server may have restarted and lost the old one).
+    fn relay_first(&mut self, now: Instant, session: u64) {
+        if !self.cfg.relay {
+            return;
+        }
+        let Some(a) = self.attempts.get_mut(&session) else {
+            return;
+        };
+        let Some(key) = a.remote.filter(|_| a.relay_offered) else {
+            return;
+        };
+        let Some(r) = self.remotes.get_mut(&key) else {
+            return;
+        };
+        let relay = RelayPath {
+            server: self.cfg.server,
+            channel: session,
+        };
+        if r.relay != Some(relay) {
+            r.relay = Some(relay);
+            r.keepalive_at = Some(now + crate::relay::server::KEEPALIVE);
+            self.events
+                .push_back(HostEvent::RelayRoute { remote: key, relay });
+        }
+        if r.path.is_some() || a.repair.is_some() || a.relayed {
+            return;
+        }
+        r.on_relay = true;
+        r.announced = true;
+        a.relayed = true;
+        self.events.push_back(HostEvent::UseRelay { remote: key });
+        tracing::debug!(session, peer = %key.peer, "relayed until a direct path is found");
+        self.events.push_back(HostEvent::Connected {
+            request: a.request.take(),
+            remote: key,
+            path: Path {
+                socket: SocketId(0),
+                remote: relay.server,
+            },
+            strategy: Strategy::Relay,
+            role: a.role,
+            elapsed: now.saturating_duration_since(a.started),
+            probes_sent: 0,
+            bytes_sent: 0,
+            reused: false,
+        });
+    }
+
     fn on_incoming(&mut self, now: Instant, session: u64, key: RemoteKey, intro: IncomingIntro) {
         let peer = key.peer;
         // Policy first: nobody we would refuse gets our probes, our sockets
@@ -1278,11 +1421,21 @@ impl Host {
         let Some(p) = a.punch.as_mut() else {
             return;
         };
+        let accepted = peer.is_some();
         if let Some(state) = peer {
             tracing::debug!(session, fresh = ?state.fresh, pending = ?state.info.nat.pending, "the peer's state");
             p.set_peer_offer(&state.offer.ephemeral, &state.offer.sig);
             p.update_peer(now, state.info.nat, state.fresh);
         }
+        if accepted && a.role == Role::Initiator {
+            self.relay_first(now, session);
+        }
+        let Some(a) = self.attempts.get_mut(&session) else {
+            return;
+        };
+        let Some(p) = a.punch.as_mut() else {
+            return;
+        };
         if let Some(at) = start_at {
             tracing::debug!(
                 session,
@@ -1385,6 +1538,7 @@ impl Host {
                 };
                 self.stats.connected += 1;
                 let (request, role, started, repair) = (a.request, a.role, a.started, a.repair);
+                let relayed = a.relayed;
                 self.events.push_back(HostEvent::Learn { remote, path });
                 self.path_up(now, remote, path, strategy, session);
                 if repair.is_some() {
@@ -1393,7 +1547,7 @@ impl Host {
                         path,
                         strategy,
                     });
-                } else {
+                } else if !relayed {
                     self.events.push_back(HostEvent::Connected {
                         request,
                         remote,
@@ -1437,6 +1591,11 @@ impl Host {
             .entry(key)
             .or_insert_with(|| Remote::new(key, false, now));
         let old = r.path.replace(path);
+        let was_relay = std::mem::take(&mut r.on_relay);
+        let from = match (was_relay, r.relay) {
+            (true, Some(relay)) => Some(Via::Relay(relay)),
+            _ => old.map(Via::Direct),
+        };
         r.strategy = Some(strategy);
         if r.repairing == Some(session) {
             r.repairing = None;
@@ -1444,13 +1603,16 @@ impl Host {
         // The old validator's sockets other than the new path's are done.
         let old_sockets: Vec<SocketId> = r.validator.take().map(|v| v.sockets).unwrap_or_default();
         r.validator = validator;
-        let live = r.sessions > 0;
-        tracing::debug!(peer = %key.peer, ?path, ?strategy, session, "path up");
+        let live = r.sessions > 0 || (was_relay && r.announced);
+        tracing::debug!(peer = %key.peer, ?path, ?strategy, session, was_relay, "path up");
         self.events
             .push_back(HostEvent::Route { remote: key, path });
-        if live && old != Some(path) {
-            self.events
-                .push_back(HostEvent::PathChanged { remote: key, path });
+        if live && (was_relay || old != Some(path)) {
+            self.events.push_back(HostEvent::PathChanged {
+                remote: key,
+                from,
+                to: Via::Direct(path),
+            });
         }
         if let Some(o) = old.filter(|o| o.socket != path.socket) {
             self.close_socket(o.socket);
@@ -1493,12 +1655,19 @@ impl Host {
                 .push_back(HostEvent::Learn { remote: key, path });
             if switch {
                 if let Some(r) = self.remotes.get_mut(&key) {
-                    if r.path != Some(path) {
+                    if r.path != Some(path) || r.on_relay {
+                        let from = match (std::mem::take(&mut r.on_relay), r.relay) {
+                            (true, Some(relay)) => Some(Via::Relay(relay)),
+                            _ => r.path.map(Via::Direct),
+                        };
                         r.path = Some(path);
                         self.events
                             .push_back(HostEvent::Route { remote: key, path });
-                        self.events
-                            .push_back(HostEvent::PathChanged { remote: key, path });
+                        self.events.push_back(HostEvent::PathChanged {
+                            remote: key,
+                            from,
+                            to: Via::Direct(path),
+                        });
                     }
                 }
             }
@@ -1522,8 +1691,32 @@ impl Host {
                 if let Some(r) = repair.and_then(|k| self.remotes.get_mut(&k)) {
                     r.repairing = None;
                 }
-                self.events
-                    .push_back(HostEvent::AttemptFailed { peer, error });
+                let relayed = a
+                    .remote
+                    .and_then(|k| self.remotes.get_mut(&k))
+                    .filter(|r| r.on_relay);
+                match relayed {
+                    Some(r) => {
+                        // The session goes on over the relay; try direct
+                        // again later unless the NATs rule it out.
+                        let hopeless = matches!(
+                            error,
+                            ConnectError::Punch {
+                                failure: crate::punch::PunchFailure::NoPathPossible(_),
+                                ..
+                            }
+                        );
+                        if r.initiator && !hopeless {
+                            r.repunch_at = Some(now + defaults::DIRECT_RETRY);
+                        }
+                        let remote = r.key;
+                        self.events
+                            .push_back(HostEvent::DirectFailed { remote, error });
+                    }
+                    None => self
+                        .events
+                        .push_back(HostEvent::AttemptFailed { peer, error }),
+                }
             }
         }
         self.finish_attempt(now, session, None);

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::RelayPath;
 use crate::identity::PeerId;
 use crate::punch::{Path, Punch, Strategy};
 use crate::SocketId;
@@ -65,6 +66,15 @@ pub(crate) struct Remote {
     pub repairing: Option<u64>,
     /// No sessions and no attempts since then (forgotten after a while).
     pub idle_since: Option<Instant>,
+    /// The server's relay channel to it, if any.
+    pub relay: Option<RelayPath>,
+    /// Its traffic goes through the relay now (no direct path yet, or the
+    /// direct one died).
+    pub on_relay: bool,
+    /// A `Connected` was reported for it (so moves are news).
+    pub announced: bool,
+    /// The next relay keepalive.
+    pub keepalive_at: Option<Instant>,
 }
 
 impl Remote {
@@ -80,6 +90,10 @@ impl Remote {
             last_repunch: None,
             repairing: None,
             idle_since: Some(now),
+            relay: None,
+            on_relay: false,
+            announced: false,
+            keepalive_at: None,
         }
     }
 
@@ -90,7 +104,9 @@ impl Remote {
     /// Whether a new connect can use the path at once: a session is up on
     /// it, so the NAT mappings are alive.
     pub fn live(&self) -> bool {
-        self.sessions > 0 && self.path.is_some() && self.repairing.is_none()
+        self.sessions > 0
+            && (self.path.is_some() || (self.on_relay && self.relay.is_some()))
+            && self.repairing.is_none()
     }
 
     /// The earliest of this remote's timers.
@@ -99,6 +115,7 @@ impl Remote {
             self.repunch_at,
             self.validator.as_ref().and_then(|v| v.punch.poll_timeout()),
             self.idle_since.map(|t| t + linger),
+            self.keepalive_at,
         ]
         .into_iter()
         .flatten()

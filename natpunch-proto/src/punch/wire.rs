@@ -40,6 +40,8 @@ pub enum Strategy {
     Predict = 3,
     Ttl = 4,
     Birthday = 5,
+    /// Not a punching technique: the server's relay (never in a probe).
+    Relay = 6,
 }
 
 impl Strategy {
@@ -50,6 +52,7 @@ impl Strategy {
             Strategy::Predict => "predict",
             Strategy::Ttl => "ttl",
             Strategy::Birthday => "birthday",
+            Strategy::Relay => "relay",
         }
     }
 

@@ -76,6 +76,8 @@ pub enum ClientEvent {
         yours: SocketAddr,
         info: PeerInfo,
         start_at: Instant,
+        /// The server relays this session (channel = session number).
+        relay: bool,
     },
     /// Someone asks to connect to us.
     Incoming {
@@ -87,6 +89,7 @@ pub enum ClientEvent {
         info: PeerInfo,
         fresh: Option<SocketAddr>,
         start_at: Instant,
+        relay: bool,
     },
     /// The other side's latest state, and the start of prediction once both
     /// mappings are known.
@@ -781,6 +784,7 @@ impl RendezvousClient {
                 yours,
                 info,
                 start_in_ms,
+                relay,
             } => {
                 let interval = self.poll_interval();
                 let Some(s) = self.sessions.get_mut(&session) else {
@@ -802,6 +806,7 @@ impl RendezvousClient {
                     yours,
                     info,
                     start_at: Self::at(now, start_in_ms),
+                    relay,
                 });
             }
             Frame::Incoming {
@@ -813,6 +818,7 @@ impl RendezvousClient {
                 info,
                 fresh,
                 start_in_ms,
+                relay,
             } => {
                 if self.sessions.contains_key(&session) {
                     // A duplicate (hedged or repeated for a poll).
@@ -830,6 +836,7 @@ impl RendezvousClient {
                     info,
                     fresh,
                     start_at: Self::at(now, start_in_ms),
+                    relay,
                 });
             }
             Frame::Sync {

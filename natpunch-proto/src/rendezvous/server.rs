@@ -29,6 +29,8 @@ use super::wire::{
 };
 use crate::identity::{self, PeerId};
 use crate::ratelimit::{RateLimit, RateLimiter};
+use crate::relay::server::End;
+use crate::relay::{RelayConfig, RelayServer, RelayStats};
 
 /// A cookie is good for this long; running clients renew theirs after
 /// [`super::client::COOKIE_RENEW`], and a new process may start with one
@@ -206,6 +208,8 @@ struct Session {
     go: Option<Instant>,
     /// When the target was last sent its `Incoming`.
     incoming_at: Option<Instant>,
+    /// A relay channel joins the two (numbered as the session).
+    relayed: bool,
 }
 
 /// Which side of a session a frame came from.
@@ -227,6 +231,7 @@ pub struct RendezvousServer {
     out: VecDeque<Outgoing>,
     stats: RendezvousStats,
     last_sweep: Option<Instant>,
+    relay: RelayServer,
 }
 
 impl std::fmt::Debug for RendezvousServer {
@@ -246,6 +251,11 @@ impl RendezvousServer {
     }
 
     pub fn with_limits(secret: [u8; 32], limits: Limits) -> Self {
+        Self::with_relay(secret, limits, RelayConfig::default())
+    }
+
+    /// With the relay's settings too.
+    pub fn with_relay(secret: [u8; 32], limits: Limits, relay: RelayConfig) -> Self {
         Self {
             secret,
             base: None,
@@ -257,6 +267,7 @@ impl RendezvousServer {
             out: VecDeque::new(),
             stats: RendezvousStats::default(),
             last_sweep: None,
+            relay: RelayServer::new(relay),
         }
     }
 
@@ -267,6 +278,22 @@ impl RendezvousServer {
     /// Registered peers right now.
     pub fn registered(&self) -> usize {
         self.regs.len()
+    }
+
+    /// The relay's counters, channels open and peers on them now.
+    pub fn relay_stats(&self) -> (RelayStats, usize, usize) {
+        (
+            self.relay.stats(),
+            self.relay.channels(),
+            self.relay.peers(),
+        )
+    }
+
+    /// Handles one relay frame (first byte 0x2C) that arrived from `from`.
+    /// Relay frames have their own per-peer budgets, not the per-source
+    /// limits of control frames.
+    pub fn handle_relay(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.relay.handle(now, from, data, &mut self.out);
     }
 
     fn ms(&mut self, now: Instant) -> u32 {
@@ -526,6 +553,7 @@ impl RendezvousServer {
                 if self.side_of(*session, peer) != Some(SideOf::Target) {
                     return self.error(&r, ErrorCode::NoSession, Some(*session));
                 }
+                self.relay.accept(*session);
                 let state = PartyState {
                     offer: offer.clone(),
                     info: info.clone(),
@@ -636,6 +664,7 @@ impl RendezvousServer {
             Some(o) => o.displaced.filter(|d| d.instance != instance),
             None => None,
         };
+        self.relay.rebind(peer, instance, r.from, r.local);
         self.regs.insert(
             peer,
             Registration {
@@ -719,6 +748,9 @@ impl RendezvousServer {
     }
 
     fn connect(&mut self, r: &Request, me: Party, target: PeerId, session: u64) {
+        // A signed request from a new address (a re-punch after the NAT
+        // rebound): the peer's relay channels follow it.
+        self.relay.rebind(me.peer, me.instance, me.addr, me.local);
         if let Some(s) = self.sessions.get(&session) {
             if s.initiator.peer != me.peer || s.target.peer != target {
                 // Someone else's session number: refuse without revealing it.
@@ -749,6 +781,27 @@ impl RendezvousServer {
             return self.error(r, ErrorCode::ServerFull, Some(session));
         }
         self.stats.introductions += 1;
+        let end = |p: &Party| End {
+            peer: p.peer,
+            instance: p.instance,
+            addr: p.addr,
+            local: p.local,
+        };
+        let target_end = End {
+            peer: target,
+            instance: them.instance,
+            addr: them.addr,
+            local: them.local,
+        };
+        let relayed = match self.relay.open(r.now, session, end(&me), target_end) {
+            Ok(()) => true,
+            Err(e) => {
+                if self.relay.enabled() {
+                    tracing::debug!(session, error = %e, "no relay channel");
+                }
+                false
+            }
+        };
         self.sessions.insert(
             session,
             Session {
@@ -766,6 +819,7 @@ impl RendezvousServer {
                 declined: None,
                 go: None,
                 incoming_at: None,
+                relayed,
             },
         );
         self.introduce(r.now, session, true);
@@ -795,6 +849,7 @@ impl RendezvousServer {
                 yours: a.addr,
                 info: b_info,
                 start_in_ms: start_a,
+                relay: s.relayed,
             },
         );
         self.introduce_target(now, session, first);
@@ -844,6 +899,7 @@ impl RendezvousServer {
                 info: a_state.info,
                 fresh: a_state.fresh,
                 start_in_ms: start_b,
+                relay: s.relayed,
             },
         );
     }
@@ -864,6 +920,12 @@ impl RendezvousServer {
         // The side may have moved (a NAT rebinding): answer where it is.
         party.addr = r.from;
         party.local = r.local;
+        let (peer, instance) = (party.peer, party.instance);
+        self.relay.rebind(peer, instance, r.from, r.local);
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let party = s.party_mut(side);
         if newer {
             party.seq = seq;
             party.state = Some(state);
@@ -939,6 +1001,11 @@ impl RendezvousServer {
         };
         let first = s.declined.is_none();
         s.declined = Some(reason);
+        s.relayed = false;
+        self.relay.close(session);
+        let Some(s) = self.sessions.get(&session) else {
+            return;
+        };
         let (a_local, a_addr) = (s.initiator.local, s.initiator.addr);
         // The initiator hears it once; a repeated Decline is only
         // acknowledged again.
@@ -978,6 +1045,7 @@ impl RendezvousServer {
             }
         }
         self.sessions.retain(|_, s| s.expires > now);
+        self.relay.expire(now);
     }
 
     pub fn poll_transmit(&mut self) -> Option<Outgoing> {

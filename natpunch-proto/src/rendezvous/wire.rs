@@ -32,7 +32,8 @@ use crate::nat::{AllocationKind, Behaviour, NatReport};
 pub const MAGIC: u8 = 0x2A;
 /// The wire version this code speaks. Version 2: connectors need no
 /// registration, facts can arrive late (`Update`/`Sync`), heartbeats.
-pub const VERSION: u8 = 2;
+/// Version 3: introductions say whether a relay channel joins the peers.
+pub const VERSION: u8 = 3;
 /// Largest frame: below the 1280-byte IPv6 minimum MTU minus headers, so a
 /// frame is never fragmented.
 pub const MAX_FRAME: usize = 1200;
@@ -262,6 +263,9 @@ pub enum Frame {
         yours: SocketAddr,
         info: PeerInfo,
         start_in_ms: u16,
+        /// The session's number is also a relay channel between the two
+        /// ([`crate::relay`]) on this server.
+        relay: bool,
     },
     /// Server → target: someone asks to connect, and when to start.
     Incoming {
@@ -273,6 +277,8 @@ pub enum Frame {
         info: PeerInfo,
         fresh: Option<SocketAddr>,
         start_in_ms: u16,
+        /// As in `Peer`.
+        relay: bool,
     },
     /// Target → server, signed: my offer, facts and fresh mapping.
     Accept {

@@ -68,6 +68,7 @@ impl EndpointConfig {
                 rto: Duration::from_millis(250),
                 once: false,
                 nat_cache: true,
+                relay: true,
             },
             accept: true,
             allow: None,

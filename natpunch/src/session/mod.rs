@@ -225,9 +225,11 @@ impl SessionEnd {
 }
 
 /// MTU discovery: probe up to a 1500-byte Ethernet MTU under IPv6 and UDP
-/// headers (1452 bytes), again every minute so that a path that moved to
-/// a better one regains the size (see [`socket`] for the whole policy).
-const MTU_UPPER: u16 = 1452;
+/// headers (1452 bytes) less the relay's 9-byte header, so that a session
+/// can move between the relay and a direct path without a black hole;
+/// again every minute so that a path that moved to a better one regains
+/// the size (see [`socket`] for the whole policy).
+const MTU_UPPER: u16 = natpunch_proto::relay::MAX_QUIC_PAYLOAD;
 const MTU_REPROBE: Duration = Duration::from_secs(60);
 
 /// Transport settings shared by both sides.

@@ -17,11 +17,22 @@
 //! | 0x00–0x03  | STUN (RFC 8489 §5: top two bits zero)  |
 //! | 0x2A       | rendezvous frames                      |
 //! | 0x2B       | punch probes                           |
+//! | 0x2C       | relay frames (QUIC inside)             |
 //! | 0x40–0xFF  | QUIC (RFC 9000 §17: fixed bit set; greasing it is off) |
 //!
-//! Everything below 0x40 goes to the driver's channel, tagged with the
-//! socket it came in on; QUIC stays with quinn (sent and received with
+//! Everything else below 0x40 goes to the driver's channel, tagged with
+//! the socket it came in on; QUIC stays with quinn (sent and received with
 //! quinn-udp's batch and GSO/GRO paths).
+//!
+//! **Relay paths.** A route may also have a relay channel on the
+//! rendezvous server ([`natpunch_proto::relay`]). While the route is on the
+//! relay, its QUIC datagrams leave the main socket wrapped in relay frames
+//! (each GSO segment gets its 9-byte header, so batches stay batches);
+//! relay frames from the server for a known channel are unwrapped and
+//! handed to quinn under the route's address, whichever path is current,
+//! so packets still in flight on the old path after a move are not lost.
+//! QUIC packets never exceed [`natpunch_proto::relay::MAX_QUIC_PAYLOAD`],
+//! which every path carries with or without the header.
 //!
 //! Receiving QUIC: a known real path gives its route's mapped address. A
 //! packet from an unknown path is matched by its destination connection
@@ -39,8 +50,9 @@
 //! it. Its RTT estimator adapts within a few round trips, and a congestion
 //! window too large for the new path costs one loss episode. For the MTU
 //! the policy is: start at QUIC's 1200-byte minimum, which every path
-//! carries; probe up to 1452 bytes (a 1500-byte Ethernet MTU under IPv6
-//! and UDP headers); rely on quinn's black-hole detection to drop back to
+//! carries; probe up to 1443 bytes (a 1500-byte Ethernet MTU under IPv6
+//! and UDP headers, less the relay header, so the relay path carries every
+//! packet a direct path does); rely on quinn's black-hole detection to drop back to
 //! 1200 when large packets vanish after a move; and probe again every 60 s
 //! ([`crate::session::transport`]) so a move to a better path regains the
 //! size soon.
@@ -56,8 +68,9 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use natpunch_proto::coordinator::RemoteKey;
+use natpunch_proto::coordinator::{RelayPath, RemoteKey};
 use natpunch_proto::punch::Path;
+use natpunch_proto::relay;
 use natpunch_proto::SocketId;
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
@@ -146,12 +159,46 @@ impl Liveness {
             prev_gap: Duration::MAX,
         }
     }
+
+    fn heard(&mut self, now: Instant) {
+        self.prev_gap = now.saturating_duration_since(self.last_rx);
+        self.last_rx = now;
+        self.first_unanswered = None;
+        self.unanswered = 0;
+    }
+}
+
+/// The channel and route of a relay frame with QUIC inside, if the channel
+/// is one of ours and the frame came from its server.
+fn relayed_quic(t: &Table, from: SocketAddr, seg: &[u8]) -> Option<(u64, SocketAddr)> {
+    let (ch, payload) = relay::decode(seg).ok()?;
+    let (mapped, server) = t.by_channel.get(&ch)?;
+    (*server == from && payload.first().is_some_and(|&b| is_quic(b))).then_some((ch, *mapped))
+}
+
+/// Removes the relay header from each `stride`-long segment of `buf`,
+/// moving the payloads together; returns the new length.
+fn strip_relay_headers(buf: &mut [u8], stride: usize) -> usize {
+    let mut out = 0;
+    let mut start = 0;
+    while start < buf.len() {
+        let end = (start + stride).min(buf.len());
+        let from = (start + relay::HEADER).min(end);
+        buf.copy_within(from..end, out);
+        out += end - from;
+        start = end;
+    }
+    out
 }
 
 #[derive(Debug)]
 struct Route {
     key: Option<RemoteKey>,
     path: Option<Path>,
+    /// The server's relay channel to the peer.
+    relay: Option<RelayPath>,
+    /// Traffic goes through `relay`, not `path`.
+    on_relay: bool,
     live: Liveness,
     cids: VecDeque<[u8; CID_LEN]>,
     /// New paths reported, and when (bounded by [`NEW_SOURCE_EVERY`]).
@@ -165,6 +212,8 @@ struct Table {
     by_key: HashMap<RemoteKey, SocketAddr>,
     by_real: HashMap<(SocketId, SocketAddr), SocketAddr>,
     by_cid: HashMap<[u8; CID_LEN], SocketAddr>,
+    /// Relay channels (every one a route ever had) → the route.
+    by_channel: HashMap<u64, (SocketAddr, SocketAddr)>,
     next: u64,
 }
 
@@ -192,6 +241,8 @@ impl Table {
             Route {
                 key,
                 path: None,
+                relay: None,
+                on_relay: false,
                 live: Liveness::new(now),
                 cids: VecDeque::new(),
                 reported: Vec::new(),
@@ -216,6 +267,7 @@ impl Table {
             }
         }
         self.by_real.retain(|_, m| *m != mapped);
+        self.by_channel.retain(|_, (m, _)| *m != mapped);
     }
 
     /// Forgets the oldest anonymous route when there are too many.
@@ -246,6 +298,12 @@ pub struct MuxStats {
     pub mixed_dropped: AtomicU64,
     /// QUIC datagrams for a route with no path yet (dropped: lost, to quinn).
     pub no_path: AtomicU64,
+    /// QUIC datagrams sent and received through a relay.
+    pub relayed_out: AtomicU64,
+    pub relayed_in: AtomicU64,
+    /// Relay frames for no channel of ours, or from another address than
+    /// the channel's server (dropped).
+    pub relay_stray: AtomicU64,
     /// Packets from a peer's new path (matched by connection ID).
     pub new_sources: AtomicU64,
 }
@@ -414,14 +472,48 @@ impl PathSocket {
         }
     }
 
+    /// `mapped`'s peer can be reached through `relay` (used once
+    /// [`PathSocket::use_relay`] says so); its frames arriving there are
+    /// the route's from now on.
+    pub fn set_relay(&self, mapped: SocketAddr, relay: RelayPath) {
+        let mut t = self.table();
+        if let Some(r) = t.routes.get_mut(&mapped) {
+            r.relay = Some(relay);
+            t.by_channel.insert(relay.channel, (mapped, relay.server));
+        }
+    }
+
+    /// `mapped`'s traffic goes through its relay from now on.
+    pub fn use_relay(&self, mapped: SocketAddr) {
+        let mut t = self.table();
+        if let Some(r) = t.routes.get_mut(&mapped) {
+            if r.relay.is_some() && !r.on_relay {
+                tracing::debug!(%mapped, relay = ?r.relay, "route moves to the relay");
+                r.on_relay = true;
+                r.live = Liveness::new(Instant::now());
+            }
+        }
+    }
+
+    /// `mapped`'s relay channel, if it has one.
+    pub fn relay_of(&self, mapped: SocketAddr) -> Option<RelayPath> {
+        self.table().routes.get(&mapped).and_then(|r| r.relay)
+    }
+
+    /// Whether `mapped`'s traffic goes through its relay now.
+    pub fn on_relay(&self, mapped: SocketAddr) -> bool {
+        self.table().routes.get(&mapped).is_some_and(|r| r.on_relay)
+    }
+
     /// `mapped`'s traffic goes on `path` from now on.
     pub fn set_path(&self, mapped: SocketAddr, path: Path) {
         let mut t = self.table();
         t.by_real.insert((path.socket, path.remote), mapped);
         if let Some(r) = t.routes.get_mut(&mapped) {
-            if r.path != Some(path) {
+            if r.path != Some(path) || r.on_relay {
                 tracing::debug!(%mapped, ?path, "route moves");
             }
+            r.on_relay = false;
             r.path = Some(path);
             // A new path starts with a clean slate.
             r.live = Liveness::new(Instant::now());
@@ -551,16 +643,67 @@ impl PathSocket {
             let data = &bufs[i][..len];
             let mut quic = 0usize;
             let mut other = 0usize;
+            let mut relayed = 0usize;
+            // The route of the batch's relay frames: one channel, from its
+            // server, with QUIC inside.
+            let mut channel: Option<(u64, SocketAddr)> = None;
             for seg in data.chunks(stride) {
                 match seg.first() {
                     Some(&b) if is_quic(b) => quic += 1,
+                    Some(&relay::MAGIC) => match relayed_quic(&t, m.addr, seg) {
+                        Some((ch, mapped)) if channel.is_none_or(|(c, _)| c == ch) => {
+                            channel = Some((ch, mapped));
+                            relayed += 1;
+                        }
+                        _ => {
+                            self.stats.relay_stray.fetch_add(1, Ordering::Relaxed);
+                            other += 1;
+                        }
+                    },
                     Some(_) => other += 1,
                     None => {}
                 }
             }
-            if other > 0 {
+            if relayed > 0 && quic == 0 && other == 0 {
+                // Unwrap in place: each segment loses its header, so the
+                // stride shrinks by it too (the last may be shorter).
+                let Some((_, mapped)) = channel else { continue };
+                let new_len = strip_relay_headers(&mut bufs[i][..len], stride);
+                self.stats
+                    .relayed_in
+                    .fetch_add(relayed as u64, Ordering::Relaxed);
+                if let Some(r) = t.routes.get_mut(&mapped) {
+                    if r.on_relay {
+                        r.live.heard(now);
+                    }
+                }
+                if kept != i {
+                    let (front, back) = bufs.split_at_mut(i);
+                    front[kept][..new_len].copy_from_slice(&back[0][..new_len]);
+                }
+                meta[kept] = RecvMeta {
+                    addr: mapped,
+                    len: new_len,
+                    stride: stride.saturating_sub(relay::HEADER).max(1),
+                    dst_ip: None,
+                    ..m
+                };
+                kept += 1;
+                continue;
+            }
+            if relayed > 0 {
+                // Relay frames mixed with others in one batch (it cannot
+                // be split in place): QUIC retransmits what is dropped.
+                self.stats
+                    .mixed_dropped
+                    .fetch_add(relayed as u64, Ordering::Relaxed);
+            }
+            if other > 0 || relayed > 0 {
                 for seg in data.chunks(stride) {
-                    if seg.first().is_some_and(|&b| !is_quic(b)) {
+                    if seg
+                        .first()
+                        .is_some_and(|&b| !is_quic(b) && b != relay::MAGIC)
+                    {
                         self.divert_one(id, m.addr, seg);
                     }
                 }
@@ -581,11 +724,11 @@ impl PathSocket {
             };
             let mapped = self.route_in(&mut t, path, data, now);
             if let Some(r) = t.routes.get_mut(&mapped) {
-                let l = &mut r.live;
-                l.prev_gap = now.saturating_duration_since(l.last_rx);
-                l.last_rx = now;
-                l.first_unanswered = None;
-                l.unanswered = 0;
+                // Liveness is the current path's: a peer heard only on the
+                // other one does not hide that ours is dead.
+                if !r.on_relay {
+                    r.live.heard(now);
+                }
             }
             if kept != i {
                 let (front, back) = bufs.split_at_mut(i);
@@ -599,6 +742,45 @@ impl PathSocket {
             kept += 1;
         }
         kept
+    }
+
+    /// Sends a QUIC transmit through `relay` from the main socket: each
+    /// segment behind its relay header, as one GSO batch again.
+    fn send_relayed(&self, relay: RelayPath, transmit: &Transmit<'_>) -> io::Result<()> {
+        let seg = transmit
+            .segment_size
+            .unwrap_or(transmit.contents.len())
+            .max(1);
+        let header = relay::header(relay.channel);
+        let count = transmit.contents.len().div_ceil(seg);
+        let mut buf = Vec::with_capacity(transmit.contents.len() + count * relay::HEADER);
+        for chunk in transmit.contents.chunks(seg) {
+            buf.extend_from_slice(&header);
+            buf.extend_from_slice(chunk);
+        }
+        let t = Transmit {
+            destination: relay.server,
+            ecn: transmit.ecn,
+            contents: &buf,
+            segment_size: transmit.segment_size.map(|s| s + relay::HEADER),
+            src_ip: None,
+        };
+        let slot = &self.main;
+        let r = slot.io.try_io(Interest::WRITABLE, || {
+            slot.state.send((&*slot.io).into(), &t)
+        });
+        match &r {
+            Ok(()) => {
+                self.stats
+                    .relayed_out
+                    .fetch_add(count as u64, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.blocked.store(0, Ordering::Relaxed);
+            }
+            Err(_) => {}
+        }
+        r
     }
 
     fn recv_from(
@@ -649,18 +831,21 @@ impl AsyncUdpSocket for PathSocket {
     }
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
-        let path = {
+        let (path, relay) = {
             let mut t = self.table();
             match t.routes.get_mut(&transmit.destination) {
                 Some(r) => {
                     let l = &mut r.live;
                     l.first_unanswered.get_or_insert_with(Instant::now);
                     l.unanswered = l.unanswered.saturating_add(1);
-                    r.path
+                    (r.path, r.relay.filter(|_| r.on_relay))
                 }
-                None => None,
+                None => (None, None),
             }
         };
+        if let Some(relay) = relay {
+            return self.send_relayed(relay, transmit);
+        }
         let Some(path) = path else {
             // No path (yet, or any more): as good as lost, for quinn.
             self.stats.no_path.fetch_add(1, Ordering::Relaxed);
