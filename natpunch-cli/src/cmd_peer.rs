@@ -418,10 +418,12 @@ fn print_event(out: &Out, ev: &PeerEvent) {
             probes_sent,
             bytes_sent,
             reused,
+            over_tcp,
         } => out.event(
             json!({"event": "connected", "peer_id": peer_id.to_string(),
                 "path": if *strategy == Strategy::Relay { "relay" } else { "direct" },
-                "transport": "udp", "strategy": strategy.as_str(), "remote": remote,
+                "transport": if *over_tcp { "tcp" } else { "udp" },
+                "strategy": strategy.as_str(), "remote": remote,
                 "role": match role { Role::Initiator => "initiator", Role::Responder => "responder" },
                 "reused": reused,
                 "elapsed_ms": elapsed.as_millis() as u64, "probes_sent": probes_sent, "bytes_sent": bytes_sent}),
@@ -472,7 +474,13 @@ fn print_event(out: &Out, ev: &PeerEvent) {
                 },
             )
         }
-        PeerEvent::PathChanged { peer_id, from, to } => {
+        PeerEvent::PathChanged {
+            peer_id,
+            from,
+            to,
+            strategy,
+            elapsed,
+        } => {
             let (remote, local) = match to {
                 PathView::Direct { remote, local } => (*remote, *local),
                 PathView::Relay { server } => (*server, None),
@@ -480,10 +488,16 @@ fn print_event(out: &Out, ev: &PeerEvent) {
             out.event(
                 json!({"event": "path-changed", "peer_id": peer_id.to_string(),
                     "from": from.as_ref().map(path_json), "to": path_json(to),
+                    "strategy": strategy.map(|s| s.as_str()),
+                    "elapsed_ms": elapsed.map(|e| e.as_millis() as u64),
                     "path": to.kind(), "remote": remote, "local": local}),
                 || match (from, to) {
                     (Some(PathView::Relay { .. }), PathView::Direct { .. }) => {
-                        format!("path to {peer_id} moved from the relay to a direct path at {remote}")
+                        format!(
+                            "path to {peer_id} moved from the relay to a direct path at {remote}{}{}",
+                            strategy.map(|s| format!(" (punched by {})", s.as_str())).unwrap_or_default(),
+                            elapsed.map(|e| format!(" after {} ms", e.as_millis())).unwrap_or_default()
+                        )
                     }
                     (_, PathView::Relay { server }) => {
                         format!("path to {peer_id} moved to the relay at {server}; punching again")
@@ -492,6 +506,10 @@ fn print_event(out: &Out, ev: &PeerEvent) {
                 },
             )
         }
+        PeerEvent::ServerOverTcp { server } => out.event(
+            json!({"event": "server-tcp", "server": server}),
+            || format!("no answer from {server} on UDP: reaching it (and the relay) over TCP"),
+        ),
         PeerEvent::Relayed { peer_id, error } => out.event(
             json!({"event": "relayed", "peer_id": peer_id.to_string(), "code": error.code(),
                 "reason": error.to_string()}),

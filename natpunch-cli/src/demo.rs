@@ -148,13 +148,17 @@ fn lab_demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         crate::output::json_line(
             &serde_json::json!({"event": "session", "strategy": run.strategy,
+            "relay_ms": run.relay_ms,
             "punch_ms": run.punch_ms, "bytes": run.transfer.bytes, "seconds": run.transfer.seconds,
             "mbit_s": run.transfer.mbit_s, "intact": run.intact}),
         );
     } else {
         println!(
             "
-A → B: punched by {} in {} ms, then {} MiB through an encrypted QUIC session in {:.2} s ({:.0} Mbit/s), every byte checked",
+A → B: {}punched by {} in {} ms, then {} MiB through an encrypted QUIC session in {:.2} s ({:.0} Mbit/s), every byte checked",
+            run.relay_ms
+                .map(|ms| format!("on the relay in {ms} ms, "))
+                .unwrap_or_default(),
             run.strategy,
             run.punch_ms,
             run.transfer.bytes >> 20,

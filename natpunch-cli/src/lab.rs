@@ -75,9 +75,11 @@ pub struct GridArgs {
     /// same NAT.
     #[arg(long)]
     pub pairs: Option<String>,
-    /// What each pair runs: `connect` (B listens, A connects) or `nat`
-    /// (both run `natpunch nat`).
-    #[arg(long, default_value = "connect", value_parser = ["connect", "nat"])]
+    /// What each pair runs: `connect` (B listens, A connects: the
+    /// punching grid), `session` (A pipes 1 MiB to B; relay first, then
+    /// the direct path where one exists; more pairs, relay-only ones too)
+    /// or `nat` (both run `natpunch nat`).
+    #[arg(long, default_value = "connect", value_parser = ["connect", "session", "nat"])]
     pub scenario: String,
     /// One JSON object per pair, then a summary object.
     #[arg(long)]
@@ -187,16 +189,18 @@ fn verify(a: VerifyArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn grid_cmd(a: GridArgs) -> anyhow::Result<ExitCode> {
+    let scenario = match a.scenario.as_str() {
+        "connect" => Scenario::Connect,
+        "session" => Scenario::Session,
+        _ => Scenario::Nat,
+    };
     let pairs = match &a.pairs {
         Some(p) => runner::parse_pairs(p)?,
+        None if scenario == Scenario::Session => runner::session_pairs()?,
         None => runner::default_pairs()?,
     };
     anyhow::ensure!(!pairs.is_empty(), "--pairs names no pair");
     let opts = options(a.link.links()?)?;
-    let scenario = match a.scenario.as_str() {
-        "connect" => Scenario::Connect,
-        _ => Scenario::Nat,
-    };
     let rows = runner::run_grid(&opts, &pairs, scenario, |row| {
         if a.json {
             json_line(&serde_json::to_value(row).unwrap_or_default());
@@ -212,10 +216,10 @@ fn grid_cmd(a: GridArgs) -> anyhow::Result<ExitCode> {
     });
     let title = format!(
         "natpunch lab grid: {} per pair{}",
-        if scenario == Scenario::Connect {
-            "A connects to B"
-        } else {
-            "NAT discovery"
+        match scenario {
+            Scenario::Connect => "A connects to B",
+            Scenario::Session => "A's session to B (relay first, then direct)",
+            Scenario::Nat => "NAT discovery",
         },
         if a.link.delay_ms > 0 {
             format!(", {} ms one-way access delay", a.link.delay_ms)

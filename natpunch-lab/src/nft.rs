@@ -59,6 +59,13 @@ pub fn ruleset(spec: &NatSpec, at: &NatPlacement) -> String {
     let public = at.public;
     let inside = at.inside.join(", ");
     let _ = writeln!(s, "table ip {TABLE} {{");
+    if spec.udp_blocked {
+        // No UDP through, either way (TCP only: some corporate and hotel
+        // networks).
+        s.push_str(
+            "  chain forward {\n    type filter hook forward priority filter; policy accept;\n    meta l4proto udp drop\n  }\n",
+        );
+    }
     if spec.plain_masquerade {
         let _ = writeln!(
             s,
@@ -263,6 +270,9 @@ mod tests {
         assert!(adm.contains("map adm") && adm.contains(". ip daddr map @adm"));
         let linux = ruleset(&NatSpec::preset("linux").unwrap(), &at());
         assert!(linux.contains("masquerade") && !linux.contains("map"));
+        assert!(!linux.contains("hook forward"));
+        let blocked = ruleset(&NatSpec::parse("linux:udp=block").unwrap(), &at());
+        assert!(blocked.contains("hook forward") && blocked.contains("meta l4proto udp drop"));
         for p in PRESETS {
             let r = ruleset(&NatSpec::preset(p).unwrap(), &at());
             assert_eq!(r.matches('{').count(), r.matches('}').count(), "{p}");

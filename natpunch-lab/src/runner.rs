@@ -207,6 +207,11 @@ pub enum Scenario {
     /// (direct by which technique, or no direct path) is checked against
     /// [`expected_connect`].
     Connect,
+    /// B listens, A pipes 1 MiB to it in one session: the session starts
+    /// on the relay, and must end on the direct path [`expected_connect`]
+    /// names, or stay relayed where none exists (or UDP is blocked); every
+    /// byte must arrive.
+    Session,
 }
 
 /// One grid entry: a topology and the labels of its two sides.
@@ -303,6 +308,7 @@ pub fn run_grid(
         let r = match scenario {
             Scenario::Nat => grid_nat(opts, pair, &mut row),
             Scenario::Connect => grid_connect(opts, pair, &mut row),
+            Scenario::Session => grid_session(opts, pair, &mut row),
         };
         if let Err(e) = r {
             row.outcome = Outcome::Error;
@@ -544,6 +550,285 @@ fn grid_connect(opts: &LabOptions, pair: &GridPair, row: &mut GridRow) -> Result
         }
     }
     Ok(())
+}
+
+/// The pairs of the session grid: the default ones, and those only the
+/// relay connects (a symmetric carrier NAT, a network without UDP).
+pub fn session_pairs() -> Result<Vec<GridPair>, SpecError> {
+    let mut v = default_pairs()?;
+    v.push(GridPair::pair(
+        Side::parse("port-restricted-cone+symmetric-random")?,
+        Side::parse("port-restricted-cone")?,
+    ));
+    v.push(GridPair::pair(
+        Side::parse("full-cone+symmetric-random")?,
+        Side::parse("symmetric-random")?,
+    ));
+    v.push(GridPair::pair(
+        Side::parse("port-restricted-cone:udp=block")?,
+        Side::parse("full-cone")?,
+    ));
+    v.push(GridPair::pair(
+        Side::parse("symmetric-random:udp=block")?,
+        Side::parse("symmetric-random")?,
+    ));
+    Ok(v)
+}
+
+/// A side behind a home NAT behind a carrier NAT that maps per
+/// destination.
+fn symmetric_carrier(t: &TopologySpec) -> bool {
+    let side = |s: &Side| match s {
+        Side::DoubleNat { carrier, .. } => {
+            carrier.mapping != natpunch_proto::nat::Behaviour::EndpointIndependent
+        }
+        _ => false,
+    };
+    match t {
+        TopologySpec::Pair { a, b } => side(a) || side(b),
+        TopologySpec::SameNat { .. } => false,
+        TopologySpec::SharedCarrier { carrier, .. } => {
+            carrier.mapping != natpunch_proto::nat::Behaviour::EndpointIndependent
+        }
+    }
+}
+
+fn udp_blocked(t: &TopologySpec) -> bool {
+    let side = |s: &Side| match s {
+        Side::Direct => false,
+        Side::Nat(n) => n.udp_blocked,
+        Side::DoubleNat { home, carrier } => home.udp_blocked || carrier.udp_blocked,
+    };
+    match t {
+        TopologySpec::Pair { a, b } => side(a) || side(b),
+        TopologySpec::SameNat { nat } => nat.udp_blocked,
+        TopologySpec::SharedCarrier { a, b, carrier } => {
+            a.udp_blocked || b.udp_blocked || carrier.udp_blocked
+        }
+    }
+}
+
+/// Bytes A sends in the session scenario: half before the path settles,
+/// half after, so the move from the relay happens mid-session.
+const SESSION_BYTES: usize = 1 << 20;
+/// The path settles (moves to direct, or stays relayed with a reason)
+/// within this long: a punch gives up after 10 s.
+const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+fn grid_session(opts: &LabOptions, pair: &GridPair, row: &mut GridRow) -> Result<(), LabError> {
+    use std::io::Write;
+    let (mut want, mut reason) = expected_connect(&pair.topology);
+    if udp_blocked(&pair.topology) {
+        want = None;
+        reason = "a side's network drops all UDP: relayed over TCP".into();
+    } else if symmetric_carrier(&pair.topology) {
+        // The punching grid has no such pair: birthday probing does not
+        // get through a home NAT behind a symmetric carrier (measured:
+        // 0 of 4 in the connect scenario), so the relay carries it.
+        want = None;
+        reason = "a symmetric carrier NAT behind the home NAT: relayed".into();
+    }
+    row.expected = Some(match want {
+        Some(s) => format!("relay, then direct by {} ({reason})", s.as_str()),
+        None => format!("relay ({reason})"),
+    });
+    let mut lab = Lab::build(&pair.topology, opts)?;
+    lab.start_server()?;
+    let dir = std::env::temp_dir().join(format!("{}-session", lab.prefix()));
+    let _ = std::fs::create_dir_all(&dir);
+    let r = session_run(&lab, &dir, want);
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = r?;
+    row.elapsed_ms = run.connected_ms.unwrap_or(0);
+    let intact = run.received.as_deref() == Some(run.sent.as_slice());
+    let (path, strategy) = (run.path.clone(), run.strategy.clone());
+    row.result = match (&path, &strategy) {
+        (Some(p), Some(s)) if p == "direct" => s.clone(),
+        (Some(p), _) => format!(
+            "{p}{}",
+            run.code
+                .as_ref()
+                .map(|c| format!(" ({c})"))
+                .unwrap_or_default()
+        ),
+        (None, _) => "failed".into(),
+    };
+    let path_ok = match want {
+        Some(s) => path.as_deref() == Some("direct") && strategy.as_deref() == Some(s.as_str()),
+        None => path.as_deref() == Some("relay"),
+    };
+    let relay_first = run.first_path.as_deref() == Some("relay");
+    row.outcome = if path_ok && intact && relay_first && run.exit_ok {
+        Outcome::Pass
+    } else {
+        Outcome::Fail
+    };
+    row.detail = if !relay_first {
+        format!(
+            "the session did not start on the relay (first path {:?})",
+            run.first_path
+        )
+    } else if !path_ok {
+        format!("ended on {path:?} by {strategy:?}; {}", run.detail)
+    } else if !intact {
+        format!(
+            "B received {} of {} bytes, not intact",
+            run.received.as_ref().map_or(0, Vec::len),
+            run.sent.len()
+        )
+    } else if !run.exit_ok {
+        format!("natpunch connect failed: {}", run.detail)
+    } else {
+        String::new()
+    };
+    let _ = std::io::stderr().flush();
+    Ok(())
+}
+
+/// What one session scenario saw.
+#[derive(Debug, Default)]
+struct SessionRun {
+    sent: Vec<u8>,
+    received: Option<Vec<u8>>,
+    /// The path of A's `connected` event, and its time.
+    first_path: Option<String>,
+    connected_ms: Option<u64>,
+    /// Where A's session ended up, by what, and why it stayed relayed.
+    path: Option<String>,
+    strategy: Option<String>,
+    code: Option<String>,
+    exit_ok: bool,
+    detail: String,
+}
+
+fn session_run(
+    lab: &Lab,
+    dir: &std::path::Path,
+    want: Option<Strategy>,
+) -> Result<SessionRun, LabError> {
+    use std::io::Write;
+    let server = lab.server_addr().to_string();
+    let out_path = dir.join("received");
+    let out = std::fs::File::create(&out_path).map_err(|source| LabError::Spawn {
+        command: "create the output file".into(),
+        source,
+    })?;
+    let mut listen = lab.natpunch(Node::HostB);
+    listen
+        .args([
+            "listen", "-s", &server, "--json", "--rto-ms", "100", "--key",
+        ])
+        .arg(dir.join("b"))
+        .stdin(std::process::Stdio::null())
+        .stdout(out);
+    let (mut lchild, lrx) = spawn_lines(listen)?;
+    let Some(id) = wait_event(&lrx, &["registered"], SETUP_LIMIT)
+        .and_then(|v| v["peer_id"].as_str().map(str::to_string))
+    else {
+        let _ = lchild.kill();
+        let _ = lchild.wait();
+        return Err(LabError::Command {
+            command: "natpunch listen".into(),
+            stderr: "did not register".into(),
+        });
+    };
+    let mut run = SessionRun {
+        sent: (0..SESSION_BYTES)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect(),
+        ..SessionRun::default()
+    };
+    let mut connect = lab.natpunch(Node::HostA);
+    connect
+        .args([
+            "connect", &id, "-s", &server, "--json", "--rto-ms", "100", "--key",
+        ])
+        .arg(dir.join("a"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null());
+    let t0 = Instant::now();
+    let (mut cchild, crx) = spawn_lines(connect)?;
+    let mut stdin = cchild.stdin.take();
+    let half = SESSION_BYTES / 2;
+    if let Some(s) = stdin.as_mut() {
+        let _ = s.write_all(&run.sent[..half]);
+    }
+    // Until the path settles: a move to direct, or a reason to stay.
+    let deadline = Instant::now() + SETTLE_LIMIT;
+    let mut events = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Ok(line) = crx.recv_timeout(left) else {
+            break;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let ev = v["event"].as_str().unwrap_or_default().to_string();
+        events.push(v.clone());
+        match ev.as_str() {
+            "connected" => {
+                run.first_path = v["path"].as_str().map(str::to_string);
+                run.connected_ms = Some(t0.elapsed().as_millis() as u64);
+                run.path = run.first_path.clone();
+            }
+            "path-changed" => {
+                run.path = v["to"]["path"].as_str().map(str::to_string);
+                run.strategy = v["strategy"].as_str().map(str::to_string);
+                if run.path.as_deref() == Some("direct") && want.is_some() {
+                    break;
+                }
+            }
+            "relayed" => {
+                run.code = v["code"].as_str().map(str::to_string);
+                run.detail = v["reason"].as_str().unwrap_or_default().to_string();
+                break;
+            }
+            "failed" => {
+                run.detail = v["reason"].as_str().unwrap_or_default().to_string();
+                break;
+            }
+            _ => {}
+        }
+    }
+    if let Some(mut s) = stdin.take() {
+        let _ = s.write_all(&run.sent[half..]);
+    }
+    let exit = wait_exit(&mut cchild, SETTLE_LIMIT);
+    run.exit_ok = exit == Some(true);
+    // Later moves count too (a path that moved on after the data).
+    while let Ok(line) = crx.try_recv() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+            if v["event"] == "path-changed" {
+                run.path = v["to"]["path"].as_str().map(str::to_string);
+                run.strategy = v["strategy"].as_str().map(str::to_string);
+            }
+        }
+    }
+    let _ = wait_exit(&mut lchild, std::time::Duration::from_secs(5));
+    run.received = std::fs::read(&out_path).ok();
+    if run.detail.is_empty() && !run.exit_ok {
+        run.detail = format!("events: {events:?}");
+    }
+    Ok(run)
+}
+
+/// Waits for a child to exit (killing it after `within`): whether it
+/// exited 0.
+fn wait_exit(child: &mut std::process::Child, within: std::time::Duration) -> Option<bool> {
+    let deadline = Instant::now() + within;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Some(st.success()),
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
 }
 
 /// One pair's benchmark figures.

@@ -64,6 +64,9 @@ pub struct NatSpec {
     pub inbound_tcp: Unsolicited,
     /// Plain kernel masquerade instead of our rule set (the `linux` preset).
     pub plain_masquerade: bool,
+    /// A firewall that forwards no UDP at all, either way (`udp=block`):
+    /// the networks where only TCP reaches the internet.
+    pub udp_blocked: bool,
 }
 
 mod secs {
@@ -95,7 +98,7 @@ pub const PRESETS: [&str; 7] = [
 pub enum SpecError {
     #[error("unknown NAT preset {0:?} (known: {known})", known = PRESETS.join(", "))]
     UnknownPreset(String),
-    #[error("bad NAT parameter {0:?}: expected key=value with keys delta, hairpin, timeout, inbound-udp, inbound-tcp")]
+    #[error("bad NAT parameter {0:?}: expected key=value with keys delta, hairpin, timeout, inbound-udp, inbound-tcp, udp")]
     BadParameter(String),
 }
 
@@ -161,6 +164,7 @@ impl NatSpec {
                 Unsolicited::Drop
             },
             plain_masquerade: name == "linux",
+            udp_blocked: false,
         })
     }
 
@@ -184,6 +188,13 @@ impl NatSpec {
                 "timeout" => spec.udp_timeout = Duration::from_secs(v.parse().map_err(|_| bad())?),
                 "inbound-udp" => spec.inbound_udp = parse_unsolicited(v).ok_or_else(bad)?,
                 "inbound-tcp" => spec.inbound_tcp = parse_unsolicited(v).ok_or_else(bad)?,
+                "udp" => {
+                    spec.udp_blocked = match v {
+                        "block" | "drop" | "off" => true,
+                        "pass" | "on" => false,
+                        _ => return Err(bad()),
+                    }
+                }
                 _ => return Err(bad()),
             }
         }
@@ -321,6 +332,8 @@ mod tests {
         assert!(NatSpec::parse("nope").is_err());
         assert!(NatSpec::parse("full-cone:delta=0").is_err());
         assert!(NatSpec::parse("full-cone:colour=red").is_err());
+        assert!(NatSpec::parse("full-cone:udp=block").unwrap().udp_blocked);
+        assert!(NatSpec::parse("full-cone:udp=maybe").is_err());
         assert!(matches!(
             Side::parse("full-cone+symmetric-random"),
             Ok(Side::DoubleNat { .. })

@@ -185,14 +185,24 @@ fn measure_tcp(lab: &Lab, bytes: u64) -> Result<Transfer, LabError> {
 #[derive(Debug, Clone)]
 pub struct PipeRun {
     pub transfer: Transfer,
-    /// How A's punch went (`cone`, `predict`, …) and how long it took.
+    /// How A's punch went (`cone`, `predict`, …, or `relay` where no
+    /// direct path formed) and how long it took.
     pub strategy: String,
     pub punch_ms: u64,
+    /// When the session started on the relay first, how long that took.
+    pub relay_ms: Option<u64>,
     /// Every byte arrived, in order, unchanged.
     pub intact: bool,
 }
 
-/// `natpunch -s S -d B < data` on A into `natpunch -s S > sink` on B.
+/// A's session settles on its path (the relay hands over to a punched
+/// path, or it says why it stays) within this long.
+const SETTLE_LIMIT: Duration = Duration::from_secs(20);
+
+/// `natpunch -s S -d B < data` on A into `natpunch -s S > sink` on B. The
+/// session starts on the relay; the data goes once it has moved to its
+/// direct path (or stays relayed, saying why), so the figures are the
+/// path's own.
 pub fn pipe(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<PipeRun, LabError> {
     let server = lab.server_addr().to_string();
     let key = |k: &str| keys.join(k).to_string_lossy().into_owned();
@@ -236,6 +246,26 @@ pub fn pipe(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<PipeRun, La
         .stdin
         .take()
         .ok_or_else(|| LabError::Measure("no stdin".into()))?;
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    let settle = Instant::now() + SETTLE_LIMIT;
+    while let Some(left) = settle.checked_duration_since(Instant::now()) {
+        let Ok(line) = arx.recv_timeout(left) else {
+            break;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let settled = match v["event"].as_str() {
+            Some("connected") => v["path"] == "direct",
+            Some("path-changed") => v["to"]["path"] == "direct",
+            Some("relayed" | "failed") => true,
+            _ => false,
+        };
+        events.push(v);
+        if settled {
+            break;
+        }
+    }
     let source = std::thread::spawn(move || write_pattern(ain, bytes));
     // A transfer that stalls (say, the punch failed) must not hang the
     // bench: past the limit both ends are killed, which ends the sink.
@@ -254,7 +284,6 @@ pub fn pipe(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<PipeRun, La
         .join()
         .map_err(|_| LabError::Measure("sink panicked".into()));
     let _ = source.join();
-    let connected = wait_event(&arx, &["connected"], Duration::from_secs(1));
     let failed = match &got {
         Ok(g) => (started.elapsed() > TRANSFER_LIMIT || g.bytes != bytes)
             .then(|| format!("natpunch moved {} of {bytes} bytes", g.bytes)),
@@ -274,17 +303,29 @@ pub fn pipe(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<PipeRun, La
         return Err(LabError::Measure(why));
     }
     let got = got?;
+    // The session's first path (the relay, usually) and the direct path
+    // it moved to, if it did.
+    events.extend(arx.try_iter().filter_map(|l| serde_json::from_str(&l).ok()));
+    let connected = events.iter().find(|e| e["event"] == "connected");
+    let direct = events
+        .iter()
+        .find(|e| e["event"] == "path-changed" && e["to"]["path"] == "direct")
+        .or(connected.filter(|c| c["path"] == "direct"));
+    let relay_ms = connected
+        .filter(|c| c["path"] == "relay")
+        .and_then(|c| c["elapsed_ms"].as_u64());
     Ok(PipeRun {
         transfer: transfer(got.bytes, got.took, cpu),
-        strategy: connected
-            .as_ref()
+        strategy: direct
+            .or(connected)
             .and_then(|c| c["strategy"].as_str())
             .unwrap_or("?")
             .to_string(),
-        punch_ms: connected
-            .as_ref()
+        punch_ms: direct
+            .or(connected)
             .and_then(|c| c["elapsed_ms"].as_u64())
             .unwrap_or(0),
+        relay_ms,
         intact: got.intact,
     })
 }

@@ -700,6 +700,34 @@ impl Lab {
         )
     }
 
+    /// Drops all UDP between the hosts behind `nat` and `peer` (a public
+    /// address), both ways, until [`Lab::unblock_udp`]: a firewall rule
+    /// that closes the direct path while the server (and the relay) stays
+    /// reachable.
+    pub fn block_udp(&self, nat: Node, peer: Ipv4Addr) -> Result<(), LabError> {
+        let ns = self.netns(nat).ok_or(LabError::NoSuchNode(nat))?;
+        nft_load(
+            ns,
+            &format!("table ip natpunch_block {{\n  chain cut {{\n    type filter hook forward priority filter - 10; policy accept;\n    ip daddr {peer} meta l4proto udp drop\n    ip saddr {peer} meta l4proto udp drop\n  }}\n}}\n"),
+        )
+    }
+
+    /// Lifts [`Lab::block_udp`].
+    pub fn unblock_udp(&self, nat: Node) -> Result<(), LabError> {
+        let ns = self.netns(nat).ok_or(LabError::NoSuchNode(nat))?;
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "delete",
+            "table",
+            "ip",
+            "natpunch_block",
+        ]))
+        .map(|_| ())
+    }
+
     /// A NAT's outside (public) address.
     pub fn wan_ip(&self, nat: Node) -> Result<Ipv4Addr, LabError> {
         let ns = self.netns(nat).ok_or(LabError::NoSuchNode(nat))?;

@@ -1,11 +1,13 @@
 //! natpunch's tokio drivers: they bind the sans-IO machines of
 //! `natpunch-proto` to real sockets and timers.
 //!
-//! - [`stun_server`]: the STUN/RFC 5780 server on UDP and TCP.
+//! - [`stun_server`]: the server: STUN/RFC 5780, rendezvous and relay, on
+//!   UDP and TCP.
 //! - [`nat`]: runs NAT behaviour discovery and returns a report.
 //! - [`net`]: socket and name-resolution helpers.
 //! - [`batch`]: batched UDP receive and send (recvmmsg/sendmmsg).
-//! - [`peer`]: the peer driver: discovery, rendezvous, punching.
+//! - [`peer`]: the peer driver: discovery, rendezvous, punching, relay.
+//! - [`server_tcp`]: the peer's TCP link to its server where UDP is blocked.
 //! - [`session`]: QUIC sessions on the punched path, and the library API
 //!   ([`session::Endpoint`]).
 
@@ -15,6 +17,7 @@ pub mod nat;
 pub mod nat_cache;
 pub mod net;
 pub mod peer;
+pub mod server_tcp;
 pub mod session;
 pub mod stun_server;
 pub mod ttl;

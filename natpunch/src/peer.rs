@@ -30,10 +30,12 @@ use tokio::sync::{mpsc, oneshot};
 use crate::nat::{NatError, NatOptions};
 use crate::nat_cache;
 use crate::net::{bind_udp, route_source, NetError};
+use crate::server_tcp::LinkNews;
 use crate::session::endpoint::{Shared, UserCommand};
 use crate::session::socket::{Datagram, PathSocket, SocketNews};
 use crate::session::{Connection, Internal, SessionEnd, SessionError};
 use crate::ttl;
+use natpunch_proto::relay::stream::encode_record;
 
 /// Control datagrams (≤ [`crate::session::socket::MAX_CONTROL`] bytes
 /// each) waiting for the driver: a birthday burst is 256 sockets × a few
@@ -118,6 +120,11 @@ pub enum PeerEvent {
     ServerBack {
         server: SocketAddr,
     },
+    /// UDP to the server got no answer: its frames (and the relay) go
+    /// over TCP now.
+    ServerOverTcp {
+        server: SocketAddr,
+    },
     /// Another process with our key registered; we no longer receive
     /// introductions until it leaves.
     Displaced {
@@ -141,6 +148,8 @@ pub enum PeerEvent {
         bytes_sent: u64,
         /// A live path to the peer was used: no punching.
         reused: bool,
+        /// The relay is reached over TCP (UDP is blocked here).
+        over_tcp: bool,
     },
     Failed {
         peer_id: PeerId,
@@ -162,6 +171,10 @@ pub enum PeerEvent {
         peer_id: PeerId,
         from: Option<PathView>,
         to: PathView,
+        /// The technique that punched the new path, when one did, and how
+        /// long from the connect (or introduction) its attempt took.
+        strategy: Option<Strategy>,
+        elapsed: Option<Duration>,
     },
     /// Punching failed for a relayed peer: its sessions stay on the relay.
     Relayed {
@@ -232,6 +245,15 @@ struct Driver {
     conns: HashMap<SocketAddr, Vec<quinn::Connection>>,
     /// We registered at least once (a listener).
     registered: bool,
+    /// The divert queue's sender (a TCP link feeds it too).
+    divert: mpsc::Sender<Datagram>,
+    /// The server answered on UDP at least once.
+    udp_heard: bool,
+    /// Records for the server, when it is reached over TCP.
+    tcp: Option<mpsc::Sender<Vec<u8>>>,
+    /// When to try TCP (while UDP gets no answer).
+    tcp_at: Option<Instant>,
+    tcp_news: mpsc::UnboundedSender<LinkNews>,
     /// Why the run must stop.
     fatal: Option<PeerError>,
     done: bool,
@@ -258,7 +280,9 @@ pub(crate) async fn run(
     })?;
     let (divert_tx, mut divert) = mpsc::channel::<Datagram>(CONTROL_QUEUE);
     let (news_tx, mut news) = mpsc::unbounded_channel::<SocketNews>();
-    let socket = Arc::new(PathSocket::new(main, divert_tx, news_tx).map_err(PeerError::Socket)?);
+    let (tcp_news_tx, mut tcp_news) = mpsc::unbounded_channel::<LinkNews>();
+    let socket =
+        Arc::new(PathSocket::new(main, divert_tx.clone(), news_tx).map_err(PeerError::Socket)?);
     let endpoint = shared.quic_endpoint(socket.clone()).map_err(|e| match e {
         SessionError::Socket(io) => PeerError::Socket(io),
         other => PeerError::Socket(std::io::Error::other(other.to_string())),
@@ -316,6 +340,11 @@ pub(crate) async fn run(
         next_request: 1,
         conns: HashMap::new(),
         registered: false,
+        divert: divert_tx,
+        udp_heard: false,
+        tcp: None,
+        tcp_at: Some(Instant::now() + crate::server_tcp::TCP_FALLBACK_AFTER),
+        tcp_news: tcp_news_tx,
         fatal: None,
         done: false,
     };
@@ -338,16 +367,34 @@ pub(crate) async fn run(
             .host
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let tcp_at = d
+            .tcp_at
+            .filter(|_| !d.udp_heard && !d.cfg.once)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             got = divert.recv() => {
                 let Some((id, from, data)) = got else { return Ok(()) };
                 let now = Instant::now();
+                d.heard(id, from);
                 d.host.handle_datagram(now, id, from, &data);
                 // Drain what else is already queued before flushing.
                 while let Ok((id, from, data)) = divert.try_recv() {
+                    d.heard(id, from);
                     d.host.handle_datagram(now, id, from, &data);
                 }
             }
+            _ = tokio::time::sleep_until(tcp_at.into()), if d.tcp_at.is_some() && !d.udp_heard && !d.cfg.once => {
+                d.tcp_at = None;
+                tracing::debug!(server = %d.cfg.server, "no answer on UDP yet: trying TCP too");
+                crate::server_tcp::spawn_connect(
+                    d.cfg.server,
+                    d.local_ip,
+                    d.socket.clone(),
+                    d.divert.clone(),
+                    d.tcp_news.clone(),
+                );
+            }
+            Some(n) = tcp_news.recv() => d.on_link(n),
             Some(fact) = facts.recv() => d.host.handle_fact(Instant::now(), fact),
             Some(SocketNews::NewSource { mapped, path }) = news.recv() => {
                 if let Some(key) = d.socket.key_of(mapped) {
@@ -502,6 +549,40 @@ async fn discover(
 }
 
 impl Driver {
+    /// A datagram from the server on UDP: UDP works (with or without TCP).
+    fn heard(&mut self, id: SocketId, from: SocketAddr) {
+        if id == SocketId(0) && from == self.cfg.server && self.tcp.is_none() {
+            self.udp_heard = true;
+        }
+    }
+
+    fn on_link(&mut self, n: LinkNews) {
+        match n {
+            LinkNews::Up(link) if !self.udp_heard => {
+                tracing::info!(server = %self.cfg.server, "UDP to the server gets no answer: using TCP");
+                self.socket.set_stream(Some(link.tx.clone()));
+                self.tcp = Some(link.tx);
+                self.emit(PeerEvent::ServerOverTcp {
+                    server: self.cfg.server,
+                });
+                self.host.server_over_tcp(Instant::now());
+            }
+            // UDP answered meanwhile: the link is not needed.
+            LinkNews::Up(_) => {}
+            LinkNews::Failed(e) => {
+                tracing::debug!(error = %e, "TCP to the server failed");
+                self.tcp_at = Some(Instant::now() + crate::server_tcp::RETRY_AFTER);
+            }
+            LinkNews::Closed => {
+                if self.tcp.take().is_some() {
+                    tracing::info!(server = %self.cfg.server, "the TCP link to the server closed");
+                    self.socket.set_stream(None);
+                }
+                self.tcp_at = Some(Instant::now() + crate::server_tcp::RETRY_AFTER);
+            }
+        }
+    }
+
     fn emit(&self, e: PeerEvent) {
         if self.shared.events.try_send(e).is_err() {
             tracing::trace!("event dropped: nobody reads events");
@@ -547,6 +628,16 @@ impl Driver {
             self.on_host_event(ev);
         }
         while let Some(t) = self.host.poll_transmit() {
+            if let Some(tx) = self
+                .tcp
+                .as_ref()
+                .filter(|_| t.socket == SocketId(0) && t.destination == self.cfg.server)
+            {
+                if tx.try_send(encode_record(&t.payload)).is_err() {
+                    tracing::trace!("TCP link queue full: datagram for the server dropped");
+                }
+                continue;
+            }
             if let Err(e) = self
                 .socket
                 .send_control(t.socket, t.destination, &t.payload, t.ttl)
@@ -615,6 +706,7 @@ impl Driver {
                     probes_sent,
                     bytes_sent,
                     reused,
+                    over_tcp: strategy == Strategy::Relay && self.tcp.is_some(),
                 });
                 if self.cfg.once {
                     self.done = true;
@@ -681,12 +773,20 @@ impl Driver {
                 peer_id: peer,
                 strategy,
             }),
-            HostEvent::PathChanged { remote, from, to } => {
+            HostEvent::PathChanged {
+                remote,
+                from,
+                to,
+                strategy,
+                elapsed,
+            } => {
                 self.nudge(remote);
                 self.emit(PeerEvent::PathChanged {
                     peer_id: remote.peer,
                     from: from.map(|v| self.view(v)),
                     to: self.view(to),
+                    strategy,
+                    elapsed,
                 });
             }
             HostEvent::PathRepaired {

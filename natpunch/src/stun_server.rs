@@ -1,23 +1,31 @@
 //! Tokio driver for the server's sans-IO machines: STUN on UDP (one to
 //! four sockets: RFC 5780 needs 2 IPs × 2 ports) and on TCP with RFC 8489
 //! §6.2.2 framing; the rendezvous protocol (0x2A) and the relay (0x2C) on
-//! the same UDP sockets.
+//! the same UDP sockets, and all three over TCP on the same port for
+//! networks that drop UDP ([`natpunch_proto::relay::stream`] records).
+//!
+//! A peer on TCP is, to the machines, its TCP address seen from a *tag*
+//! local address (the listener's, as an IPv6 address with a flow label no
+//! real socket has); what they send "from" a tag goes down that peer's
+//! connection, through a bounded queue that drops when full.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, SocketAddrV6};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use natpunch_proto::relay::stream::{encode_record, Decoder, Record};
 use natpunch_proto::relay::{is_relay, RelayConfig, RelayStats};
-use natpunch_proto::rendezvous::server::{Limits, RendezvousStats};
+use natpunch_proto::rendezvous::server::{Limits, Outgoing, RendezvousStats};
 use natpunch_proto::rendezvous::wire::is_rendezvous;
 use natpunch_proto::rendezvous::RendezvousServer;
-use natpunch_proto::stun::message::{framed_len, HEADER_LEN};
 use natpunch_proto::stun::server::{Server, ServerConfig, ServerStats, Transport};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::batch::{RecvBatch, SendBatch};
@@ -30,12 +38,20 @@ pub const MAX_TCP_CONNECTIONS: usize = 1024;
 /// §6.2.2 lets servers close idle connections; 10 s covers a slow client's
 /// request and answer several times over.
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A natpunch peer on TCP (it sent a record) is dropped after this long
+/// without a byte: its heartbeats (3 s) or relay keepalives (15 s) keep it.
+pub const TCP_PEER_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections from one IP at most (a carrier NAT's many users share one,
+/// and each peer needs one; a flood from one address cannot take all).
+pub const MAX_TCP_PER_IP: usize = 64;
+/// Datagrams waiting for one TCP peer's connection; beyond, they are
+/// dropped (QUIC sees loss and slows down) rather than queued without
+/// bound behind a slow reader. 512 full-size packets are 0.7 MB: 60 ms of
+/// a 100 Mbit/s path (iroh-relay keeps 512 per client, DERP 32).
+pub const TCP_QUEUE: usize = 512;
 /// Batches read from one socket before turning to the others, so one busy
 /// socket cannot starve the rest (8 x 32 datagrams).
 const UDP_ROUNDS: usize = 8;
-/// Largest datagram we read; STUN requests are far smaller, and anything
-/// longer is truncated and then fails to decode (dropped and counted).
-const RECV_BUF: usize = 2048;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +68,64 @@ pub enum ServerError {
     },
 }
 
+/// The flow label that marks a tag address (no real socket has one).
+const TCP_TAG_FLOW: u32 = 0x0000_77C9;
+
+/// The tag standing for TCP peers of the listener at `local`.
+fn tcp_tag(local: SocketAddr) -> SocketAddr {
+    let ip = match local.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    SocketAddr::V6(SocketAddrV6::new(ip, local.port(), TCP_TAG_FLOW, 0))
+}
+
+/// Where the machines' datagrams go: the UDP sockets, and the queues of
+/// peers connected over TCP.
+struct Wires {
+    udp: Vec<Arc<UdpSocket>>,
+    locals: Vec<SocketAddr>,
+    tags: Vec<SocketAddr>,
+    tcp: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
+    /// Datagrams dropped because a TCP peer's queue was full.
+    tcp_dropped: AtomicU64,
+}
+
+impl Wires {
+    /// Sends `o` where its `from` says: into `batches` (the UDP loop), at
+    /// once on a UDP socket (dropped if the socket is full), or down a TCP
+    /// peer's connection.
+    fn deliver(&self, o: Outgoing, batches: Option<&mut [SendBatch]>) {
+        if let Some(j) = self.locals.iter().position(|l| *l == o.from) {
+            match batches {
+                Some(b) => b[j].push(&o.payload, o.to),
+                None => {
+                    if let Err(e) = self.udp[j].try_send_to(&o.payload, o.to) {
+                        tracing::trace!(to = %o.to, error = %e, "udp send failed");
+                    }
+                }
+            }
+            return;
+        }
+        if self.tags.contains(&o.from) {
+            let tx = self
+                .tcp
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&o.to)
+                .cloned();
+            let sent = tx.is_some_and(|tx| tx.try_send(encode_record(&o.payload)).is_ok());
+            if !sent {
+                self.tcp_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 /// A running server; dropping it does not stop it, call [`RunningServer::shutdown`].
 pub struct RunningServer {
     core: Arc<Mutex<Cores>>,
+    wires: Arc<Wires>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     locals: Vec<SocketAddr>,
@@ -109,24 +180,38 @@ impl RunningServer {
             crate::net::grow_buffers(&s, crate::net::BURST_BUFFER);
             sockets.push(Arc::new(s));
         }
-        let mut listeners = Vec::new();
-        for a in &locals {
-            listeners.push((*a, bind_tcp_listener(*a)?));
-        }
-        // With port 0 the kernel picks: report what was bound.
+        // With port 0 the kernel picks: report what was bound, and serve
+        // TCP on the same ports.
         let locals: Vec<SocketAddr> = sockets
             .iter()
             .zip(&locals)
             .map(|(s, a)| s.local_addr().unwrap_or(*a))
             .collect();
+        let mut listeners = Vec::new();
+        for a in &locals {
+            listeners.push((*a, bind_tcp_listener(*a)?));
+        }
         let core = Arc::new(Mutex::new(core));
+        let wires = Arc::new(Wires {
+            udp: sockets.clone(),
+            locals: locals.clone(),
+            tags: locals.iter().map(|l| tcp_tag(*l)).collect(),
+            tcp: Mutex::new(HashMap::new()),
+            tcp_dropped: AtomicU64::new(0),
+        });
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        tasks.spawn(udp_loop(core.clone(), sockets, stop_rx.clone()));
+        tasks.spawn(udp_loop(
+            core.clone(),
+            wires.clone(),
+            sockets,
+            stop_rx.clone(),
+        ));
         let permits = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
         for (local, l) in listeners {
             tasks.spawn(tcp_accept_loop(
                 core.clone(),
+                wires.clone(),
                 l,
                 local,
                 permits.clone(),
@@ -135,6 +220,7 @@ impl RunningServer {
         }
         Ok(Self {
             core,
+            wires,
             stop,
             tasks,
             locals,
@@ -161,6 +247,19 @@ impl RunningServer {
         lock(&self.core).rendezvous.relay_stats()
     }
 
+    /// Datagrams dropped because a TCP peer's queue was full, and TCP
+    /// peers connected now.
+    pub fn tcp_stats(&self) -> (u64, usize) {
+        (
+            self.wires.tcp_dropped.load(Ordering::Relaxed),
+            self.wires
+                .tcp
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len(),
+        )
+    }
+
     /// Stops every task and returns the final STUN counters.
     pub async fn shutdown(self) -> ServerStats {
         self.shutdown_all().await.0
@@ -181,6 +280,7 @@ impl RunningServer {
 
 async fn udp_loop(
     core: Arc<Mutex<Cores>>,
+    wires: Arc<Wires>,
     sockets: Vec<Arc<UdpSocket>>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -219,21 +319,14 @@ async fn udp_loop(
                     for k in 0..rb.len() {
                         let (data, from) = rb.get(k);
                         let Some(from) = from else { continue };
-                        if is_relay(data) {
-                            core.rendezvous.handle_relay(now, from, data);
-                            while let Some(o) = core.rendezvous.poll_transmit() {
-                                if let Some(j) = locals.iter().position(|l| *l == o.from) {
-                                    sends[j].push(&o.payload, o.to);
-                                }
+                        if is_relay(data) || is_rendezvous(data) {
+                            if is_relay(data) {
+                                core.rendezvous.handle_relay(now, from, data);
+                            } else {
+                                core.rendezvous.handle(now, locals[i], from, data);
                             }
-                            continue;
-                        }
-                        if is_rendezvous(data) {
-                            core.rendezvous.handle(now, locals[i], from, data);
                             while let Some(o) = core.rendezvous.poll_transmit() {
-                                if let Some(j) = locals.iter().position(|l| *l == o.from) {
-                                    sends[j].push(&o.payload, o.to);
-                                }
+                                wires.deliver(o, Some(&mut sends));
                             }
                             continue;
                         }
@@ -303,12 +396,14 @@ async fn any_readable(sockets: &[Arc<UdpSocket>]) -> Option<usize> {
 
 async fn tcp_accept_loop(
     core: Arc<Mutex<Cores>>,
+    wires: Arc<Wires>,
     listener: tokio::net::TcpListener,
     local: SocketAddr,
     permits: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut conns = JoinSet::new();
+    let per_ip: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => break,
@@ -325,11 +420,27 @@ async fn tcp_accept_loop(
             tracing::debug!(%remote, "too many TCP connections, dropping");
             continue;
         };
-        let core = core.clone();
+        {
+            let mut m = per_ip.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(remote.ip()).or_default();
+            if *n >= MAX_TCP_PER_IP {
+                tracing::debug!(%remote, "too many TCP connections from this IP, dropping");
+                continue;
+            }
+            *n += 1;
+        }
+        let (core, wires, per_ip) = (core.clone(), wires.clone(), per_ip.clone());
         conns.spawn(async move {
             let _permit = permit;
-            if let Err(e) = serve_tcp(core, stream, local, remote).await {
+            if let Err(e) = serve_tcp(core, &wires, stream, local, remote).await {
                 tracing::trace!(%remote, error = %e, "tcp connection ended");
+            }
+            let mut m = per_ip.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = m.get_mut(&remote.ip()) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&remote.ip());
+                }
             }
         });
         while conns.try_join_next().is_some() {}
@@ -337,47 +448,117 @@ async fn tcp_accept_loop(
     conns.shutdown().await;
 }
 
+/// One TCP connection: bare STUN (answered bare) and records of any of our
+/// datagrams (answered in records, and reachable by the relay and the
+/// rendezvous server for as long as it stays open).
 async fn serve_tcp(
     core: Arc<Mutex<Cores>>,
-    mut stream: TcpStream,
+    wires: &Wires,
+    stream: TcpStream,
     local: SocketAddr,
     remote: SocketAddr,
 ) -> io::Result<()> {
-    let mut buf = Vec::with_capacity(RECV_BUF);
-    let mut out = Vec::with_capacity(256);
-    let mut chunk = [0u8; RECV_BUF];
-    loop {
-        // Serve every complete message already buffered.
-        while let Some(len) = framed_len(&buf) {
-            if buf.len() < len {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
+    let writer = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        while let Some(first) = rx.recv().await {
+            buf.clear();
+            buf.extend_from_slice(&first);
+            while buf.len() < 64 * 1024 {
+                match rx.try_recv() {
+                    Ok(more) => buf.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            if wr.write_all(&buf).await.is_err() {
                 break;
             }
-            let msg: Vec<u8> = buf.drain(..len).collect();
-            let reply = lock(&core).stun.handle(
-                Instant::now(),
-                Transport::Tcp,
-                local,
-                remote,
-                &msg,
-                &mut out,
-            );
-            if reply.is_some() {
-                stream.write_all(&out).await?;
+        }
+    });
+    let tag = tcp_tag(local);
+    let mut decoder = Decoder::new();
+    let mut out = Vec::with_capacity(256);
+    let mut chunk = vec![0u8; 16 * 1024];
+    let mut peer = false;
+    let result = 'conn: loop {
+        let idle = if peer {
+            TCP_PEER_IDLE_TIMEOUT
+        } else {
+            TCP_IDLE_TIMEOUT
+        };
+        let n = match tokio::time::timeout(idle, rd.read(&mut chunk)).await {
+            Err(_) => break Err(io::Error::new(io::ErrorKind::TimedOut, "idle")),
+            Ok(Err(e)) => break Err(e),
+            Ok(Ok(0)) => break Ok(()),
+            Ok(Ok(n)) => n,
+        };
+        decoder.push(&chunk[..n]);
+        loop {
+            let record = match decoder.next_record() {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::trace!(%remote, error = %e, "closing a TCP stream");
+                    break 'conn Ok(());
+                }
+            };
+            let now = Instant::now();
+            match record {
+                Record::Stun(m) => {
+                    let reply =
+                        lock(&core)
+                            .stun
+                            .handle(now, Transport::Tcp, local, remote, &m, &mut out);
+                    if reply.is_some() && tx.try_send(out.clone()).is_err() {
+                        wires.tcp_dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Record::Datagram(d) => {
+                    if !peer {
+                        peer = true;
+                        wires
+                            .tcp
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(remote, tx.clone());
+                    }
+                    let mut c = lock(&core);
+                    if is_relay(&d) || is_rendezvous(&d) {
+                        if is_relay(&d) {
+                            c.rendezvous.handle_relay(now, remote, &d);
+                        } else {
+                            c.rendezvous.handle(now, tag, remote, &d);
+                        }
+                        let outs: Vec<Outgoing> =
+                            std::iter::from_fn(|| c.rendezvous.poll_transmit()).collect();
+                        drop(c);
+                        for o in outs {
+                            wires.deliver(o, None);
+                        }
+                    } else if c
+                        .stun
+                        .handle(now, Transport::Tcp, local, remote, &d, &mut out)
+                        .is_some()
+                    {
+                        drop(c);
+                        if tx.try_send(encode_record(&out)).is_err() {
+                            wires.tcp_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
             }
         }
-        if buf.len() >= 4 && framed_len(&buf).is_none() {
-            // Not STUN framing: nothing sensible can follow.
-            return Ok(());
-        }
-        if buf.len() > HEADER_LEN + u16::MAX as usize {
-            return Ok(());
-        }
-        let n = tokio::time::timeout(TCP_IDLE_TIMEOUT, stream.read(&mut chunk))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "idle"))??;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    };
+    // The relay and the rendezvous server can no longer reach the peer
+    // here; the writer ends once the last sender is gone.
+    wires
+        .tcp
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&remote);
+    drop(tx);
+    let _ = writer.await;
+    result
 }

@@ -94,6 +94,12 @@ pub mod defaults {
     /// NATs and firewalls change (a mapping ages out, a rule is lifted),
     /// and an attempt costs about a hundred probes.
     pub const DIRECT_RETRY: Duration = Duration::from_secs(30);
+    /// When punching fails before the target accepted (the facts ruled a
+    /// direct path out at once), the relay waits this long for the
+    /// acceptance before the connect fails: the target's Accept comes one
+    /// round trip after its introduction, or a symmetric target's fresh
+    /// mapping later.
+    pub const RELAY_WAIT: Duration = Duration::from_secs(5);
 }
 
 /// A relay path: the rendezvous server's channel between us and a remote
@@ -260,6 +266,10 @@ pub enum HostEvent {
         remote: RemoteKey,
         from: Option<Via>,
         to: Via,
+        /// The technique that punched the new path, when one did, and how
+        /// long its attempt took.
+        strategy: Option<Strategy>,
+        elapsed: Option<Duration>,
     },
     /// Punching for a relayed remote failed: it stays on the relay (and
     /// tries direct again later unless the NATs rule it out).
@@ -320,6 +330,12 @@ struct Attempt {
     /// The server relays this session (it starts there once the target
     /// has accepted).
     relay_offered: bool,
+    /// The server's relay channel for this session is in place (the
+    /// target accepted).
+    channel_ready: bool,
+    /// Punching failed before the relay could start: reported once it has
+    /// (or at the instant, if the target has not accepted by then).
+    deferred: Option<(ConnectError, Instant)>,
 }
 
 #[derive(Debug, Clone)]
@@ -398,6 +414,8 @@ pub struct Host {
     events: VecDeque<HostEvent>,
     stats: HostStats,
     closing: bool,
+    /// The server is reached over TCP: no UDP gets through here.
+    udp_blocked: bool,
 }
 
 impl std::fmt::Debug for Host {
@@ -450,6 +468,7 @@ impl Host {
             events: VecDeque::new(),
             stats: HostStats::default(),
             closing: false,
+            udp_blocked: false,
             cfg,
         }
     }
@@ -620,6 +639,8 @@ impl Host {
             turn_until: None,
             relayed: false,
             relay_offered: false,
+            channel_ready: false,
+            deferred: None,
         }
     }
 
@@ -945,6 +966,8 @@ impl Host {
                 remote,
                 from: r.path.map(Via::Direct),
                 to: Via::Relay(relay),
+                strategy: None,
+                elapsed: None,
             });
         }
         if r.initiator {
@@ -957,6 +980,32 @@ impl Host {
         }
         self.client.refresh(now);
         self.flush_client(now);
+    }
+
+    /// The driver reaches the server over a TCP stream now, because UDP
+    /// got no answer: what waits for the server goes out again, and no
+    /// attempt punches any more (relayed ones stay relayed).
+    pub fn server_over_tcp(&mut self, now: Instant) {
+        self.udp_blocked = true;
+        self.client.resend_now(now);
+        self.flush_client(now);
+        let relayed: Vec<u64> = self
+            .attempts
+            .iter()
+            .filter(|(_, a)| a.relayed)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in relayed {
+            self.udp_blocked_fail(now, s);
+        }
+    }
+
+    fn udp_blocked_fail(&mut self, now: Instant, session: u64) {
+        let Some(peer) = self.attempts.get(&session).map(|a| a.peer) else {
+            return;
+        };
+        let failure = crate::punch::PunchFailure::UdpBlocked;
+        self.fail_attempt(now, session, ConnectError::Punch { peer, failure });
     }
 
     /// A peer that was sending fell silent: be reachable for its re-punch.
@@ -990,6 +1039,22 @@ impl Host {
         self.flush_stun(now);
         let sessions: Vec<u64> = self.attempts.keys().copied().collect();
         for session in sessions {
+            let gave_up = self.attempts.get(&session).is_some_and(|a| {
+                a.deferred.as_ref().is_some_and(|(_, at)| {
+                    now >= *at
+                        || (a.role == Role::Responder && self.client.holds_our_state(session))
+                })
+            });
+            if gave_up {
+                if let Some((e, _)) = self
+                    .attempts
+                    .get_mut(&session)
+                    .and_then(|a| a.deferred.take())
+                {
+                    self.fail_attempt(now, session, e);
+                }
+                continue;
+            }
             let expired_turn = self
                 .attempts
                 .get(&session)
@@ -1313,28 +1378,42 @@ impl Host {
             self.events
                 .push_back(HostEvent::RelayRoute { remote: key, relay });
         }
-        if r.path.is_some() || a.repair.is_some() || a.relayed {
-            return;
+        a.channel_ready = true;
+        let fresh = r.path.is_none() && a.repair.is_none() && !a.relayed && !r.on_relay;
+        if fresh {
+            r.on_relay = true;
+            r.announced = true;
+            a.relayed = true;
+            self.events.push_back(HostEvent::UseRelay { remote: key });
+            tracing::debug!(session, peer = %key.peer, "relayed until a direct path is found");
+            self.events.push_back(HostEvent::Connected {
+                request: a.request.take(),
+                remote: key,
+                path: Path {
+                    socket: SocketId(0),
+                    remote: relay.server,
+                },
+                strategy: Strategy::Relay,
+                role: a.role,
+                elapsed: now.saturating_duration_since(a.started),
+                probes_sent: 0,
+                bytes_sent: 0,
+                reused: false,
+            });
+        } else if r.on_relay {
+            // A re-punch (or a second introduction) renewed the channel
+            // of a relayed remote: its failure is news for the relay only.
+            a.relayed = true;
         }
-        r.on_relay = true;
-        r.announced = true;
-        a.relayed = true;
-        self.events.push_back(HostEvent::UseRelay { remote: key });
-        tracing::debug!(session, peer = %key.peer, "relayed until a direct path is found");
-        self.events.push_back(HostEvent::Connected {
-            request: a.request.take(),
-            remote: key,
-            path: Path {
-                socket: SocketId(0),
-                remote: relay.server,
-            },
-            strategy: Strategy::Relay,
-            role: a.role,
-            elapsed: now.saturating_duration_since(a.started),
-            probes_sent: 0,
-            bytes_sent: 0,
-            reused: false,
-        });
+        if let Some((e, _)) = self
+            .attempts
+            .get_mut(&session)
+            .and_then(|a| a.deferred.take())
+        {
+            self.fail_attempt(now, session, e);
+        } else if self.udp_blocked {
+            self.udp_blocked_fail(now, session);
+        }
     }
 
     fn on_incoming(&mut self, now: Instant, session: u64, key: RemoteKey, intro: IncomingIntro) {
@@ -1418,6 +1497,15 @@ impl Host {
         let Some(a) = self.attempts.get_mut(&session) else {
             return;
         };
+        if a.role == Role::Responder && a.deferred.is_some() && self.client.holds_our_state(session)
+        {
+            // Our Accept is with the server: the relay carries the session,
+            // and the punch's failure can be told.
+            if let Some((e, _)) = a.deferred.take() {
+                self.fail_attempt(now, session, e);
+            }
+            return;
+        }
         let Some(p) = a.punch.as_mut() else {
             return;
         };
@@ -1563,7 +1651,40 @@ impl Host {
                 self.finish_attempt(now, session, Some(path));
             }
             PunchEvent::Failed { failure } => {
-                self.fail_attempt(now, session, ConnectError::Punch { peer, failure })
+                let error = ConnectError::Punch { peer, failure };
+                let wait_for_relay = self.cfg.relay
+                    && a.relay_offered
+                    && !a.channel_ready
+                    && a.role == Role::Initiator;
+                if wait_for_relay {
+                    // The relay still connects us once the target accepts;
+                    // the failure is reported then.
+                    tracing::debug!(session, %error, "no direct path; waiting to start on the relay");
+                    if let Some(a) = self.attempts.get_mut(&session) {
+                        a.deferred = Some((error, now + defaults::RELAY_WAIT));
+                    }
+                    return;
+                }
+                if a.relayed && a.role == Role::Responder && !self.client.holds_our_state(session) {
+                    // The initiator starts on the relay when our Accept
+                    // reaches the server: it goes out (now, if it was
+                    // waiting for a fresh mapping) and the attempt ends
+                    // once the server holds it.
+                    tracing::debug!(session, %error, "no direct path; accepting for the relay");
+                    let early = a.phase != Phase::Punching;
+                    let offer = a.offer.clone();
+                    let info = self.info();
+                    if let Some(a) = self.attempts.get_mut(&session) {
+                        a.phase = Phase::Punching;
+                        a.deferred = Some((error, now + defaults::RELAY_WAIT));
+                    }
+                    if early {
+                        self.client.accept(now, session, offer, info, None);
+                        self.flush_client(now);
+                    }
+                    return;
+                }
+                self.fail_attempt(now, session, error)
             }
             PunchEvent::PathValidated { .. } | PunchEvent::PathDead { .. } => {}
         }
@@ -1612,6 +1733,11 @@ impl Host {
                 remote: key,
                 from,
                 to: Via::Direct(path),
+                strategy: Some(strategy),
+                elapsed: self
+                    .attempts
+                    .get(&session)
+                    .map(|a| now.saturating_duration_since(a.started)),
             });
         }
         if let Some(o) = old.filter(|o| o.socket != path.socket) {
@@ -1663,10 +1789,13 @@ impl Host {
                         r.path = Some(path);
                         self.events
                             .push_back(HostEvent::Route { remote: key, path });
+                        let strategy = r.strategy;
                         self.events.push_back(HostEvent::PathChanged {
                             remote: key,
                             from,
                             to: Via::Direct(path),
+                            strategy,
+                            elapsed: None,
                         });
                     }
                 }
@@ -1702,7 +1831,8 @@ impl Host {
                         let hopeless = matches!(
                             error,
                             ConnectError::Punch {
-                                failure: crate::punch::PunchFailure::NoPathPossible(_),
+                                failure: crate::punch::PunchFailure::NoPathPossible(_)
+                                    | crate::punch::PunchFailure::UdpBlocked,
                                 ..
                             }
                         );
@@ -1827,6 +1957,7 @@ impl Host {
             [
                 a.punch.as_ref().and_then(|p| p.poll_timeout()),
                 a.turn_until,
+                a.deferred.as_ref().map(|(_, at)| *at),
             ]
         });
         let remotes = self

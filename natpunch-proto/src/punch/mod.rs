@@ -147,6 +147,10 @@ pub enum PunchFailure {
         tried: Vec<Strategy>,
         probes_sent: u64,
     },
+    /// Our network lets no UDP through (the server answers only over
+    /// TCP): punching cannot work from here.
+    #[error("no direct path possible: this network lets no UDP through (the server answers only over TCP)")]
+    UdpBlocked,
 }
 
 impl PunchFailure {
@@ -155,6 +159,7 @@ impl PunchFailure {
         match self {
             PunchFailure::NoPathPossible(_) => "no-path-possible",
             PunchFailure::TimedOut { .. } => "punch-timed-out",
+            PunchFailure::UdpBlocked => "udp-blocked",
         }
     }
 }

@@ -23,6 +23,7 @@
 //! their session, with 9 bytes of overhead.
 
 pub mod server;
+pub mod stream;
 
 pub use server::{RelayConfig, RelayServer, RelayStats};
 

@@ -558,6 +558,12 @@ impl RendezvousClient {
     }
 
     /// We are done with an introduction: no more requests for it.
+    /// Whether the server holds our newest state of `session` (our
+    /// Connect or Accept, and every Update since).
+    pub fn holds_our_state(&self, session: u64) -> bool {
+        self.sessions.get(&session).is_some_and(|s| s.acked)
+    }
+
     pub fn end_session(&mut self, now: Instant, session: u64) {
         if let Some(s) = self.sessions.get_mut(&session) {
             s.ended.get_or_insert(now);
@@ -979,6 +985,18 @@ impl RendezvousClient {
     }
 
     /// Retransmits, polls, heartbeats; a spurious call is a no-op.
+    /// The way to the server changed (UDP gave no answer; a TCP stream
+    /// carries the frames now): every request waiting for an answer goes
+    /// out again at once, with its full budget of sends.
+    pub fn resend_now(&mut self, now: Instant) {
+        for p in &mut self.pending {
+            p.next = now;
+            p.sends = 0;
+            p.rto = INITIAL_RTO;
+        }
+        self.send_due(now);
+    }
+
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some((_, got)) = self.cookie {
             if now.saturating_duration_since(got) >= COOKIE_RENEW && !self.closing {

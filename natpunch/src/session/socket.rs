@@ -32,7 +32,10 @@
 //! handed to quinn under the route's address, whichever path is current,
 //! so packets still in flight on the old path after a move are not lost.
 //! QUIC packets never exceed [`natpunch_proto::relay::MAX_QUIC_PAYLOAD`],
-//! which every path carries with or without the header.
+//! which every path carries with or without the header. Where UDP is
+//! blocked, the relay is reached over a TCP stream instead
+//! ([`crate::server_tcp`]): relay frames then go down that stream, and
+//! the frames it brings back are injected here.
 //!
 //! Receiving QUIC: a known real path gives its route's mapped address. A
 //! packet from an unknown path is matched by its destination connection
@@ -101,6 +104,11 @@ const NEW_SOURCE_EVERY: Duration = Duration::from_secs(1);
 /// Anonymous routes (direct dials from unknown peers) at most; beyond, the
 /// oldest is forgotten. Bounds what unsolicited packets can make us keep.
 const MAX_ANONYMOUS: usize = 1024;
+
+/// Relayed QUIC packets from a TCP stream waiting for quinn at most;
+/// beyond, they are dropped (QUIC sees loss). 1024 full-size packets are
+/// 1.5 MB, more than a stream delivers between two reads by quinn.
+const MAX_INJECTED: usize = 1024;
 
 /// The first 32 bits of every mapped address: `fd70:6e70::/32` ("pnp"), a
 /// unique local range (RFC 4193) nothing routes.
@@ -336,6 +344,10 @@ pub struct PathSocket {
     /// starts polling it at once (otherwise a new socket is read only when
     /// another one wakes the task).
     receiver: Mutex<Option<std::task::Waker>>,
+    /// The TCP stream to the server, when the relay is reached that way.
+    stream: RwLock<Option<mpsc::Sender<Vec<u8>>>>,
+    /// Relayed QUIC packets that came on the stream: (route, packet).
+    injected: Mutex<VecDeque<(SocketAddr, Vec<u8>)>>,
     pub stats: MuxStats,
 }
 
@@ -372,6 +384,8 @@ impl PathSocket {
             turn: AtomicUsize::new(0),
             blocked: AtomicUsize::new(0),
             receiver: Mutex::new(None),
+            stream: RwLock::new(None),
+            injected: Mutex::new(VecDeque::new()),
             stats: MuxStats::default(),
         })
     }
@@ -411,6 +425,76 @@ impl PathSocket {
             w.wake();
         }
         Ok(())
+    }
+
+    /// Relay frames go down `stream` (records to the server over TCP)
+    /// from now on, or on the main socket again with `None`.
+    pub fn set_stream(&self, stream: Option<mpsc::Sender<Vec<u8>>>) {
+        *self.stream.write().unwrap_or_else(|e| e.into_inner()) = stream;
+    }
+
+    /// A relay frame that came from `server` on the TCP stream: its QUIC
+    /// packet goes to quinn if the channel is ours. `false`: not ours (a
+    /// control datagram, for the driver).
+    pub fn inject_relayed(&self, server: SocketAddr, frame: &[u8]) -> bool {
+        let now = Instant::now();
+        let mapped = {
+            let mut t = self.table();
+            let Some((_, mapped)) = relayed_quic(&t, server, frame) else {
+                return false;
+            };
+            if let Some(r) = t.routes.get_mut(&mapped) {
+                if r.on_relay {
+                    r.live.heard(now);
+                }
+            }
+            mapped
+        };
+        let payload = frame.get(relay::HEADER..).unwrap_or_default().to_vec();
+        {
+            let mut q = self.injected.lock().unwrap_or_else(|e| e.into_inner());
+            if q.len() >= MAX_INJECTED {
+                self.stats.divert_overflow.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+            q.push_back((mapped, payload));
+        }
+        self.stats.relayed_in.fetch_add(1, Ordering::Relaxed);
+        if let Some(w) = self
+            .receiver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            w.wake_by_ref();
+        }
+        true
+    }
+
+    /// Hands quinn the packets injected from the stream (one per slot).
+    fn take_injected(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
+        let mut q = self.injected.lock().unwrap_or_else(|e| e.into_inner());
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let Some((mapped, p)) = q.front() else {
+                break;
+            };
+            if p.len() > bufs[n].len() {
+                q.pop_front();
+                continue;
+            }
+            bufs[n][..p.len()].copy_from_slice(p);
+            meta[n] = RecvMeta {
+                addr: *mapped,
+                len: p.len(),
+                stride: p.len(),
+                ecn: None,
+                dst_ip: None,
+            };
+            q.pop_front();
+            n += 1;
+        }
+        n
     }
 
     /// Closes socket `id` (never the main one).
@@ -753,6 +837,27 @@ impl PathSocket {
             .max(1);
         let header = relay::header(relay.channel);
         let count = transmit.contents.len().div_ceil(seg);
+        let stream = self
+            .stream
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(tx) = stream {
+            // Over TCP: one record per packet; a full queue is loss.
+            let mut rec = Vec::new();
+            for chunk in transmit.contents.chunks(seg) {
+                rec.clear();
+                rec.extend_from_slice(&header);
+                rec.extend_from_slice(chunk);
+                if tx
+                    .try_send(natpunch_proto::relay::stream::encode_record(&rec))
+                    .is_ok()
+                {
+                    self.stats.relayed_out.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return Ok(());
+        }
         let mut buf = Vec::with_capacity(transmit.contents.len() + count * relay::HEADER);
         for chunk in transmit.contents.chunks(seg) {
             buf.extend_from_slice(&header);
@@ -890,6 +995,10 @@ impl AsyncUdpSocket for PathSocket {
             v.sort_by_key(|(id, _)| *id);
             v
         };
+        let n = self.take_injected(bufs, meta);
+        if n > 0 {
+            return Poll::Ready(Ok(n));
+        }
         if slots.is_empty() {
             return Poll::Pending;
         }
