@@ -11,6 +11,12 @@ use natpunch_proto::identity::Identity;
 use natpunch_proto::punch::{wire, PunchConfig};
 use natpunch_proto::SocketId;
 
+/// Key generation costs more than a run: done once.
+fn identity() -> &'static Identity {
+    static ID: std::sync::OnceLock<Identity> = std::sync::OnceLock::new();
+    ID.get_or_init(|| Identity::from_seed([4; 32]))
+}
+
 fuzz_target!(|data: &[u8]| {
     if let Ok(frame) = wire::decode(data) {
         // A random MAC must not verify (16 bytes: 2^-128).
@@ -20,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
     let server: SocketAddr = "192.0.2.1:3478".parse().unwrap();
     let mut host = Host::new(HostConfig {
-        identity: Identity::from_seed([4; 32]),
+        identity: identity().clone(),
         instance: 1,
         server,
         stun: server,

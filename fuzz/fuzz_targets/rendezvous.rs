@@ -14,6 +14,12 @@ use natpunch_proto::punch::PunchConfig;
 use natpunch_proto::rendezvous::{wire, RendezvousServer};
 use natpunch_proto::SocketId;
 
+/// Key generation costs more than a run: done once.
+fn identity() -> &'static Identity {
+    static ID: std::sync::OnceLock<Identity> = std::sync::OnceLock::new();
+    ID.get_or_init(|| Identity::from_seed([3; 32]))
+}
+
 fuzz_target!(|data: &[u8]| {
     if let Ok(frame) = wire::decode(data) {
         let again = wire::decode(&wire::encode(&frame)).expect("re-encoding decodes");
@@ -30,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
         assert!(o.payload.len() <= data.len().max(1), "amplification");
     }
     let mut host = Host::new(HostConfig {
-        identity: Identity::from_seed([3; 32]),
+        identity: identity().clone(),
         instance: 1,
         server: local,
         stun: local,

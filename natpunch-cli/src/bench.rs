@@ -24,6 +24,32 @@ pub enum BenchCommand {
     /// Session throughput through two lab NATs vs kernel TCP on the same
     /// path and vs a tbf-shaped link's rate, with CPU per GB (root, Linux).
     Session(SessionBench),
+    /// Relayed throughput through `natpunch server` vs kernel TCP over the
+    /// same access links, the relay's CPU per GB, and the time to the first
+    /// relayed byte vs its floor (root, Linux).
+    Relay(RelayBench),
+}
+
+#[derive(Debug, Args)]
+pub struct RelayBench {
+    /// The NAT pair, A/B: one with no direct path, so every byte is relayed.
+    #[arg(long, default_value = "symmetric-random/symmetric-random")]
+    pub pair: String,
+    /// MiB per transfer.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub mib: u64,
+    /// The shaped run's rate in Mbit/s (tc tbf on both access links).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub rate_mbit: u64,
+    /// One-way delay on each access link for the first-byte runs (ms).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub delay_ms: u64,
+    /// First-byte runs.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+    /// Print JSON objects instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -88,7 +114,84 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Stun(b) => stun(b),
         BenchCommand::Punch(b) => punch(b),
         BenchCommand::Session(b) => session(b),
+        BenchCommand::Relay(b) => relay(b),
     }
+}
+
+fn relay(b: RelayBench) -> anyhow::Result<ExitCode> {
+    natpunch_lab::topology::preflight()?;
+    let (pa, pb) = b
+        .pair
+        .split_once('/')
+        .context("--pair wants A/B, like symmetric-random/symmetric-random")?;
+    let bytes = b.mib << 20;
+    if !b.json {
+        println!(
+            "relayed throughput, {pa} / {pb}, {} MiB per transfer, A → relay → B",
+            b.mib
+        );
+        println!(
+            "  {:<18} {:>14} {:>14} {:>9} {:>16}",
+            "link", "relayed", "kernel TCP", "vs TCP", "relay CPU s/GB"
+        );
+    }
+    for rate in [Some(b.rate_mbit * 1000), None] {
+        let r = natpunch_lab::throughput::measure_relay(
+            std::env::current_exe()?,
+            pa,
+            pb,
+            bytes,
+            rate,
+        )?;
+        if b.json {
+            crate::output::json_line(&serde_json::to_value(&r).unwrap_or_default());
+            continue;
+        }
+        println!(
+            "  {:<18} {:>8.0} Mbit/s {:>7.0} Mbit/s {:>8.2}x {:>16}",
+            r.link,
+            r.relay.mbit_s,
+            r.kernel_tcp.mbit_s,
+            r.vs_tcp,
+            r.relay_cpu_s_per_gb
+                .map(|c| format!("{c:.2}"))
+                .unwrap_or_else(|| "-".into()),
+        );
+    }
+    let link = natpunch_lab::LinkSpec {
+        delay: Some(Duration::from_millis(b.delay_ms)),
+        ..Default::default()
+    };
+    let (mut times, floor) = natpunch_lab::throughput::first_relayed_byte(
+        std::env::current_exe()?,
+        pa,
+        pb,
+        natpunch_lab::Links { a: link, b: link },
+        b.runs,
+    )?;
+    times.sort_unstable();
+    let median = times.get(times.len() / 2).copied();
+    let p95 = times.get((times.len() * 95).div_ceil(100).saturating_sub(1)).copied();
+    let ratio = |t: Option<u64>| t.map(|t| t as f64 / floor.max(1) as f64);
+    if b.json {
+        crate::output::json_line(&serde_json::json!({
+            "first_byte": {"delay_ms": b.delay_ms, "runs": b.runs, "delivered": times.len(),
+                "median_ms": median, "p95_ms": p95, "floor_ms": floor,
+                "median_vs_floor": ratio(median), "p95_vs_floor": ratio(p95)}
+        }));
+    } else {
+        println!(
+            "first relayed byte, {} ms one-way per access link, from the connector's start: median {} ms ({:.2}x the floor of {floor} ms), p95 {} ms, {}/{} delivered",
+            b.delay_ms,
+            median.map_or("-".into(), |m| m.to_string()),
+            ratio(median).unwrap_or(0.0),
+            p95.map_or("-".into(), |m| m.to_string()),
+            times.len(),
+            b.runs
+        );
+        println!("  floor: the introduction (rtt_A + rtt_B) and the QUIC handshake over the relay with the byte on its last flight (1.5 x (rtt_A + rtt_B))");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn session(b: SessionBench) -> anyhow::Result<ExitCode> {
@@ -302,18 +405,6 @@ fn spawn_pinned(pin: bool, program: &str, args: &[String]) -> anyhow::Result<Ser
     Ok(Server(child))
 }
 
-/// CPU seconds (user + system) a process has used, from /proc.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let utime: f64 = f.get(11)?.parse().ok()?;
-    let stime: f64 = f.get(12)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Some((utime + stime) / hz)
-}
-
 fn pin_current_thread(cpu: usize) {
     // SAFETY: cpu_set_t is plain data, initialised by CPU_ZERO before use.
     unsafe {
@@ -415,7 +506,7 @@ fn generate(
         }
         let measuring = now >= measure_from;
         if measuring && cpu_start.is_none() {
-            cpu_start = Some(cpu_seconds(pid));
+            cpu_start = Some(natpunch_lab::throughput::cpu_seconds(pid));
             answered = 0;
             sent = 0;
         }
@@ -448,7 +539,7 @@ fn generate(
         }
     }
     let seconds = Instant::now().duration_since(measure_from).as_secs_f64();
-    let cpu = match (cpu_start.flatten(), cpu_seconds(pid)) {
+    let cpu = match (cpu_start.flatten(), natpunch_lab::throughput::cpu_seconds(pid)) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };

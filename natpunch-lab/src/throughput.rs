@@ -138,6 +138,18 @@ fn write_pattern(mut out: impl Write, bytes: u64) -> std::io::Result<()> {
     Ok(())
 }
 
+/// CPU seconds (user + system) a running process has used, from /proc.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / hz)
+}
+
 /// Waits for a child and returns its CPU seconds (user + system).
 fn wait_cpu(child: &mut Child) -> Option<f64> {
     let pid = child.id() as libc::pid_t;
@@ -375,4 +387,152 @@ pub fn measure(
         natpunch,
         kernel_tcp,
     })
+}
+
+/// The relay benchmark's figures for one link setting.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayRow {
+    pub link: String,
+    /// The pipe through `natpunch server`'s relay (both NATs relay-only).
+    pub relay: Transfer,
+    /// Kernel TCP from A to B over the same two access links.
+    pub kernel_tcp: Transfer,
+    /// relay / kernel TCP.
+    pub vs_tcp: f64,
+    /// The relay server's own CPU seconds per GB relayed.
+    pub relay_cpu_s_per_gb: Option<f64>,
+}
+
+/// Relayed throughput against kernel TCP over the same access links, in
+/// one lab (`a`/`b` should admit no direct path, so every byte is
+/// relayed), with the relay server's CPU per GB.
+pub fn measure_relay(
+    natpunch: PathBuf,
+    a: &str,
+    b: &str,
+    bytes: u64,
+    rate_kbit: Option<u64>,
+) -> Result<RelayRow, LabError> {
+    let bad = |e: crate::spec::SpecError| LabError::Measure(e.to_string());
+    let topology = TopologySpec::Pair {
+        a: Side::parse(a).map_err(bad)?,
+        b: Side::parse(b).map_err(bad)?,
+    };
+    let link = LinkSpec {
+        rate_kbit,
+        ..Default::default()
+    };
+    let opts = LabOptions {
+        natpunch,
+        links: Links { a: link, b: link },
+    };
+    let mut lab = Lab::build(&topology, &opts)?;
+    lab.start_server()?;
+    let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
+    let _ = std::fs::create_dir_all(&keys);
+    let kernel_tcp = measure_tcp(&lab, bytes);
+    let cpu_before = lab.server_pid().and_then(cpu_seconds);
+    let run = pipe(&lab, bytes, &keys);
+    let cpu_after = lab.server_pid().and_then(cpu_seconds);
+    let _ = std::fs::remove_dir_all(&keys);
+    let (kernel_tcp, run) = (kernel_tcp?, run?);
+    if !run.intact {
+        return Err(LabError::Measure("the relay delivered altered bytes".into()));
+    }
+    if run.strategy != "relay" {
+        return Err(LabError::Measure(format!(
+            "{a} / {b} went direct ({}): pick a pair with no direct path",
+            run.strategy
+        )));
+    }
+    let relay_cpu_s_per_gb = cpu_before
+        .zip(cpu_after)
+        .map(|(x, y)| (y - x) / (bytes as f64 / 1e9));
+    Ok(RelayRow {
+        link: match rate_kbit {
+            Some(k) => format!("tbf {} Mbit/s", k / 1000),
+            None => "unshaped".into(),
+        },
+        vs_tcp: run.transfer.mbit_s / kernel_tcp.mbit_s.max(1e-9),
+        relay: run.transfer,
+        kernel_tcp,
+        relay_cpu_s_per_gb,
+    })
+}
+
+/// Time from the connector's process start to the first byte B writes
+/// out, relayed (`runs` times, in one lab with these links), and the
+/// floor: the introduction (A → server → B → server → A: rtt_A + rtt_B)
+/// and the QUIC handshake over the relay with the first byte riding on
+/// its last flight (1.5 × (rtt_A + rtt_B)), from each host's measured
+/// round trip to the server.
+pub fn first_relayed_byte(
+    natpunch: PathBuf,
+    a: &str,
+    b: &str,
+    links: Links,
+    runs: u32,
+) -> Result<(Vec<u64>, u64), LabError> {
+    let bad = |e: crate::spec::SpecError| LabError::Measure(e.to_string());
+    let topology = TopologySpec::Pair {
+        a: Side::parse(a).map_err(bad)?,
+        b: Side::parse(b).map_err(bad)?,
+    };
+    let mut lab = Lab::build(&topology, &LabOptions { natpunch, links })?;
+    lab.start_server()?;
+    let rtt = |n| {
+        crate::runner::nat_report(&lab, n)
+            .ok()
+            .and_then(|r| r.rtt_ms)
+            .unwrap_or(0)
+    };
+    let floor_ms = (rtt(Node::HostA) + rtt(Node::HostB)) * 5 / 2;
+    let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
+    let _ = std::fs::create_dir_all(&keys);
+    let server = lab.server_addr().to_string();
+    let mut times = Vec::new();
+    for i in 0..runs {
+        let key = |k: String| keys.join(k).to_string_lossy().into_owned();
+        let mut b = lab.natpunch(Node::HostB);
+        b.args(["-s", &server, "--json", "--key", &key(format!("b{i}"))])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        let (mut bchild, brx) = spawn_lines(b)?;
+        let Some(id) = wait_event(&brx, &["registered"], Duration::from_secs(20))
+            .and_then(|v| v["peer_id"].as_str().map(str::to_string))
+        else {
+            let _ = bchild.kill();
+            let _ = bchild.wait();
+            continue;
+        };
+        let mut bout = bchild.stdout.take();
+        let mut a = lab.natpunch(Node::HostA);
+        a.args(["-s", &server, "-d", &id, "--key", &key(format!("a{i}"))])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let t0 = Instant::now();
+        let mut achild = a.spawn().map_err(|source| LabError::Spawn {
+            command: "natpunch".into(),
+            source,
+        })?;
+        if let Some(mut s) = achild.stdin.take() {
+            let _ = s.write_all(b"x");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut one = [0u8; 1];
+            let got = bout.as_mut().is_some_and(|o| o.read_exact(&mut one).is_ok());
+            let _ = tx.send(got.then(|| t0.elapsed()));
+        });
+        if let Ok(Some(took)) = rx.recv_timeout(Duration::from_secs(20)) {
+            times.push(took.as_millis() as u64);
+        }
+        for c in [&mut achild, &mut bchild] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&keys);
+    Ok((times, floor_ms))
 }

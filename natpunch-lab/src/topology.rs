@@ -270,6 +270,11 @@ impl Lab {
         Ok(pid)
     }
 
+    /// The process id of the server [`Lab::start_server`] started.
+    pub fn server_pid(&self) -> Option<u32> {
+        self.server_pid
+    }
+
     /// Kills the server [`Lab::start_server`] started (a crash, or a
     /// restart when started again): its registrations and cookies are gone.
     pub fn stop_server(&mut self) {
