@@ -136,13 +136,8 @@ fn relay(b: RelayBench) -> anyhow::Result<ExitCode> {
         );
     }
     for rate in [Some(b.rate_mbit * 1000), None] {
-        let r = natpunch_lab::throughput::measure_relay(
-            std::env::current_exe()?,
-            pa,
-            pb,
-            bytes,
-            rate,
-        )?;
+        let r =
+            natpunch_lab::throughput::measure_relay(std::env::current_exe()?, pa, pb, bytes, rate)?;
         if b.json {
             crate::output::json_line(&serde_json::to_value(&r).unwrap_or_default());
             continue;
@@ -171,7 +166,9 @@ fn relay(b: RelayBench) -> anyhow::Result<ExitCode> {
     )?;
     times.sort_unstable();
     let median = times.get(times.len() / 2).copied();
-    let p95 = times.get((times.len() * 95).div_ceil(100).saturating_sub(1)).copied();
+    let p95 = times
+        .get((times.len() * 95).div_ceil(100).saturating_sub(1))
+        .copied();
     let ratio = |t: Option<u64>| t.map(|t| t as f64 / floor.max(1) as f64);
     if b.json {
         crate::output::json_line(&serde_json::json!({
@@ -539,7 +536,10 @@ fn generate(
         }
     }
     let seconds = Instant::now().duration_since(measure_from).as_secs_f64();
-    let cpu = match (cpu_start.flatten(), natpunch_lab::throughput::cpu_seconds(pid)) {
+    let cpu = match (
+        cpu_start.flatten(),
+        natpunch_lab::throughput::cpu_seconds(pid),
+    ) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };

@@ -291,9 +291,19 @@ fn a_session_moves_to_the_socket_a_re_punch_won() {
         got.len()
     );
     let b_events = l.drain(Duration::from_secs(2));
-    let local = |e: &serde_json::Value| e["local"].as_str().map(str::to_string);
-    let started = event(&b_events, "session").and_then(local);
-    let moved = event(&b_events, "path-changed").and_then(local);
+    // B's socket on its first direct path (the session starts on the
+    // relay, or directly without one), and on its last.
+    let direct: Vec<String> = b_events
+        .iter()
+        .filter_map(|e| match e["event"].as_str() {
+            Some("session") if e["path"] == "direct" => e["local"].as_str(),
+            Some("path-changed") if e["to"]["path"] == "direct" => e["to"]["local"].as_str(),
+            _ => None,
+        })
+        .map(str::to_string)
+        .collect();
+    let started = direct.first().cloned();
+    let moved = direct.last().cloned();
     eprintln!("B's session socket {started:?}, after the re-punch {moved:?}");
     assert!(started.is_some() && moved.is_some(), "{b_events:?}");
     assert_ne!(started, moved, "the re-punch won on the same socket");

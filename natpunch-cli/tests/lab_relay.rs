@@ -17,6 +17,14 @@ use std::time::{Duration, Instant};
 use common::*;
 use natpunch_lab::{Lab, LabOptions, LinkSpec, Links, Node, Side, TopologySpec};
 
+/// The tests here measure and time transfers: they run one at a time, so
+/// that one test's processes do not slow another's.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 struct LabPair {
     lab: Lab,
     server: String,
@@ -193,6 +201,7 @@ fn every_grid_pair_connects_on_the_path_it_should() {
     if !lab_available() {
         return;
     }
+    let _serial = serial();
     let dir = tempdir("session-grid");
     let svg = dir.join("grid.svg");
     let out = natpunch()
@@ -260,6 +269,7 @@ fn a_peer_without_udp_moves_ten_megabytes_over_the_tcp_relay() {
     if !lab_available() {
         return;
     }
+    let _serial = serial();
     let p = lab_pair(
         "port-restricted-cone:udp=block",
         "port-restricted-cone",
@@ -309,6 +319,7 @@ fn a_relayed_session_moves_to_a_direct_path_that_opens_late() {
     if !lab_available() {
         return;
     }
+    let _serial = serial();
     let p = lab_pair("port-restricted-cone", "port-restricted-cone", Some(40_000));
     let b_wan = p.lab.wan_ip(Node::NatB).unwrap();
     p.lab.block_udp(Node::NatA, b_wan).unwrap();
@@ -359,6 +370,7 @@ fn a_session_falls_back_to_the_relay_when_the_direct_path_is_cut() {
     if !lab_available() {
         return;
     }
+    let _serial = serial();
     let p = lab_pair("port-restricted-cone", "full-cone", Some(40_000));
     let b_wan = p.lab.wan_ip(Node::NatB).unwrap();
     let data = test_bytes(20 << 20, 0xfa11);
@@ -409,6 +421,7 @@ fn relayed_sessions_survive_a_relay_restart() {
     if !lab_available() {
         return;
     }
+    let _serial = serial();
     let mut p = lab_pair("symmetric-random", "symmetric-random", Some(40_000));
     let data = test_bytes(20 << 20, 0x2e57a27);
     let mut t = Transfer::start(&p);
@@ -440,5 +453,110 @@ fn relayed_sessions_survive_a_relay_restart() {
         at_restart as f64 / (1 << 20) as f64,
         restarted.elapsed().as_secs_f64(),
         kinds(&events)
+    );
+}
+
+/// One relayed pipe: `from` connects to a listener on `to` and sends
+/// `bytes`; returns the seconds from the listener's first byte to the
+/// last (and whether every byte arrived).
+fn relayed_pipe(
+    p: &LabPair,
+    from: Node,
+    to: Node,
+    tag: &str,
+    bytes: usize,
+) -> std::thread::JoinHandle<(f64, bool)> {
+    let data = test_bytes(bytes, tag.len() as u64 * 7919);
+    let mut l = p
+        .peer(to, &format!("{tag}-listener"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let err = l.stderr.take().unwrap();
+    let id = {
+        use std::io::BufRead;
+        let mut id = None;
+        let mut lines = std::io::BufReader::new(err).lines();
+        for line in lines.by_ref().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["event"] == "registered" {
+                    id = v["peer_id"].as_str().map(str::to_string);
+                    break;
+                }
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        id.expect("listener registered")
+    };
+    let mut a = p
+        .peer(from, &format!("{tag}-sender"))
+        .args(["-d", &id])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = a.stdin.take().unwrap();
+    let mut out = l.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&data);
+            data
+        });
+        let mut got = Vec::with_capacity(bytes);
+        let mut buf = vec![0u8; 1 << 16];
+        let mut first = None;
+        loop {
+            match out.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    first.get_or_insert_with(Instant::now);
+                    got.extend_from_slice(&buf[..n]);
+                }
+            }
+        }
+        let secs = first.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let data = writer.join().unwrap_or_default();
+        let _ = a.wait();
+        let _ = l.wait();
+        (secs, got == data)
+    })
+}
+
+/// A peer floods the relay (as fast as its session goes, in the other
+/// direction) while another peer's relayed transfer runs: the latter
+/// keeps at least 80 % of the throughput it had alone.
+#[test]
+fn a_flooding_peer_does_not_starve_another_relayed_transfer() {
+    if !lab_available() {
+        return;
+    }
+    let _serial = serial();
+    let p = lab_pair("symmetric-random", "symmetric-random", Some(40_000));
+    const BYTES: usize = 10 << 20;
+    let (alone, ok) = relayed_pipe(&p, Node::HostA, Node::HostB, "solo", BYTES)
+        .join()
+        .unwrap();
+    assert!(ok, "the solo transfer was not intact");
+    let flood = relayed_pipe(&p, Node::HostB, Node::HostA, "flood", 4 * BYTES);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (shared, ok) = relayed_pipe(&p, Node::HostA, Node::HostB, "victim", BYTES)
+        .join()
+        .unwrap();
+    let (_, flood_ok) = flood.join().unwrap();
+    assert!(ok && flood_ok, "a transfer was not intact");
+    let mbit = |s: f64| BYTES as f64 * 8.0 / s.max(1e-9) / 1e6;
+    eprintln!(
+        "relayed transfer alone {:.1} Mbit/s, beside a flood {:.1} Mbit/s ({:.0} %)",
+        mbit(alone),
+        mbit(shared),
+        100.0 * alone / shared
+    );
+    assert!(
+        shared <= alone / 0.8,
+        "beside the flood the transfer took {shared:.2} s, alone {alone:.2} s"
     );
 }

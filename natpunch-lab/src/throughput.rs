@@ -437,7 +437,9 @@ pub fn measure_relay(
     let _ = std::fs::remove_dir_all(&keys);
     let (kernel_tcp, run) = (kernel_tcp?, run?);
     if !run.intact {
-        return Err(LabError::Measure("the relay delivered altered bytes".into()));
+        return Err(LabError::Measure(
+            "the relay delivered altered bytes".into(),
+        ));
     }
     if run.strategy != "relay" {
         return Err(LabError::Measure(format!(
@@ -522,7 +524,9 @@ pub fn first_relayed_byte(
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut one = [0u8; 1];
-            let got = bout.as_mut().is_some_and(|o| o.read_exact(&mut one).is_ok());
+            let got = bout
+                .as_mut()
+                .is_some_and(|o| o.read_exact(&mut one).is_ok());
             let _ = tx.send(got.then(|| t0.elapsed()));
         });
         if let Ok(Some(took)) = rx.recv_timeout(Duration::from_secs(20)) {
