@@ -285,8 +285,21 @@ async fn udp_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let locals: Vec<SocketAddr> = sockets.iter().filter_map(|s| s.local_addr().ok()).collect();
-    let mut rb = RecvBatch::new();
-    let mut sends: Vec<SendBatch> = sockets.iter().map(|_| SendBatch::new()).collect();
+    // GRO where the kernel has it: a relayed stream arrives coalesced, and
+    // leaves as GSO batches (the frames are forwarded unchanged, so one
+    // batch in is one batch out).
+    let gro = sockets
+        .iter()
+        .all(|s| crate::batch::enable_gro(s.as_ref()).is_ok());
+    let mut rb = if gro {
+        RecvBatch::with_gro()
+    } else {
+        RecvBatch::new()
+    };
+    let mut sends: Vec<SendBatch> = sockets
+        .iter()
+        .map(|_| SendBatch::with_gso(crate::batch::GSO_MAX_SEGMENTS))
+        .collect();
     let mut out = Vec::with_capacity(256);
     loop {
         // Wait until any socket is readable (or we are told to stop).
@@ -317,27 +330,33 @@ async fn udp_loop(
                     let mut core = lock(&core);
                     let now = Instant::now();
                     for k in 0..rb.len() {
-                        let (data, from) = rb.get(k);
+                        let (segments, from) = rb.segments(k);
                         let Some(from) = from else { continue };
-                        if is_relay(data) || is_rendezvous(data) {
-                            if is_relay(data) {
-                                core.rendezvous.handle_relay(now, from, data);
-                            } else {
-                                core.rendezvous.handle(now, locals[i], from, data);
+                        for data in segments {
+                            if is_relay(data) || is_rendezvous(data) {
+                                if is_relay(data) {
+                                    core.rendezvous.handle_relay(now, from, data);
+                                } else {
+                                    core.rendezvous.handle(now, locals[i], from, data);
+                                }
+                                while let Some(o) = core.rendezvous.poll_transmit() {
+                                    wires.deliver(o, Some(&mut sends));
+                                }
+                                continue;
                             }
-                            while let Some(o) = core.rendezvous.poll_transmit() {
-                                wires.deliver(o, Some(&mut sends));
+                            let Some(reply) = core.stun.handle(
+                                now,
+                                Transport::Udp,
+                                locals[i],
+                                from,
+                                data,
+                                &mut out,
+                            ) else {
+                                continue;
+                            };
+                            if let Some(j) = locals.iter().position(|l| *l == reply.from) {
+                                sends[j].push(&out, reply.to);
                             }
-                            continue;
-                        }
-                        let Some(reply) =
-                            core.stun
-                                .handle(now, Transport::Udp, locals[i], from, data, &mut out)
-                        else {
-                            continue;
-                        };
-                        if let Some(j) = locals.iter().position(|l| *l == reply.from) {
-                            sends[j].push(&out, reply.to);
                         }
                     }
                 }
@@ -359,6 +378,14 @@ async fn flush(sock: &UdpSocket, batch: &mut SendBatch) {
                 if sock.writable().await.is_err() {
                     break;
                 }
+            }
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL))
+                    && batch.has_gso_from(sent) =>
+            {
+                // No GSO on this path: single datagrams from now on.
+                tracing::debug!(error = %e, "GSO send failed; sending datagrams one by one");
+                batch.disable_gso_from(sent);
             }
             Err(e) => {
                 // One bad destination (e.g. unroutable) fails the call at
