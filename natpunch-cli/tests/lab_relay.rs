@@ -224,6 +224,20 @@ fn every_grid_pair_connects_on_the_path_it_should() {
     for r in &pairs {
         assert_eq!(r["outcome"], "pass", "{r}");
     }
+    // Relay first: `connected` (timed from the connector's spawn) within
+    // 2x the floor of an introduction and a QUIC handshake over the relay,
+    // 2.5 x (rtt_A + rtt_B) = 200 ms on these links, for every pair that
+    // has UDP (where it is blocked, TCP is tried after a second by design).
+    let mut worst = 0;
+    for r in pairs.iter().filter(|r| {
+        !r["a"].as_str().unwrap_or_default().contains("udp=block")
+            && !r["b"].as_str().unwrap_or_default().contains("udp=block")
+    }) {
+        let ms = r["elapsed_ms"].as_u64().unwrap_or(u64::MAX);
+        assert!(ms <= 400, "connected after {ms} ms: {r}");
+        worst = worst.max(ms);
+    }
+    eprintln!("relay first: every pair connected within {worst} ms of the connector's start (floor 200 ms)");
     let result = |a: &str, b: &str| {
         pairs
             .iter()

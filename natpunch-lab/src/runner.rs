@@ -748,11 +748,19 @@ fn session_run(
         .stdout(std::process::Stdio::null());
     let t0 = Instant::now();
     let (mut cchild, crx) = spawn_lines(connect)?;
-    let mut stdin = cchild.stdin.take();
+    // The bytes go in from a thread (a write blocks until the session
+    // reads it), the second half once the path has settled.
+    let stdin = cchild.stdin.take();
     let half = SESSION_BYTES / 2;
-    if let Some(s) = stdin.as_mut() {
-        let _ = s.write_all(&run.sent[..half]);
-    }
+    let (settled_tx, settled_rx) = std::sync::mpsc::channel::<()>();
+    let data = run.sent.clone();
+    let writer = std::thread::spawn(move || {
+        if let Some(mut s) = stdin {
+            let _ = s.write_all(&data[..half]);
+            let _ = settled_rx.recv();
+            let _ = s.write_all(&data[half..]);
+        }
+    });
     // Until the path settles: a move to direct, or a reason to stay.
     let deadline = Instant::now() + SETTLE_LIMIT;
     let mut events = Vec::new();
@@ -790,10 +798,9 @@ fn session_run(
             _ => {}
         }
     }
-    if let Some(mut s) = stdin.take() {
-        let _ = s.write_all(&run.sent[half..]);
-    }
+    let _ = settled_tx.send(());
     let exit = wait_exit(&mut cchild, SETTLE_LIMIT);
+    let _ = writer.join();
     run.exit_ok = exit == Some(true);
     // Later moves count too (a path that moved on after the data).
     while let Ok(line) = crx.try_recv() {
