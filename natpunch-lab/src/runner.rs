@@ -572,6 +572,11 @@ pub fn session_pairs() -> Result<Vec<GridPair>, SpecError> {
         Side::parse("symmetric-random:udp=block")?,
         Side::parse("symmetric-random")?,
     ));
+    // A listener without UDP (it registers over TCP).
+    v.push(GridPair::pair(
+        Side::parse("full-cone")?,
+        Side::parse("port-restricted-cone:udp=block")?,
+    ));
     Ok(v)
 }
 

@@ -291,6 +291,12 @@ impl Lab {
     /// Starts `natpunch server` (RFC 5780, both addresses) on the server
     /// node and waits until it answers.
     pub fn start_server(&mut self) -> Result<SocketAddr, LabError> {
+        self.start_server_with(&[])
+    }
+
+    /// [`Lab::start_server`] with more `natpunch server` options (relay
+    /// quotas, say).
+    pub fn start_server_with(&mut self, extra: &[&str]) -> Result<SocketAddr, LabError> {
         let primary = self.server_addr();
         let alt = SocketAddr::new(IpAddr::V4(SERVER_IPS[1]), SERVER_PORTS[1]);
         let mut cmd = self.natpunch(Node::Server);
@@ -301,6 +307,7 @@ impl Lab {
             "--alt",
             &alt.to_string(),
         ]);
+        cmd.args(extra);
         self.server_pid = Some(self.spawn(cmd)?);
         // One Binding from inside the server node: it retransmits until
         // the server is up (about 250 ms), or fails after 3.75 s.

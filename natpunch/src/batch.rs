@@ -235,6 +235,33 @@ impl SendBatch {
         }
     }
 
+    /// Whether message `i` is a GSO batch.
+    pub fn is_gso(&self, i: usize) -> bool {
+        self.items.get(i).is_some_and(|it| it.count > 1)
+    }
+
+    /// Splits message `i` into single datagrams (GSO stays on for others).
+    pub fn split(&mut self, i: usize) {
+        let Some(it) = self.items.get(i).copied().filter(|it| it.count > 1) else {
+            return;
+        };
+        let mut singles = Vec::with_capacity(it.count);
+        let mut at = it.start;
+        let end = it.start + it.len;
+        while at < end {
+            let len = it.seg.min(end - at);
+            singles.push(Item {
+                start: at,
+                len,
+                to: it.to,
+                seg: 0,
+                count: 1,
+            });
+            at += len;
+        }
+        self.items.splice(i..=i, singles);
+    }
+
     /// Whether a message from `from` on is a GSO batch.
     pub fn has_gso_from(&self, from: usize) -> bool {
         self.items.iter().skip(from).any(|it| it.count > 1)
@@ -244,26 +271,11 @@ impl SendBatch {
     /// datagrams, and sends no more GSO messages.
     pub fn disable_gso_from(&mut self, from: usize) {
         self.gso = 0;
-        let from = from.min(self.items.len());
-        let items = self.items.split_off(from);
-        for it in items {
-            if it.count <= 1 {
-                self.items.push(it);
-                continue;
-            }
-            let mut at = it.start;
-            let end = it.start + it.len;
-            while at < end {
-                let len = it.seg.min(end - at);
-                self.items.push(Item {
-                    start: at,
-                    len,
-                    to: it.to,
-                    seg: 0,
-                    count: 1,
-                });
-                at += len;
-            }
+        let mut i = from.min(self.items.len());
+        while i < self.items.len() {
+            let n = self.items[i].count.max(1);
+            self.split(i);
+            i += n;
         }
     }
 

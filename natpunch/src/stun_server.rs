@@ -31,9 +31,14 @@ use tokio::task::JoinSet;
 use crate::batch::{RecvBatch, SendBatch};
 use crate::net::{bind_tcp_listener, bind_udp, NetError};
 
-/// Concurrent TCP connections at most; each costs a task and a 64 KiB
-/// buffer at worst, so 1024 bounds memory to ~64 MiB.
+/// Concurrent TCP connections at most. A plain STUN client costs a task
+/// and a few KiB; a natpunch peer up to its queue ([`TCP_QUEUE`] records,
+/// ~0.75 MB) and the kernel's send buffer, so 1024 bound memory to under
+/// 1 GB in the worst case (typically far less: queues stay near empty).
 pub const MAX_TCP_CONNECTIONS: usize = 1024;
+/// A write to a TCP peer that makes no progress for this long ends the
+/// connection: a client that stops reading cannot hold its slot.
+pub const TCP_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A TCP client that sends nothing for this long is dropped. RFC 8489
 /// §6.2.2 lets servers close idle connections; 10 s covers a slow client's
 /// request and answer several times over.
@@ -379,13 +384,16 @@ async fn flush(sock: &UdpSocket, batch: &mut SendBatch) {
                     break;
                 }
             }
-            Err(e)
-                if matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL))
-                    && batch.has_gso_from(sent) =>
-            {
+            Err(e) if e.raw_os_error() == Some(libc::EIO) && batch.has_gso_from(sent) => {
                 // No GSO on this path: single datagrams from now on.
                 tracing::debug!(error = %e, "GSO send failed; sending datagrams one by one");
                 batch.disable_gso_from(sent);
+            }
+            Err(e) if batch.is_gso(sent) => {
+                // This message as a batch was refused (a segment too large
+                // for the path, say): its datagrams go one by one.
+                tracing::debug!(error = %e, "a GSO message failed; splitting it");
+                batch.split(sent);
             }
             Err(e) => {
                 // One bad destination (e.g. unroutable) fails the call at
@@ -499,8 +507,9 @@ async fn serve_tcp(
                     Err(_) => break,
                 }
             }
-            if wr.write_all(&buf).await.is_err() {
-                break;
+            match tokio::time::timeout(TCP_WRITE_TIMEOUT, wr.write_all(&buf)).await {
+                Ok(Ok(())) => {}
+                _ => break,
             }
         }
     });
@@ -542,6 +551,7 @@ async fn serve_tcp(
                         wires.tcp_dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+                Record::Datagram(d) if d.is_empty() => {}
                 Record::Datagram(d) => {
                     if !peer {
                         peer = true;

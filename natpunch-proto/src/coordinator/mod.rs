@@ -983,19 +983,25 @@ impl Host {
     }
 
     /// The driver reaches the server over a TCP stream now, because UDP
-    /// got no answer: what waits for the server goes out again, and no
-    /// attempt punches any more (relayed ones stay relayed).
+    /// got no answer (for the rest of this endpoint's life): what waits
+    /// for the server goes out again. Punching cannot work from here, so
+    /// attempts under way end with [`crate::punch::PunchFailure::UdpBlocked`]
+    /// (relayed ones stay relayed), and attempts the server relays end so
+    /// as soon as their relay is up; an attempt the server does not relay
+    /// (its relay is off) fails when its punch times out.
     pub fn server_over_tcp(&mut self, now: Instant) {
         self.udp_blocked = true;
         self.client.resend_now(now);
         self.flush_client(now);
-        let relayed: Vec<u64> = self
+        let doomed: Vec<u64> = self
             .attempts
             .iter()
-            .filter(|(_, a)| a.relayed)
+            .filter(|(_, a)| {
+                a.relayed || (a.phase == Phase::Punching && a.punch.is_some() && !a.relay_offered)
+            })
             .map(|(s, _)| *s)
             .collect();
-        for s in relayed {
+        for s in doomed {
             self.udp_blocked_fail(now, s);
         }
     }
@@ -1005,7 +1011,37 @@ impl Host {
             return;
         };
         let failure = crate::punch::PunchFailure::UdpBlocked;
-        self.fail_attempt(now, session, ConnectError::Punch { peer, failure });
+        let error = ConnectError::Punch { peer, failure };
+        if !self.defer_until_accepted(now, session, error.clone()) {
+            self.fail_attempt(now, session, error);
+        }
+    }
+
+    /// A relayed responder's punch failed before the server held its
+    /// Accept: the initiator starts on the relay only when it does, so the
+    /// Accept goes out (now, if it was waiting for a fresh mapping) and the
+    /// failure is told once the server holds it. `false`: nothing to wait
+    /// for, fail now.
+    fn defer_until_accepted(&mut self, now: Instant, session: u64, error: ConnectError) -> bool {
+        let Some(a) = self.attempts.get(&session) else {
+            return false;
+        };
+        if !(a.relayed && a.role == Role::Responder && !self.client.holds_our_state(session)) {
+            return false;
+        }
+        tracing::debug!(session, %error, "no direct path; accepting for the relay");
+        let early = a.phase != Phase::Punching;
+        let offer = a.offer.clone();
+        let info = self.info();
+        if let Some(a) = self.attempts.get_mut(&session) {
+            a.phase = Phase::Punching;
+            a.deferred = Some((error, now + defaults::RELAY_WAIT));
+        }
+        if early {
+            self.client.accept(now, session, offer, info, None);
+            self.flush_client(now);
+        }
+        true
     }
 
     /// A peer that was sending fell silent: be reachable for its re-punch.
@@ -1665,26 +1701,9 @@ impl Host {
                     }
                     return;
                 }
-                if a.relayed && a.role == Role::Responder && !self.client.holds_our_state(session) {
-                    // The initiator starts on the relay when our Accept
-                    // reaches the server: it goes out (now, if it was
-                    // waiting for a fresh mapping) and the attempt ends
-                    // once the server holds it.
-                    tracing::debug!(session, %error, "no direct path; accepting for the relay");
-                    let early = a.phase != Phase::Punching;
-                    let offer = a.offer.clone();
-                    let info = self.info();
-                    if let Some(a) = self.attempts.get_mut(&session) {
-                        a.phase = Phase::Punching;
-                        a.deferred = Some((error, now + defaults::RELAY_WAIT));
-                    }
-                    if early {
-                        self.client.accept(now, session, offer, info, None);
-                        self.flush_client(now);
-                    }
-                    return;
+                if !self.defer_until_accepted(now, session, error.clone()) {
+                    self.fail_attempt(now, session, error)
                 }
-                self.fail_attempt(now, session, error)
             }
             PunchEvent::PathValidated { .. } | PunchEvent::PathDead { .. } => {}
         }

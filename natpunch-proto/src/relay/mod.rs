@@ -32,14 +32,15 @@ pub use server::{RelayConfig, RelayServer, RelayStats};
 pub const MAGIC: u8 = 0x2C;
 /// Magic byte and channel number.
 pub const HEADER: usize = 9;
-/// Largest payload relayed: a 1500-byte Ethernet MTU under IPv4 and UDP
-/// headers. QUIC never sends more than [`MAX_QUIC_PAYLOAD`] anyway.
-pub const MAX_PAYLOAD: usize = 1472;
 /// The QUIC packet size every path can carry, relayed or not: 1452 bytes
 /// (1500-byte MTU under IPv6 and UDP headers) minus the relay header, so
 /// that a session can move between a relay path and a direct path without
 /// meeting a black hole (iroh PR #2835).
 pub const MAX_QUIC_PAYLOAD: u16 = 1452 - HEADER as u16;
+/// Largest payload relayed: what QUIC sends, so that a relayed datagram
+/// (1452 bytes) fits a 1500-byte MTU under IPv6 or IPv4 and UDP headers,
+/// and a run of them can leave the server as one GSO batch.
+pub const MAX_PAYLOAD: usize = MAX_QUIC_PAYLOAD as usize;
 
 /// Whether the datagram is a relay frame.
 pub fn is_relay(buf: &[u8]) -> bool {
@@ -124,5 +125,7 @@ mod tests {
             })
         );
         assert!(is_relay(&f) && !is_relay(b"\x2a"));
+        // A relayed datagram fits a 1500-byte MTU under IPv6 and UDP.
+        assert_eq!(HEADER + MAX_PAYLOAD, 1452);
     }
 }

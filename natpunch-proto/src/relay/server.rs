@@ -18,6 +18,11 @@ use crate::rendezvous::server::Outgoing;
 /// Clients send a keepalive every [`KEEPALIVE`] while a session may use
 /// it, so four can be lost in a row.
 pub const IDLE: Duration = Duration::from_secs(75);
+/// A channel the target has not accepted is closed after this long, and
+/// keepalives do not extend it: the introduction's own lifetime
+/// ([`crate::rendezvous::server::SESSION_TTL`]), so that introductions a
+/// target never took cannot fill its share of the table.
+pub const UNACCEPTED_TTL: Duration = Duration::from_secs(30);
 /// How often a client keeps its channels (and its NAT mapping toward the
 /// server) alive: under the 30 s after which many NATs drop an idle UDP
 /// mapping (RFC 4787 REQ-5 asks for at least 2 minutes; measured home
@@ -126,6 +131,7 @@ pub struct End {
 struct Channel {
     ends: [End; 2],
     last: Instant,
+    opened: Instant,
     /// The target accepted: until then nothing is forwarded (a peer that
     /// declines never receives a relayed packet).
     accepted: bool,
@@ -205,9 +211,15 @@ impl RelayServer {
             self.stats.refused_full += 1;
             return Err(RelayRefusal::Full);
         }
-        let per = |p: &PeerId| self.by_peer.get(p).map_or(0, Vec::len);
-        if per(&a.peer) >= self.cfg.channels_per_peer || per(&b.peer) >= self.cfg.channels_per_peer
-        {
+        // The initiator answers for every channel it asked for; the target
+        // only for those it took (others cannot fill its share).
+        let asked = self.by_peer.get(&a.peer).map_or(0, Vec::len);
+        let taken = self.by_peer.get(&b.peer).map_or(0, |ids| {
+            ids.iter()
+                .filter(|id| self.channels.get(id).is_some_and(|c| c.accepted))
+                .count()
+        });
+        if asked >= self.cfg.channels_per_peer || taken >= self.cfg.channels_per_peer {
             self.stats.refused_full += 1;
             return Err(RelayRefusal::PeerFull);
         }
@@ -216,6 +228,7 @@ impl RelayServer {
             Channel {
                 ends: [a, b],
                 last: now,
+                opened: now,
                 accepted: false,
             },
         );
@@ -302,13 +315,18 @@ impl RelayServer {
             tracing::trace!(%from, channel = id, "relay frame from neither end");
             return;
         };
-        c.last = now;
-        if payload.is_empty() {
-            self.stats.keepalives += 1;
-            return;
+        // The target sending on the channel is its consent (its Accept
+        // may still be on the way).
+        if side == 1 {
+            c.accepted = true;
         }
         if !c.accepted {
             self.stats.dropped_unaccepted += 1;
+            return;
+        }
+        c.last = now;
+        if payload.is_empty() {
+            self.stats.keepalives += 1;
             return;
         }
         let (me, other) = (c.ends[side], c.ends[1 - side]);
@@ -331,7 +349,10 @@ impl RelayServer {
         let dead: Vec<u64> = self
             .channels
             .iter()
-            .filter(|(_, c)| now.saturating_duration_since(c.last) >= IDLE)
+            .filter(|(_, c)| {
+                now.saturating_duration_since(c.last) >= IDLE
+                    || (!c.accepted && now.saturating_duration_since(c.opened) >= UNACCEPTED_TTL)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in dead {
@@ -429,6 +450,44 @@ mod tests {
         assert_eq!(r.channels(), 1, "a keepalive keeps it");
         r.expire(t + IDLE * 2);
         assert_eq!((r.channels(), r.peers()), (0, 0));
+    }
+
+    #[test]
+    fn introductions_a_target_never_took_cannot_fill_its_share() {
+        let t = Instant::now();
+        let cfg = RelayConfig {
+            channels_per_peer: 2,
+            ..RelayConfig::default()
+        };
+        let mut r = RelayServer::new(cfg);
+        let target = end(2, "198.51.100.2:5000");
+        // Many initiators ask; the target takes none.
+        for i in 0..10u8 {
+            let a = end(10 + i, "198.51.100.1:4000");
+            r.open(t, u64::from(i), a, target).unwrap();
+            // Keepalives from the initiator do not keep it.
+            r.handle(
+                t,
+                a.addr,
+                &super::super::encode(u64::from(i), &[]),
+                &mut VecDeque::new(),
+            );
+        }
+        r.expire(t + UNACCEPTED_TTL);
+        assert_eq!(r.channels(), 0);
+        // The target sending on a channel is its consent.
+        let a = end(30, "198.51.100.3:4000");
+        r.open(t, 99, a, target).unwrap();
+        let mut out = VecDeque::new();
+        r.handle(
+            t,
+            target.addr,
+            &super::super::encode(99, b"\x40x"),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        r.expire(t + UNACCEPTED_TTL);
+        assert_eq!(r.channels(), 1);
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub fn push_record(datagram: &[u8], out: &mut Vec<u8>) {
 #[derive(Debug, Default)]
 pub struct Decoder {
     buf: Vec<u8>,
+    /// Where the next record starts (consumed bytes are dropped once per
+    /// push, not per record: many tiny records cost linear time).
+    pos: usize,
 }
 
 impl Decoder {
@@ -68,51 +71,57 @@ impl Decoder {
 
     /// Bytes read from the stream.
     pub fn push(&mut self, data: &[u8]) {
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
         self.buf.extend_from_slice(data);
     }
 
     /// Bytes waiting for the rest of their record.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.pos
     }
 
     /// The next whole record, if one is buffered.
     pub fn next_record(&mut self) -> Result<Option<Record>, StreamError> {
-        let Some(&first) = self.buf.first() else {
+        let buf = &self.buf[self.pos..];
+        let Some(&first) = buf.first() else {
             return Ok(None);
         };
         if first == MARK {
-            if self.buf.len() < RECORD_HEADER {
+            if buf.len() < RECORD_HEADER {
                 return Ok(None);
             }
-            let len = usize::from(u16::from_be_bytes([self.buf[1], self.buf[2]]));
+            let len = usize::from(u16::from_be_bytes([buf[1], buf[2]]));
             if len > MAX_RECORD {
                 return Err(StreamError::TooLarge { len });
             }
-            if self.buf.len() < RECORD_HEADER + len {
+            if buf.len() < RECORD_HEADER + len {
                 return Ok(None);
             }
-            let d = self.buf[RECORD_HEADER..RECORD_HEADER + len].to_vec();
-            self.buf.drain(..RECORD_HEADER + len);
+            let d = buf[RECORD_HEADER..RECORD_HEADER + len].to_vec();
+            self.pos += RECORD_HEADER + len;
             return Ok(Some(Record::Datagram(d)));
         }
         if first > 0x03 {
             return Err(StreamError::Garbage { first });
         }
         // A STUN message: its header says how long it is.
-        if self.buf.len() < 4 {
+        if buf.len() < 4 {
             return Ok(None);
         }
-        let Some(len) = framed_len(&self.buf) else {
+        let Some(len) = framed_len(buf) else {
             return Err(StreamError::Garbage { first });
         };
         if len > MAX_RECORD {
             return Err(StreamError::TooLarge { len });
         }
-        if self.buf.len() < len {
+        if buf.len() < len {
             return Ok(None);
         }
-        let m: Vec<u8> = self.buf.drain(..len).collect();
+        let m = buf[..len].to_vec();
+        self.pos += len;
         Ok(Some(Record::Stun(m)))
     }
 }

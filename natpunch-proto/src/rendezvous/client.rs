@@ -557,13 +557,13 @@ impl RendezvousClient {
         self.submit(now, q);
     }
 
-    /// We are done with an introduction: no more requests for it.
     /// Whether the server holds our newest state of `session` (our
     /// Connect or Accept, and every Update since).
     pub fn holds_our_state(&self, session: u64) -> bool {
         self.sessions.get(&session).is_some_and(|s| s.acked)
     }
 
+    /// We are done with an introduction: no more requests for it.
     pub fn end_session(&mut self, now: Instant, session: u64) {
         if let Some(s) = self.sessions.get_mut(&session) {
             s.ended.get_or_insert(now);
@@ -984,7 +984,6 @@ impl RendezvousClient {
         }
     }
 
-    /// Retransmits, polls, heartbeats; a spurious call is a no-op.
     /// The way to the server changed (UDP gave no answer; a TCP stream
     /// carries the frames now): every request waiting for an answer goes
     /// out again at once, with its full budget of sends.
@@ -997,6 +996,7 @@ impl RendezvousClient {
         self.send_due(now);
     }
 
+    /// Retransmits, polls, heartbeats; a spurious call is a no-op.
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some((_, got)) = self.cookie {
             if now.saturating_duration_since(got) >= COOKIE_RENEW && !self.closing {

@@ -450,16 +450,25 @@ impl PathSocket {
             }
             mapped
         };
-        let payload = frame.get(relay::HEADER..).unwrap_or_default().to_vec();
-        {
-            let mut q = self.injected.lock().unwrap_or_else(|e| e.into_inner());
-            if q.len() >= MAX_INJECTED {
-                self.stats.divert_overflow.fetch_add(1, Ordering::Relaxed);
-                return true;
-            }
-            q.push_back((mapped, payload));
+        self.queue_injected(mapped, frame.get(relay::HEADER..).unwrap_or_default());
+        self.wake_receiver();
+        true
+    }
+
+    /// Queues a relayed QUIC packet for quinn (bounded: beyond
+    /// [`MAX_INJECTED`] it is dropped, as loss).
+    fn queue_injected(&self, mapped: SocketAddr, packet: &[u8]) {
+        let mut q = self.injected.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= MAX_INJECTED {
+            self.stats.divert_overflow.fetch_add(1, Ordering::Relaxed);
+            return;
         }
+        q.push_back((mapped, packet.to_vec()));
         self.stats.relayed_in.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Wakes quinn's receiving task (injected packets wait for it).
+    fn wake_receiver(&self) {
         if let Some(w) = self
             .receiver
             .lock()
@@ -468,7 +477,6 @@ impl PathSocket {
         {
             w.wake_by_ref();
         }
-        true
     }
 
     /// Hands quinn the packets injected from the stream (one per slot).
@@ -562,7 +570,11 @@ impl PathSocket {
     pub fn set_relay(&self, mapped: SocketAddr, relay: RelayPath) {
         let mut t = self.table();
         if let Some(r) = t.routes.get_mut(&mapped) {
-            r.relay = Some(relay);
+            // The previous channel still delivers what is in flight on it;
+            // older ones are forgotten.
+            let previous = r.relay.replace(relay).map(|p| p.channel);
+            t.by_channel
+                .retain(|ch, (m, _)| *m != mapped || Some(*ch) == previous || *ch == relay.channel);
             t.by_channel.insert(relay.channel, (mapped, relay.server));
         }
     }
@@ -775,21 +787,33 @@ impl PathSocket {
                 kept += 1;
                 continue;
             }
-            if relayed > 0 {
-                // Relay frames mixed with others in one batch (it cannot
-                // be split in place): QUIC retransmits what is dropped.
-                self.stats
-                    .mixed_dropped
-                    .fetch_add(relayed as u64, Ordering::Relaxed);
-            }
             if other > 0 || relayed > 0 {
+                // A mixed batch cannot be handed over in place: relayed
+                // packets (of any of our channels) go to quinn one by one
+                // through the injection queue, control datagrams to the
+                // driver; bare QUIC mixed with control datagrams is dropped
+                // (QUIC retransmits it).
+                let mut injected = 0;
                 for seg in data.chunks(stride) {
-                    if seg
-                        .first()
-                        .is_some_and(|&b| !is_quic(b) && b != relay::MAGIC)
-                    {
-                        self.divert_one(id, m.addr, seg);
+                    match seg.first() {
+                        Some(&b) if is_quic(b) => {}
+                        Some(&relay::MAGIC) => {
+                            if let Some((_, mapped)) = relayed_quic(&t, m.addr, seg) {
+                                if let Some(r) = t.routes.get_mut(&mapped) {
+                                    if r.on_relay {
+                                        r.live.heard(now);
+                                    }
+                                }
+                                self.queue_injected(mapped, &seg[relay::HEADER..]);
+                                injected += 1;
+                            }
+                        }
+                        Some(_) => self.divert_one(id, m.addr, seg),
+                        None => {}
                     }
+                }
+                if injected > 0 {
+                    self.wake_receiver();
                 }
                 if quic > 0 {
                     self.stats
