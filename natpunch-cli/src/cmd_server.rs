@@ -37,6 +37,12 @@ pub struct ServerArgs {
     /// Do not relay: peers that cannot punch a direct path fail.
     #[arg(long)]
     pub no_relay: bool,
+    /// This relay node's public address, when peers should reach its relay
+    /// at another address than the one they use for the server (a name
+    /// behind a load balancer, say). Listeners registered here are homed
+    /// on it, and introductions name it.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub relay_addr: Option<SocketAddr>,
     /// Relayed traffic each peer may send, in Mbit/s (sustained; bursts of
     /// 4 MiB). A rate, never a total: long sessions are not cut off.
     #[arg(long, default_value_t = PEER_BYTES.rate * 8.0 / 1e6, value_name = "MBIT")]
@@ -77,7 +83,10 @@ impl ServerArgs {
             return RelayConfig::disabled();
         }
         if self.no_rate_limit {
-            return RelayConfig::unlimited();
+            return RelayConfig {
+                public: self.relay_addr,
+                ..RelayConfig::unlimited()
+            };
         }
         let bytes = self.relay_peer_mbit * 1e6 / 8.0;
         RelayConfig {
@@ -91,6 +100,7 @@ impl ServerArgs {
                 rate: (bytes / 1250.0).max(PEER_PACKETS.rate),
                 ..PEER_PACKETS
             },
+            public: self.relay_addr,
             ..RelayConfig::default()
         }
     }
@@ -114,6 +124,7 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
                 "tcp": locals,
                 "rfc5780": args.alt.is_some(),
                 "relay": !args.no_relay,
+                "relay_addr": args.relay_addr,
             }));
         } else {
             eprintln!(

@@ -73,6 +73,7 @@ fn register_as(
         cookie: c,
         info: PeerInfo::default(),
         rtt_ms: None,
+        home: None,
         sig: vec![],
     };
     ask(s, now, from, &signed(id, f))
@@ -140,7 +141,8 @@ fn registration_records_the_observed_address() {
             addr(A),
             Frame::Registered {
                 observed: addr(A),
-                expires_s: 15
+                expires_s: 15,
+                home: None,
             }
         )]
     );
@@ -160,6 +162,7 @@ fn nobody_registers_without_the_key_or_from_another_address() {
         cookie: c,
         info: PeerInfo::default(),
         rtt_ms: None,
+        home: None,
         sig: vec![],
     };
     // Signed by the wrong key.
@@ -645,6 +648,7 @@ fn an_old_cookie_does_not_skew_the_start() {
         cookie: c,
         info: PeerInfo::default(),
         rtt_ms: Some(40),
+        home: None,
         sig: vec![],
     };
     ask(&mut s, later, B, &signed(&b, f));
@@ -662,5 +666,73 @@ fn an_old_cookie_does_not_skew_the_start() {
     assert!(
         !starts.is_empty() && starts.iter().all(|ms| *ms <= 40),
         "{starts:?}"
+    );
+}
+
+/// A listener is homed on the node it registers with, which names itself
+/// when it has a public relay address; an introduction names the node
+/// that relays the session (the target's home), and a node opens no
+/// channel for a target homed on another node.
+#[test]
+fn registrations_name_their_relay_node_and_introductions_return_it() {
+    use natpunch_proto::relay::RelayConfig;
+    use natpunch_proto::rendezvous::server::Limits;
+    use natpunch_proto::rendezvous::wire::RelayNode;
+    let node: SocketAddr = addr("203.0.113.10:3478");
+    let mut s = RendezvousServer::with_relay(
+        [1; 32],
+        Limits::default(),
+        RelayConfig {
+            public: Some(node),
+            ..RelayConfig::default()
+        },
+    );
+    let now = Instant::now();
+    let (a, b) = (Identity::from_seed([1; 32]), Identity::from_seed([2; 32]));
+    let r = register_as(&mut s, now, &b, 2, B);
+    assert!(
+        matches!(r.as_slice(), [(_, Frame::Registered { home: Some(h), .. })] if *h == node),
+        "{r:?}"
+    );
+    let f = connect_frame(&mut s, now, &a, &b, 7, true);
+    let r = ask(&mut s, now, A, &f);
+    let relays: Vec<Option<RelayNode>> = r
+        .iter()
+        .filter_map(|(_, f)| match f {
+            Frame::Peer { relay, .. } | Frame::Incoming { relay, .. } => Some(*relay),
+            _ => None,
+        })
+        .collect();
+    assert!(!relays.is_empty());
+    assert!(
+        relays
+            .iter()
+            .all(|r| *r == Some(RelayNode { addr: Some(node) })),
+        "{relays:?}"
+    );
+    // Homed on another node: introduced here, relayed there (not here).
+    let c = Identity::from_seed([3; 32]);
+    let cookie = cookie(&mut s, now, &c, "198.51.100.30:5000");
+    let f = Frame::Register {
+        peer: c.peer_id(),
+        instance: 3,
+        cookie,
+        info: PeerInfo::default(),
+        rtt_ms: None,
+        home: Some(addr("203.0.113.99:3478")),
+        sig: vec![],
+    };
+    ask(&mut s, now, "198.51.100.30:5000", &signed(&c, f));
+    let f = connect_frame(&mut s, now, &a, &c, 8, true);
+    let r = ask(&mut s, now, A, &f);
+    assert!(
+        r.iter()
+            .any(|(_, f)| matches!(f, Frame::Peer { relay: None, .. })),
+        "{r:?}"
+    );
+    assert_eq!(
+        s.relay_stats().1,
+        1,
+        "one channel: the first introduction's"
     );
 }

@@ -330,6 +330,8 @@ struct Attempt {
     /// The server relays this session (it starts there once the target
     /// has accepted).
     relay_offered: bool,
+    /// The relay node's address, if it is not the server itself.
+    relay_at: Option<SocketAddr>,
     /// The server's relay channel for this session is in place (the
     /// target accepted).
     channel_ready: bool,
@@ -639,6 +641,7 @@ impl Host {
             turn_until: None,
             relayed: false,
             relay_offered: false,
+            relay_at: None,
             channel_ready: false,
             deferred: None,
         }
@@ -1230,7 +1233,8 @@ impl Host {
                     start_at,
                 );
                 if let Some(a) = self.attempts.get_mut(&session) {
-                    a.relay_offered = relay;
+                    a.relay_offered = relay.is_some();
+                    a.relay_at = relay.and_then(|n| n.addr);
                 }
             }
             ClientEvent::Incoming {
@@ -1257,7 +1261,8 @@ impl Host {
                 };
                 self.on_incoming(now, session, key, intro);
                 if let Some(a) = self.attempts.get_mut(&session) {
-                    a.relay_offered = relay;
+                    a.relay_offered = relay.is_some();
+                    a.relay_at = relay.and_then(|n| n.addr);
                 }
                 self.relay_first(now, session);
             }
@@ -1405,7 +1410,7 @@ impl Host {
             return;
         };
         let relay = RelayPath {
-            server: self.cfg.server,
+            server: a.relay_at.unwrap_or(self.cfg.server),
             channel: session,
         };
         if r.relay != Some(relay) {

@@ -58,6 +58,10 @@ pub struct RelayConfig {
     pub peer_packets: RateLimit,
     pub max_channels: usize,
     pub channels_per_peer: usize,
+    /// This node's public relay address, if it names itself (listeners
+    /// registered here are homed on it); `None`: peers reach it at the
+    /// server's address.
+    pub public: Option<SocketAddr>,
 }
 
 impl Default for RelayConfig {
@@ -68,6 +72,7 @@ impl Default for RelayConfig {
             peer_packets: PEER_PACKETS,
             max_channels: MAX_CHANNELS,
             channels_per_peer: CHANNELS_PER_PEER,
+            public: None,
         }
     }
 }
@@ -176,6 +181,11 @@ impl RelayServer {
 
     pub fn enabled(&self) -> bool {
         self.cfg.enabled
+    }
+
+    /// This node's public relay address, if it names itself.
+    pub fn public(&self) -> Option<SocketAddr> {
+        self.cfg.public
     }
 
     pub fn stats(&self) -> RelayStats {

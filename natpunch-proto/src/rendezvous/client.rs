@@ -76,8 +76,8 @@ pub enum ClientEvent {
         yours: SocketAddr,
         info: PeerInfo,
         start_at: Instant,
-        /// The server relays this session (channel = session number).
-        relay: bool,
+        /// The node that relays this session (channel = session number).
+        relay: Option<super::wire::RelayNode>,
     },
     /// Someone asks to connect to us.
     Incoming {
@@ -89,7 +89,7 @@ pub enum ClientEvent {
         info: PeerInfo,
         fresh: Option<SocketAddr>,
         start_at: Instant,
-        relay: bool,
+        relay: Option<super::wire::RelayNode>,
     },
     /// The other side's latest state, and the start of prediction once both
     /// mappings are known.
@@ -251,6 +251,8 @@ pub struct RendezvousClient {
     reg: Reg,
     /// The address the server last saw us at.
     observed: Option<SocketAddr>,
+    /// The relay node we are homed on, as the server names itself.
+    home: Option<SocketAddr>,
     srtt: Option<Duration>,
     next_ping: Option<Instant>,
     lost: bool,
@@ -294,6 +296,7 @@ impl RendezvousClient {
             cookie: None,
             reg: Reg::No,
             observed: None,
+            home: None,
             srtt: None,
             next_ping: None,
             lost: false,
@@ -620,6 +623,7 @@ impl RendezvousClient {
                 cookie,
                 info: self.info.clone(),
                 rtt_ms: self.rtt_ms(),
+                home: self.home,
                 sig: Vec::new(),
             },
             Queued::Unregister => Frame::Unregister {
@@ -767,7 +771,7 @@ impl RendezvousClient {
                     self.send_queued(now, q);
                 }
             }
-            Frame::Registered { observed, .. } => {
+            Frame::Registered { observed, home, .. } => {
                 if !self.pending.iter().any(|p| p.kind == Kind::Register) {
                     return;
                 }
@@ -775,6 +779,7 @@ impl RendezvousClient {
                 // A refresh (new facts, same address) is not news.
                 let news = self.reg != Reg::Registered || self.observed != Some(observed);
                 self.observed = Some(observed);
+                self.home = home;
                 self.reg = Reg::Registered;
                 self.next_ping = Some(now + HEARTBEAT);
                 if news {

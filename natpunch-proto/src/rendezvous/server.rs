@@ -170,6 +170,8 @@ struct Registration {
     rtt: Duration,
     expires: Instant,
     displaced: Option<Displaced>,
+    /// The relay node it is homed on (`None`: this one).
+    home: Option<SocketAddr>,
 }
 
 /// One side of an introduction.
@@ -490,11 +492,13 @@ impl RendezvousServer {
                 cookie,
                 info,
                 rtt_ms,
+                home,
                 sig,
             } => match self.authenticate(&r, &frame, peer, cookie, sig) {
                 Ok(age) => {
                     let rtt = round_trip(age, *rtt_ms);
-                    self.register(&r, *peer, *instance, info.clone(), rtt)
+                    let home = home.filter(|h| Some(*h) != self.relay.public());
+                    self.register(&r, *peer, *instance, info.clone(), rtt, home)
                 }
                 Err(code) => self.error(&r, code, None),
             },
@@ -634,6 +638,7 @@ impl RendezvousServer {
         instance: u64,
         info: PeerInfo,
         rtt: Duration,
+        home: Option<SocketAddr>,
     ) {
         if !self.regs.contains_key(&peer) && self.regs.len() >= MAX_REGISTRATIONS {
             self.stats.server_full += 1;
@@ -675,6 +680,7 @@ impl RendezvousServer {
                 rtt,
                 expires: r.now + REGISTRATION_TTL,
                 displaced,
+                home,
             },
         );
         self.stats.registrations += 1;
@@ -685,6 +691,7 @@ impl RendezvousServer {
             &Frame::Registered {
                 observed: r.from,
                 expires_s,
+                home: self.relay.public(),
             },
         );
     }
@@ -793,13 +800,21 @@ impl RendezvousServer {
             addr: them.addr,
             local: them.local,
         };
-        let relayed = match self.relay.open(r.now, session, end(&me), target_end) {
-            Ok(()) => true,
-            Err(e) => {
-                if self.relay.enabled() {
-                    tracing::debug!(session, error = %e, "no relay channel");
+        // The target's home node relays the session; a target homed on
+        // another node is relayed there (no state is shared between
+        // nodes), so this one opens no channel.
+        let relayed = if let Some(elsewhere) = them.home {
+            tracing::debug!(session, %elsewhere, "target homed on another relay node");
+            false
+        } else {
+            match self.relay.open(r.now, session, end(&me), target_end) {
+                Ok(()) => true,
+                Err(e) => {
+                    if self.relay.enabled() {
+                        tracing::debug!(session, error = %e, "no relay channel");
+                    }
+                    false
                 }
-                false
             }
         };
         self.sessions.insert(
@@ -823,6 +838,13 @@ impl RendezvousServer {
             },
         );
         self.introduce(r.now, session, true);
+    }
+
+    /// The relay node of a session this node relays (itself).
+    fn relay_node(&self, relayed: bool) -> Option<super::wire::RelayNode> {
+        relayed.then(|| super::wire::RelayNode {
+            addr: self.relay.public(),
+        })
     }
 
     /// Sends the initiator its `Peer` and the target its `Incoming`.
@@ -849,7 +871,7 @@ impl RendezvousServer {
                 yours: a.addr,
                 info: b_info,
                 start_in_ms: start_a,
-                relay: s.relayed,
+                relay: self.relay_node(s.relayed),
             },
         );
         self.introduce_target(now, session, first);
@@ -899,7 +921,7 @@ impl RendezvousServer {
                 info: a_state.info,
                 fresh: a_state.fresh,
                 start_in_ms: start_b,
-                relay: s.relayed,
+                relay: self.relay_node(s.relayed),
             },
         );
     }

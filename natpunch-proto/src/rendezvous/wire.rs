@@ -32,7 +32,8 @@ use crate::nat::{AllocationKind, Behaviour, NatReport};
 pub const MAGIC: u8 = 0x2A;
 /// The wire version this code speaks. Version 2: connectors need no
 /// registration, facts can arrive late (`Update`/`Sync`), heartbeats.
-/// Version 3: introductions say whether a relay channel joins the peers.
+/// Version 3: a listener is homed on a relay node, and introductions say
+/// which node relays the session.
 pub const VERSION: u8 = 3;
 /// Largest frame: below the 1280-byte IPv6 minimum MTU minus headers, so a
 /// frame is never fragmented.
@@ -205,6 +206,15 @@ pub enum RegStatus {
     HeldByOther,
 }
 
+/// The relay node that carries an introduced session: the target's home
+/// node, where the channel (numbered as the session) lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayNode {
+    /// The node's public relay address; `None`: the server that sent this
+    /// frame, at the address the peer reaches it.
+    pub addr: Option<SocketAddr>,
+}
+
 /// One side's state of an introduction, as the server relays it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartyState {
@@ -231,12 +241,18 @@ pub enum Frame {
         /// Our measured round trip to the server (the cookie's age says
         /// it only when the cookie was just fetched).
         rtt_ms: Option<u32>,
+        /// The relay node we are homed on, as that node names itself
+        /// (`Registered::home`); `None`: this server.
+        home: Option<SocketAddr>,
         sig: Vec<u8>,
     },
-    /// Server → listener: the address the server saw.
+    /// Server → listener: the address the server saw, and the name of this
+    /// relay node if it has one (a listener is homed on the node it
+    /// registers with; lookups return it).
     Registered {
         observed: SocketAddr,
         expires_s: u16,
+        home: Option<SocketAddr>,
     },
     /// Client → server, signed: connect me to `target`. Carries our facts
     /// (maybe still pending) and a fresh mapping if we have one.
@@ -263,9 +279,10 @@ pub enum Frame {
         yours: SocketAddr,
         info: PeerInfo,
         start_in_ms: u16,
-        /// The session's number is also a relay channel between the two
-        /// ([`crate::relay`]) on this server.
-        relay: bool,
+        /// Where the session is relayed, if it is: the target's home node,
+        /// where a channel numbered as the session joins the two
+        /// ([`crate::relay`]).
+        relay: Option<RelayNode>,
     },
     /// Server → target: someone asks to connect, and when to start.
     Incoming {
@@ -278,7 +295,7 @@ pub enum Frame {
         fresh: Option<SocketAddr>,
         start_in_ms: u16,
         /// As in `Peer`.
-        relay: bool,
+        relay: Option<RelayNode>,
     },
     /// Target → server, signed: my offer, facts and fresh mapping.
     Accept {
