@@ -89,6 +89,12 @@ pub struct ListenOpts {
     /// Accept sessions only from this peer (repeatable).
     #[arg(long, value_name = "PEER_ID")]
     pub allow: Vec<PeerId>,
+    /// Also serve rendezvous and relay, on this UDP and TCP port (0: any),
+    /// to the peers that have a session with us: for a peer others can
+    /// reach directly (public address, forwarded port). They use it with
+    /// `-s OUR_ADDRESS:PORT`.
+    #[arg(long, value_name = "PORT")]
+    pub serve_relay: Option<u16>,
 }
 
 /// Options of the connecting side.
@@ -162,6 +168,7 @@ fn check_usage(
             (!listen.expose.is_empty(), "--expose"),
             (!listen.allow.is_empty(), "--allow"),
             (listen.keep_open, "--keep-open"),
+            (listen.serve_relay.is_some(), "--serve-relay"),
         ] {
             if set {
                 return Err(format!("{flag} is for the listening side (without -d)"));
@@ -259,6 +266,7 @@ pub fn run(
         cfg.peer.once = common.once;
         cfg.peer.nat_cache = !common.no_nat_cache;
         cfg.peer.relay = !common.no_relay;
+        cfg.peer.serve_relay = listen.serve_relay;
         cfg.accept = target.is_none();
         cfg.idle_timeout = Duration::from_secs(common.idle_timeout);
         if !listen.allow.is_empty() {
@@ -506,6 +514,14 @@ fn print_event(out: &Out, ev: &PeerEvent) {
                 },
             )
         }
+        PeerEvent::ServingRelay { addr } => out.event(
+            json!({"event": "serving-relay", "addr": addr}),
+            || format!("serving rendezvous and relay at {addr} (udp and tcp) to the peers with a session to us"),
+        ),
+        PeerEvent::ServerRefused { server, code } => out.event(
+            json!({"event": "server-refused", "server": server, "code": code}),
+            || format!("{server} refused our registration ({code}): it serves only peers with a session to its owner"),
+        ),
         PeerEvent::ServerOverTcp { server } => out.event(
             json!({"event": "server-tcp", "server": server}),
             || format!("no answer from {server} on UDP: reaching it (and the relay) over TCP"),

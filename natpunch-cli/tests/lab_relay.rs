@@ -590,3 +590,119 @@ fn a_flooding_peer_does_not_starve_another_relayed_transfer() {
         "beside the flood the transfer took {shared:.2} s, alone {alone:.2} s"
     );
 }
+
+/// A peer with a public address serves rendezvous and relay
+/// (`--serve-relay`) to the peers that have sessions with it: two of them
+/// meet through it (relayed first, then direct), and a stranger is refused.
+#[test]
+fn a_public_peer_serves_rendezvous_and_relay_to_its_session_peers() {
+    if !lab_available() {
+        return;
+    }
+    let _serial = serial();
+    let p = lab_pair("port-restricted-cone", "direct", None);
+    let b_ip = p.lab.host_ip(Node::HostB).expect("B's address");
+    let served = format!("{b_ip}:3479");
+    let hub = start_listener(
+        p.peer(Node::HostB, "hub")
+            .args(["--keep-open", "--serve-relay", "3479"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null()),
+    );
+    // X (behind A's NAT) and Y (on B's host) hold sessions with the hub.
+    let mut members = Vec::new();
+    for (node, key) in [(Node::HostA, "x"), (Node::HostB, "y")] {
+        members.push(
+            p.peer(node, key)
+                .args(["-d", &hub.id])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut sessions = 0;
+    while sessions < 2 && Instant::now() < deadline {
+        sessions += hub
+            .drain(Duration::from_millis(300))
+            .iter()
+            .filter(|e| e["event"] == "session")
+            .count();
+    }
+    assert_eq!(sessions, 2, "the members' sessions with the hub");
+    // Y registers with the hub's server; X connects to Y through it.
+    let key = |k: &str| p.dir.join(k);
+    let out = p.dir.join("y-out");
+    let mut y = start_listener(
+        p.lab
+            .natpunch(Node::HostB)
+            .args(["listen", "-s", &served, "--json", "--key"])
+            .arg(key("y"))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap()),
+    );
+    let mut x = p
+        .lab
+        .natpunch(Node::HostA)
+        .args(["-s", &served, "-d", &y.id, "--json", "--key"])
+        .arg(key("x"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(mut s) = x.stdin.take() {
+        s.write_all(b"met through a peer's relay").unwrap();
+    }
+    let o = output_within(x, Duration::from_secs(30)).expect("X finishes");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let ev = json_lines(&o.stderr);
+    let c = ev
+        .iter()
+        .find(|e| e["event"] == "connected")
+        .unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(c["path"], "relay", "{c}");
+    assert_eq!(c["remote"], served.as_str(), "relayed by the hub: {c}");
+    assert!(y.wait(Duration::from_secs(15)).is_some_and(|s| s.success()));
+    assert_eq!(std::fs::read(&out).unwrap(), b"met through a peer's relay");
+    // A peer without a session to the hub is refused.
+    let z = p
+        .lab
+        .natpunch(Node::HostA)
+        .args(["listen", "-s", &served, "--json", "--key"])
+        .arg(key("z"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let zo = output_within_killing(z, Duration::from_secs(4));
+    let zev = json_lines(&zo);
+    assert!(
+        zev.iter()
+            .any(|e| e["event"] == "server-refused" && e["code"] == "not-member"),
+        "{zev:?}"
+    );
+    assert!(!zev.iter().any(|e| e["event"] == "registered"), "{zev:?}");
+    for mut m in members {
+        let _ = m.kill();
+        let _ = m.wait();
+    }
+    eprintln!("two session peers met through a peer's relay; a stranger was refused");
+}
+
+/// Runs `child` for `within`, then kills it; its stderr.
+fn output_within_killing(mut child: std::process::Child, within: Duration) -> Vec<u8> {
+    use std::io::Read;
+    std::thread::sleep(within);
+    let _ = child.kill();
+    let mut err = Vec::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_end(&mut err);
+    }
+    let _ = child.wait();
+    err
+}

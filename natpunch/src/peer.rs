@@ -9,7 +9,9 @@
 //! what the coordinator asks (open and close sockets, point routes at
 //! paths, start QUIC when a connect has its path) and tells it what the
 //! session layer sees (sessions up and down, stalled routes, a peer's
-//! packets from a new path).
+//! packets from a new path). With `serve_relay` it also runs the server's
+//! rendezvous and relay ([`crate::stun_server`]) for the peers that hold a
+//! session with it, keeping the server's member list in step with them.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -68,6 +70,10 @@ pub struct PeerConfig {
     /// Start sessions on the server's relay at once and move them to a
     /// direct path when one is punched (never in punch-only runs).
     pub relay: bool,
+    /// Serve rendezvous and relay to the peers we have sessions with, on
+    /// this UDP and TCP port of our address (0: any free port): for a peer
+    /// others can reach directly (a public address, a forwarded port).
+    pub serve_relay: Option<u16>,
 }
 
 /// A path as events show it.
@@ -124,6 +130,17 @@ pub enum PeerEvent {
     /// over TCP now.
     ServerOverTcp {
         server: SocketAddr,
+    },
+    /// The server refused our registration: it serves only the peers its
+    /// owner has sessions with.
+    ServerRefused {
+        server: SocketAddr,
+        code: &'static str,
+    },
+    /// We serve rendezvous and relay, at `addr`, to the peers we have
+    /// sessions with (`--serve-relay`).
+    ServingRelay {
+        addr: SocketAddr,
     },
     /// Another process with our key registered; we no longer receive
     /// introductions until it leaves.
@@ -208,6 +225,9 @@ pub enum PeerError {
     Nat(#[from] NatError),
     #[error("cannot start QUIC on the socket: {0}")]
     Socket(#[source] std::io::Error),
+    /// `--serve-relay` could not start its server.
+    #[error("cannot serve the relay: {0}")]
+    Serve(String),
     /// The rendezvous server never answered since we started (a listener
     /// that has registered once keeps trying instead, and says so).
     #[error("no answer from the rendezvous server {server}: it is down, the address is wrong, or UDP is blocked")]
@@ -222,6 +242,7 @@ impl PeerError {
             PeerError::Net(_) => "network",
             PeerError::Nat(_) => "nat-discovery",
             PeerError::Socket(_) => "socket",
+            PeerError::Serve(_) => "serve-relay",
             PeerError::ServerUnreachable { .. } => "server-unreachable",
         }
     }
@@ -256,6 +277,10 @@ struct Driver {
     tcp_news: mpsc::UnboundedSender<LinkNews>,
     /// Why the run must stop.
     fatal: Option<PeerError>,
+    /// The rendezvous and relay we serve to our peers, and the peers with
+    /// sessions (its members, with their session counts).
+    served: Option<crate::stun_server::RunningServer>,
+    members: HashMap<PeerId, usize>,
     done: bool,
 }
 
@@ -340,6 +365,8 @@ pub(crate) async fn run(
         next_request: 1,
         conns: HashMap::new(),
         registered: false,
+        served: None,
+        members: HashMap::new(),
         divert: divert_tx,
         udp_heard: false,
         tcp: None,
@@ -353,6 +380,9 @@ pub(crate) async fn run(
         for f in c.facts() {
             d.host.handle_fact(Instant::now(), f);
         }
+    }
+    if let Some(port) = d.cfg.serve_relay {
+        d.serve_relay(port).await?;
     }
     d.host.start(Instant::now());
     loop {
@@ -549,6 +579,43 @@ async fn discover(
 }
 
 impl Driver {
+    /// Starts the rendezvous and relay we serve to our peers: the server's
+    /// own code, so the same authentication and quotas, open only to the
+    /// peers with a session to us.
+    async fn serve_relay(&mut self, port: u16) -> Result<(), PeerError> {
+        let config = natpunch_proto::stun::server::ServerConfig {
+            primary: SocketAddr::new(self.local_ip, port),
+            alternate: None,
+            software: None,
+            rate_limit: natpunch_proto::stun::server::DEFAULT_RATE_LIMIT,
+        };
+        let server = crate::stun_server::RunningServer::start(config)
+            .await
+            .map_err(|e| PeerError::Serve(e.to_string()))?;
+        server.set_members(Some(Default::default()));
+        if let Some(addr) = server.local_addresses().first().copied() {
+            self.emit(PeerEvent::ServingRelay { addr });
+        }
+        self.served = Some(server);
+        Ok(())
+    }
+
+    /// A session with `peer` began (`+1`) or ended (`-1`): the peers we
+    /// serve follow.
+    fn membership(&mut self, peer: PeerId, up: bool) {
+        let Some(server) = &self.served else {
+            return;
+        };
+        let n = self.members.entry(peer).or_default();
+        if up {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+        }
+        self.members.retain(|_, n| *n > 0);
+        server.set_members(Some(self.members.keys().copied().collect()));
+    }
+
     /// A datagram from the server on UDP: UDP works (with or without TCP).
     fn heard(&mut self, id: SocketId, from: SocketAddr) {
         if id == SocketId(0) && from == self.cfg.server && self.tcp.is_none() {
@@ -617,10 +684,14 @@ impl Driver {
         });
     }
 
-    /// Leaves: unregister, and let the datagrams go out.
+    /// Leaves: unregister, and let the datagrams go out; stops what we
+    /// serve.
     async fn close(&mut self) {
         self.host.close(Instant::now());
         self.flush().await;
+        if let Some(s) = self.served.take() {
+            s.shutdown().await;
+        }
     }
 
     async fn flush(&mut self) {
@@ -761,6 +832,10 @@ impl Driver {
                 let note = nat_cache::ServerNote::now(self.cfg.server, cookie, rtt);
                 let _ = self.cache.send(CacheNews::Server(note));
             }
+            HostEvent::ServerRefused { code } => self.emit(PeerEvent::ServerRefused {
+                server: self.cfg.server,
+                code: code.code(),
+            }),
             HostEvent::Displaced => self.emit(PeerEvent::Displaced {
                 peer_id: self.host.peer_id(),
             }),
@@ -837,6 +912,7 @@ impl Driver {
         let now = Instant::now();
         match msg {
             Internal::Up { peer, mapped, conn } => {
+                self.membership(peer, true);
                 if let Some(key) = self.socket.key_of(mapped) {
                     self.host.session_up(now, key);
                 }
@@ -858,6 +934,7 @@ impl Driver {
                 });
             }
             Internal::Down { peer, mapped } => {
+                self.membership(peer, false);
                 if let Some(key) = self.socket.key_of(mapped) {
                     self.host.session_down(now, key);
                 }

@@ -252,6 +252,14 @@ impl RunningServer {
         lock(&self.core).rendezvous.relay_stats()
     }
 
+    /// Serve rendezvous and relay only to these peers (`None`: to all).
+    pub fn set_members(
+        &self,
+        members: Option<std::collections::HashSet<natpunch_proto::identity::PeerId>>,
+    ) {
+        lock(&self.core).rendezvous.set_members(members);
+    }
+
     /// Datagrams dropped because a TCP peer's queue was full, and TCP
     /// peers connected now.
     pub fn tcp_stats(&self) -> (u64, usize) {

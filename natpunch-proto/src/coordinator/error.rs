@@ -34,6 +34,12 @@ pub enum ConnectError {
     /// The rendezvous server never answered.
     #[error("no answer from the rendezvous server {server}")]
     ServerUnreachable { server: SocketAddr },
+    /// The server serves only the peers its owner has sessions with (a
+    /// peer relaying for others), and we or the target are not one.
+    #[error(
+        "the server serves only peers with a session to its owner, and {peer} or we are not one"
+    )]
+    NotMember { peer: PeerId },
     /// The server refused a request for a reason no retry fixes.
     #[error("the rendezvous server refused: {}", .code.code())]
     Refused { code: ErrorCode },
@@ -60,6 +66,7 @@ impl ConnectError {
             ConnectError::ServerFull => "server-full",
             ConnectError::ServerUnreachable { .. } => "server-unreachable",
             ConnectError::Refused { .. } => "server-refused",
+            ConnectError::NotMember { .. } => "not-member",
             ConnectError::Punch { failure, .. } => failure.code(),
             ConnectError::Closing => "closing",
         }

@@ -242,6 +242,10 @@ pub enum HostEvent {
     },
     /// Another process with our key took over our registration.
     Displaced,
+    /// The server refused our registration (it serves members only).
+    ServerRefused {
+        code: ErrorCode,
+    },
     /// A peer asks to connect and we take it.
     Incoming {
         peer: PeerId,
@@ -418,6 +422,8 @@ pub struct Host {
     closing: bool,
     /// The server is reached over TCP: no UDP gets through here.
     udp_blocked: bool,
+    /// The server refused our registration (not a member), and we said so.
+    refused: bool,
 }
 
 impl std::fmt::Debug for Host {
@@ -471,6 +477,7 @@ impl Host {
             stats: HostStats::default(),
             closing: false,
             udp_blocked: false,
+            refused: false,
             cfg,
         }
     }
@@ -1202,6 +1209,7 @@ impl Host {
     fn on_client_event(&mut self, now: Instant, ev: ClientEvent) {
         match ev {
             ClientEvent::Registered { observed } => {
+                self.refused = false;
                 self.events.push_back(HostEvent::Registered { observed })
             }
             ClientEvent::ServerLost { server } => {
@@ -1278,6 +1286,12 @@ impl Host {
             } => {
                 let Some(session) = session else {
                     tracing::debug!(?code, "the server refused a request");
+                    // Told once (the registration is retried with every
+                    // heartbeat, in case we become a member).
+                    if code == ErrorCode::NotMember && !self.refused {
+                        self.refused = true;
+                        self.events.push_back(HostEvent::ServerRefused { code });
+                    }
                     return;
                 };
                 let Some(a) = self.attempts.get(&session) else {
@@ -1300,6 +1314,7 @@ impl Host {
                         ConnectError::IntroductionLimit { peer, retry_after }
                     }
                     ErrorCode::ServerFull => ConnectError::ServerFull,
+                    ErrorCode::NotMember => ConnectError::NotMember { peer },
                     code => ConnectError::Refused { code },
                 };
                 self.fail_attempt(now, session, error);

@@ -17,7 +17,7 @@
 //!   side's state, and once both mappings are known the server fixes one
 //!   start for prediction and gives each side its own delay to it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -150,6 +150,8 @@ pub struct RendezvousStats {
     pub introductions: u64,
     pub updates: u64,
     pub pings: u64,
+    /// Requests refused because the server serves members only.
+    pub not_member: u64,
 }
 
 /// Another instance of a key that a newer registration displaced.
@@ -234,6 +236,9 @@ pub struct RendezvousServer {
     stats: RendezvousStats,
     last_sweep: Option<Instant>,
     relay: RelayServer,
+    /// When set, only these peers may register, connect or be connected
+    /// to (a peer serving the peers it has sessions with).
+    members: Option<HashSet<PeerId>>,
 }
 
 impl std::fmt::Debug for RendezvousServer {
@@ -270,6 +275,7 @@ impl RendezvousServer {
             stats: RendezvousStats::default(),
             last_sweep: None,
             relay: RelayServer::new(relay),
+            members: None,
         }
     }
 
@@ -280,6 +286,19 @@ impl RendezvousServer {
     /// Registered peers right now.
     pub fn registered(&self) -> usize {
         self.regs.len()
+    }
+
+    /// Serve only these peers (`None`: everyone). Registrations of peers
+    /// that are no longer members end at once.
+    pub fn set_members(&mut self, members: Option<HashSet<PeerId>>) {
+        if let Some(m) = &members {
+            self.regs.retain(|p, _| m.contains(p));
+        }
+        self.members = members;
+    }
+
+    fn is_member(&self, peer: &PeerId) -> bool {
+        self.members.as_ref().is_none_or(|m| m.contains(peer))
     }
 
     /// The relay's counters, channels open and peers on them now.
@@ -495,6 +514,10 @@ impl RendezvousServer {
                 home,
                 sig,
             } => match self.authenticate(&r, &frame, peer, cookie, sig) {
+                Ok(_) if !self.is_member(peer) => {
+                    self.stats.not_member += 1;
+                    self.error(&r, ErrorCode::NotMember, None)
+                }
                 Ok(age) => {
                     let rtt = round_trip(age, *rtt_ms);
                     let home = home.filter(|h| Some(*h) != self.relay.public());
@@ -755,6 +778,10 @@ impl RendezvousServer {
     }
 
     fn connect(&mut self, r: &Request, me: Party, target: PeerId, session: u64) {
+        if !self.is_member(&me.peer) || !self.is_member(&target) {
+            self.stats.not_member += 1;
+            return self.error(r, ErrorCode::NotMember, Some(session));
+        }
         // A signed request from a new address (a re-punch after the NAT
         // rebound): the peer's relay channels follow it.
         self.relay.rebind(me.peer, me.instance, me.addr, me.local);

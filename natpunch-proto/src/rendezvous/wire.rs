@@ -173,6 +173,10 @@ pub enum ErrorCode {
     IntroductionLimit,
     /// The server holds as many registrations or sessions as it may.
     ServerFull,
+    /// The server serves only members (a peer that relays for others
+    /// serves the peers it has sessions with), and the sender, or the
+    /// target it named, is not one.
+    NotMember,
 }
 
 impl ErrorCode {
@@ -187,6 +191,7 @@ impl ErrorCode {
             ErrorCode::Declined(_) => "declined",
             ErrorCode::IntroductionLimit => "introduction-limit",
             ErrorCode::ServerFull => "server-full",
+            ErrorCode::NotMember => "not-member",
         }
     }
 }

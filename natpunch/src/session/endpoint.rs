@@ -69,6 +69,7 @@ impl EndpointConfig {
                 once: false,
                 nat_cache: true,
                 relay: true,
+                serve_relay: None,
             },
             accept: true,
             allow: None,
