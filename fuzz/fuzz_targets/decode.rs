@@ -28,7 +28,10 @@ fuzz_target!(|data: &[u8]| {
     let mut out = Vec::new();
     let from: SocketAddr = "203.0.113.1:5000".parse().unwrap();
     let now = Instant::now();
-    if server.handle(now, Transport::Udp, primary, from, data, &mut out).is_some() {
+    if server
+        .handle(now, Transport::Udp, primary, from, data, &mut out)
+        .is_some()
+    {
         Message::decode(&out).expect("server output decodes");
     }
     let mut client = Client::new();
