@@ -342,6 +342,18 @@ pub fn pipe(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<PipeRun, La
     })
 }
 
+/// A lab for the pair `a`/`b` with these access links, its server up.
+fn pair_lab(natpunch: PathBuf, a: &str, b: &str, links: Links) -> Result<Lab, LabError> {
+    let bad = |e: crate::spec::SpecError| LabError::Measure(e.to_string());
+    let topology = TopologySpec::Pair {
+        a: Side::parse(a).map_err(bad)?,
+        b: Side::parse(b).map_err(bad)?,
+    };
+    let mut lab = Lab::build(&topology, &LabOptions { natpunch, links })?;
+    lab.start_server()?;
+    Ok(lab)
+}
+
 /// Measures one link setting (`rate_kbit`: tbf on both access links).
 pub fn measure(
     natpunch: PathBuf,
@@ -350,21 +362,11 @@ pub fn measure(
     bytes: u64,
     rate_kbit: Option<u64>,
 ) -> Result<ThroughputRow, LabError> {
-    let bad = |e: crate::spec::SpecError| LabError::Measure(e.to_string());
-    let topology = TopologySpec::Pair {
-        a: Side::parse(a).map_err(bad)?,
-        b: Side::parse(b).map_err(bad)?,
-    };
     let link = LinkSpec {
         rate_kbit,
         ..Default::default()
     };
-    let opts = LabOptions {
-        natpunch,
-        links: Links { a: link, b: link },
-    };
-    let mut lab = Lab::build(&topology, &opts)?;
-    lab.start_server()?;
+    let lab = pair_lab(natpunch, a, b, Links { a: link, b: link })?;
     let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
     let _ = std::fs::create_dir_all(&keys);
     let kernel_tcp = measure_tcp(&lab, bytes);
@@ -413,21 +415,11 @@ pub fn measure_relay(
     bytes: u64,
     rate_kbit: Option<u64>,
 ) -> Result<RelayRow, LabError> {
-    let bad = |e: crate::spec::SpecError| LabError::Measure(e.to_string());
-    let topology = TopologySpec::Pair {
-        a: Side::parse(a).map_err(bad)?,
-        b: Side::parse(b).map_err(bad)?,
-    };
     let link = LinkSpec {
         rate_kbit,
         ..Default::default()
     };
-    let opts = LabOptions {
-        natpunch,
-        links: Links { a: link, b: link },
-    };
-    let mut lab = Lab::build(&topology, &opts)?;
-    lab.start_server()?;
+    let lab = pair_lab(natpunch, a, b, Links { a: link, b: link })?;
     let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
     let _ = std::fs::create_dir_all(&keys);
     let kernel_tcp = measure_tcp(&lab, bytes);
@@ -475,13 +467,7 @@ pub fn first_relayed_byte(
     links: Links,
     runs: u32,
 ) -> Result<(Vec<u64>, u64), LabError> {
-    let bad = |e: crate::spec::SpecError| LabError::Measure(e.to_string());
-    let topology = TopologySpec::Pair {
-        a: Side::parse(a).map_err(bad)?,
-        b: Side::parse(b).map_err(bad)?,
-    };
-    let mut lab = Lab::build(&topology, &LabOptions { natpunch, links })?;
-    lab.start_server()?;
+    let lab = pair_lab(natpunch, a, b, links)?;
     let rtt = |n| {
         crate::runner::nat_report(&lab, n)
             .ok()

@@ -72,6 +72,48 @@ pub fn spawn_connect(
     });
 }
 
+/// A write that makes no progress for this long ends the connection: a
+/// peer that stops reading cannot hold it (or the queue behind it).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes gathered from the queue into one write at most.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// The writing half of a stream behind a bounded queue of ready-made
+/// records (the caller drops what does not fit): each write takes what is
+/// queued, up to 64 KiB. The task ends when every sender is gone, or a
+/// write fails or stalls for [`WRITE_TIMEOUT`].
+pub(crate) fn spawn_writer(
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    queue: usize,
+) -> (mpsc::Sender<Vec<u8>>, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(queue);
+    let task = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        while let Some(first) = rx.recv().await {
+            buf.clear();
+            buf.extend_from_slice(&first);
+            while buf.len() < WRITE_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => buf.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&buf)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "TCP write failed");
+                    break;
+                }
+                Err(_) => {
+                    tracing::debug!("TCP write stalled: closing");
+                    break;
+                }
+            }
+        }
+    });
+    (tx, task)
+}
+
 /// Connects to `server` from `source_ip`, and starts the tasks that read
 /// and write it. `news` is told when the connection closes.
 async fn connect(
@@ -90,25 +132,8 @@ async fn connect(
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TCP connect timed out"))??;
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(WRITE_QUEUE);
-    tokio::spawn(async move {
-        let mut buf = Vec::new();
-        while let Some(first) = rx.recv().await {
-            buf.clear();
-            buf.extend_from_slice(&first);
-            while buf.len() < 64 * 1024 {
-                match rx.try_recv() {
-                    Ok(more) => buf.extend_from_slice(&more),
-                    Err(_) => break,
-                }
-            }
-            if let Err(e) = wr.write_all(&buf).await {
-                tracing::debug!(error = %e, "TCP link to the server: write failed");
-                break;
-            }
-        }
-    });
+    let (mut rd, wr) = stream.into_split();
+    let (tx, _writer) = spawn_writer(wr, WRITE_QUEUE);
     tokio::spawn(async move {
         let mut d = Decoder::new();
         let mut chunk = vec![0u8; 64 * 1024];

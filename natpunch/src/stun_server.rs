@@ -23,7 +23,7 @@ use natpunch_proto::rendezvous::server::{Limits, Outgoing, RendezvousStats};
 use natpunch_proto::rendezvous::wire::is_rendezvous;
 use natpunch_proto::rendezvous::RendezvousServer;
 use natpunch_proto::stun::server::{Server, ServerConfig, ServerStats, Transport};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
@@ -36,9 +36,6 @@ use crate::net::{bind_tcp_listener, bind_udp, NetError};
 /// ~0.75 MB) and the kernel's send buffer, so 1024 bound memory to under
 /// 1 GB in the worst case (typically far less: queues stay near empty).
 pub const MAX_TCP_CONNECTIONS: usize = 1024;
-/// A write to a TCP peer that makes no progress for this long ends the
-/// connection: a client that stops reading cannot hold its slot.
-pub const TCP_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A TCP client that sends nothing for this long is dropped. RFC 8489
 /// §6.2.2 lets servers close idle connections; 10 s covers a slow client's
 /// request and answer several times over.
@@ -502,25 +499,8 @@ async fn serve_tcp(
     remote: SocketAddr,
 ) -> io::Result<()> {
     let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
-    let writer = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        while let Some(first) = rx.recv().await {
-            buf.clear();
-            buf.extend_from_slice(&first);
-            while buf.len() < 64 * 1024 {
-                match rx.try_recv() {
-                    Ok(more) => buf.extend_from_slice(&more),
-                    Err(_) => break,
-                }
-            }
-            match tokio::time::timeout(TCP_WRITE_TIMEOUT, wr.write_all(&buf)).await {
-                Ok(Ok(())) => {}
-                _ => break,
-            }
-        }
-    });
+    let (mut rd, wr) = stream.into_split();
+    let (tx, writer) = crate::server_tcp::spawn_writer(wr, TCP_QUEUE);
     let tag = tcp_tag(local);
     let mut decoder = Decoder::new();
     let mut out = Vec::with_capacity(256);
