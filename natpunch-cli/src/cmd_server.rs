@@ -116,6 +116,12 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
         let server = RunningServer::start_with(config, relay)
             .await
             .context("cannot start the server")?;
+        // The handlers are in place before `listening` is printed, so a
+        // SIGTERM right after it still gets the summary.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot install the SIGTERM handler")?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .context("cannot install the SIGINT handler")?;
         let locals: Vec<String> = server.local_addresses().iter().map(|a| a.to_string()).collect();
         if args.json {
             crate::output::json_line(&serde_json::json!({
@@ -135,14 +141,13 @@ pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
                 if args.no_rate_limit { "off".to_string() } else { format!("{}/s per source", args.rate) },
             );
         }
-        let signal = wait_for_signal();
-        tokio::pin!(signal);
         let mut tick = tokio::time::interval(STATS_EVERY);
         tick.tick().await;
         let mut last = None;
         loop {
             tokio::select! {
-                r = &mut signal => { r?; break; }
+                _ = term.recv() => break,
+                _ = int.recv() => break,
                 _ = tick.tick(), if args.json => {
                     let now = (server.stats(), server.rendezvous_stats().0, server.relay_stats());
                     if last != Some(now) {
