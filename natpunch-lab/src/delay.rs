@@ -12,11 +12,20 @@
 //!
 //! hands each packet to user space, and [`run`] holds the packet's verdict
 //! for the configured delay before accepting it. The packet itself stays in
-//! the kernel; only its metadata crosses (copy mode `NFQNL_COPY_META`), so
-//! the daemon costs two small netlink messages per packet.
+//! the kernel; only its metadata crosses (copy mode `NFQNL_COPY_META`).
 //!
-//! It is written by hand on the `nfq` crate (pure Rust netlink, no
-//! libnetfilter_queue) because no netem is available. It has two layers:
+//! The `nfq` crate (pure Rust netlink) opens, binds and configures the
+//! queue. The per-packet path is written by hand on the queue's netlink
+//! socket, because `nfq` 0.2.5 costs a `recv` and a `send` per packet and
+//! pins a 4 KiB buffer per held packet; that capped the line below
+//! 78 kpkt/s (measured: a UDP flood at that rate through two lines came
+//! out 80 % reordered). Here, metadata arrives in batches of up to
+//! [`defaults::RECV_BATCH`] messages per `recvmmsg`, and one
+//! `NFQNL_MSG_VERDICT_BATCH` message ("accept every packet up to id N")
+//! releases every packet that is due: a fixed delay releases in arrival
+//! order, which is the kernel's id order.
+//!
+//! It has two layers:
 //!
 //! - [`DelaySchedule`], the sans-IO core: it is fed `(now, id)` pairs and
 //!   says when the oldest packet is due. No clock, no sockets.
@@ -25,19 +34,20 @@
 //!
 //! # Failure behaviour
 //!
-//! - The driver enables the queue's fail-open flag: if the kernel queue or
-//!   the netlink socket overflows, the kernel accepts the packet *undelayed*
-//!   instead of dropping it. Such packets are invisible to [`DelayStats`]
-//!   (the kernel counts them nowhere either), so measure delivery at the
-//!   receiver when you load the link. Our own bound,
-//!   [`defaults::MAX_QUEUED`], drops instead and counts the drop.
-//! - Fail-open does **not** cover a stopped daemon: when the netlink socket
-//!   closes, the kernel destroys the queue, and the `NFQUEUE` rule then drops
-//!   every packet unless it carries `--queue-bypass`. Always add that flag.
+//! - Overload drops, never reorders. The queue's fail-open flag stays off:
+//!   with it, a packet the kernel cannot queue is accepted *undelayed* and
+//!   overtakes the held ones, which TCP reads as loss. Without it, the
+//!   kernel drops it and counts the drop (`queue_dropped`,
+//!   `user_dropped`), which [`DelayStats::kernel_dropped`] reports. Our own
+//!   bound, [`defaults::MAX_QUEUED`], also drops and counts.
+//! - When the daemon stops, the kernel destroys the queue, and the
+//!   `NFQUEUE` rule then drops every packet unless it carries
+//!   `--queue-bypass`. Always add that flag.
 //! - On `stop` the driver accepts every held packet at once, so stopping
 //!   loses nothing that had reached it.
-//! - `nfq` 0.2.5 asserts on malformed kernel messages (a panic, not an
-//!   error); this module has no `unwrap` of its own on kernel data.
+//! - A malformed kernel message is skipped and counted
+//!   ([`DelayStats::malformed`]); this module has no `unwrap` on kernel
+//!   data.
 
 use std::collections::VecDeque;
 use std::fs;
@@ -46,24 +56,24 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use nfq::{Message, Queue, Verdict};
+use nfq::Queue;
 
 /// Limits and tunables of the delay line. Each states its value's reason;
 /// the unit test `defaults_constraints` checks how they relate.
 pub mod defaults {
     use std::time::Duration;
 
-    /// Most packets held at once: 10 000. A 1 Gbit/s link carries
-    /// 1e9 × 0.1 / 8 / 1500 ≈ 8 333 full-size packets in 100 ms, so this
-    /// covers 100 ms at 1 Gbit/s with 20 % headroom (or 1 s at ~120 Mbit/s).
-    /// Memory: each held `nfq::Message` pins its own 4 KiB receive buffer,
-    /// so a full line costs ~40 MiB.
-    pub const MAX_QUEUED: usize = 10_000;
+    /// Most packets held at once: 100 000. A 1 Gbit/s link carries
+    /// 1e9 × 0.1 / 8 / 1200 ≈ 10 400 QUIC-size packets in 100 ms, so this
+    /// covers 100 ms one way at 1 Gbit/s of small (120-byte) packets, or
+    /// 1 s of full ones. Each held packet costs us 16 bytes; the kernel
+    /// keeps the packet itself.
+    pub const MAX_QUEUED: usize = 100_000;
 
     /// Kernel queue length (`NFQA_CFG_QUEUE_MAXLEN`): twice [`MAX_QUEUED`].
     /// The kernel counts held packets too, and its default of 1024 would
-    /// fail-open (pass undelayed) at 20 ms × 51 kpkt/s; above our own bound
-    /// our counted drop acts first.
+    /// drop at 20 ms × 51 kpkt/s; above our own bound our counted drop
+    /// acts first.
     pub const KERNEL_QUEUE_MAXLEN: u32 = 2 * MAX_QUEUED as u32;
 
     /// Longest delay accepted: 10 s. The longest real path a lab emulates
@@ -73,10 +83,15 @@ pub mod defaults {
     /// Longest single wait: 100 ms, the bound on how late `stop` is seen.
     pub const STOP_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
-    /// Messages received per wakeup before due packets are released: 256.
-    /// At ~2 µs per message this bounds release lateness under a flood to
-    /// ~0.5 ms.
-    pub const RECV_BATCH: usize = 256;
+    /// Messages taken per `recvmmsg`, and per wakeup before due packets
+    /// are released: 64. At ~1 µs per message this bounds release
+    /// lateness under a flood to well under 0.1 ms.
+    pub const RECV_BATCH: usize = 64;
+
+    /// Receive buffer per message: 1 KiB. A metadata-only packet message
+    /// is ~100 bytes (headers, ids, interfaces, timestamp); a longer one
+    /// is read truncated, and its packet id comes first.
+    pub const MSG_BUF: usize = 1024;
 
     /// Receive errors in a row that end the driver: 8, as iroh's transports
     /// (iroh/src/socket/transports.rs). One error is usually a rejected
@@ -85,8 +100,8 @@ pub mod defaults {
 
     /// Netlink receive buffer asked for: 8 MiB (`SO_RCVBUFFORCE`, root). A
     /// metadata-only message takes under 1 KiB of buffer (skb truesize), so
-    /// a burst of 8 000+ unread packets fits before the kernel fails open;
-    /// the default ~208 KiB holds a few hundred.
+    /// a burst of 8 000+ unread packets fits before the kernel drops; the
+    /// default ~208 KiB holds a few hundred.
     pub const RCVBUF_BYTES: usize = 8 << 20;
 }
 
@@ -276,6 +291,16 @@ pub struct DelayStats {
     /// Receive errors that were not fatal (see
     /// [`defaults::MAX_CONSECUTIVE_RECV_ERRORS`]).
     pub recv_errors: u64,
+    /// Verdict messages sent (one per release batch, one per drop): the
+    /// line's cost is per batch, not per packet.
+    pub verdicts: u64,
+    /// Verdicts the kernel refused.
+    pub verdict_errors: u64,
+    /// Kernel messages skipped as malformed.
+    pub malformed: u64,
+    /// Packets the kernel dropped because its queue or our socket was
+    /// full, read at stop.
+    pub kernel_dropped: u64,
 }
 
 /// Runs a delay line on NFQUEUE `config.queue` until `stop` is set, in the
@@ -322,16 +347,17 @@ pub fn run(config: &DelayLineConfig, stop: &AtomicBool) -> Result<DelayStats, De
     Ok(line.stats)
 }
 
-/// The driver's state: the queue, its socket, the schedule and the held
-/// messages, in schedule order.
+/// The driver's state: the queue (kept open for its socket), the socket,
+/// the schedule of held packet ids and the receive buffers.
 struct Line {
-    queue: Queue,
+    /// Owns the netlink socket `fd`; used for setup only.
+    _queue: Queue,
     queue_num: u16,
     fd: RawFd,
     schedule: DelaySchedule,
-    held: VecDeque<(u32, Message)>,
-    next_id: u32,
+    bufs: Vec<[u8; defaults::MSG_BUF]>,
     consecutive_errors: u32,
+    seq: u32,
     stats: DelayStats,
 }
 
@@ -352,8 +378,10 @@ impl Line {
         queue
             .set_queue_max_len(q, defaults::KERNEL_QUEUE_MAXLEN)
             .map_err(configure(QueueSetting::QueueMaxLen))?;
+        // Overload drops (counted) rather than passing packets undelayed,
+        // which would reorder them (module doc).
         queue
-            .set_fail_open(q, true)
+            .set_fail_open(q, false)
             .map_err(configure(QueueSetting::FailOpen))?;
         // We never read the payload, so GSO super-packets may stay whole:
         // the kernel then skips software segmentation.
@@ -361,8 +389,9 @@ impl Line {
             .set_recv_gso(q, true)
             .map_err(configure(QueueSetting::Gso))?;
         // Last: nfq's config calls discard packet messages that arrive while
-        // they wait for the ack, and metadata-only mode (range 0 =
-        // NFQNL_COPY_META) in /proc tells an observer that setup is done.
+        // they wait for the ack (the first batch verdict accepts those
+        // too), and metadata-only mode (range 0 = NFQNL_COPY_META) in /proc
+        // tells an observer that setup is done.
         queue
             .set_copy_range(q, 0)
             .map_err(configure(QueueSetting::CopyRange))?;
@@ -370,107 +399,322 @@ impl Line {
         grow_rcvbuf(fd, defaults::RCVBUF_BYTES);
         queue.set_nonblocking(true);
         Ok(Self {
-            queue,
+            _queue: queue,
             queue_num: q,
             fd,
             schedule: DelaySchedule::new(config.delay),
-            held: VecDeque::new(),
-            next_id: 0,
+            bufs: vec![[0u8; defaults::MSG_BUF]; defaults::RECV_BATCH],
             consecutive_errors: 0,
+            seq: 0,
             stats: DelayStats::default(),
         })
     }
 
-    /// Drains up to [`defaults::RECV_BATCH`] messages, scheduling each.
-    fn receive(&mut self) -> Result<(), DelayError> {
-        let mut n = 0;
-        while n < defaults::RECV_BATCH {
-            let msg = match self.queue.recv() {
-                Ok(msg) => msg,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    self.consecutive_errors += 1;
-                    self.stats.recv_errors += 1;
-                    tracing::debug!(queue = self.queue_num, error = %source, "NFQUEUE receive error");
-                    if self.consecutive_errors >= defaults::MAX_CONSECUTIVE_RECV_ERRORS {
-                        return Err(DelayError::Recv {
-                            queue: self.queue_num,
-                            consecutive: self.consecutive_errors,
-                            source,
-                        });
+    /// One `recvmmsg`: schedules every packet it carries, drops (one
+    /// verdict each) what the schedule cannot hold. Returns how many
+    /// datagrams it read.
+    fn receive(&mut self) -> Result<usize, DelayError> {
+        let n = match recv_batch(self.fd, &mut self.bufs) {
+            Ok(lens) => lens,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(0),
+            Err(source) => {
+                // ENOBUFS: the socket overflowed and the kernel dropped
+                // (and counted) packets; the socket itself is fine.
+                self.consecutive_errors += 1;
+                self.stats.recv_errors += 1;
+                tracing::debug!(queue = self.queue_num, error = %source, "NFQUEUE receive error");
+                if self.consecutive_errors >= defaults::MAX_CONSECUTIVE_RECV_ERRORS {
+                    return Err(DelayError::Recv {
+                        queue: self.queue_num,
+                        consecutive: self.consecutive_errors,
+                        source,
+                    });
+                }
+                return Ok(0);
+            }
+        };
+        self.consecutive_errors = 0;
+        let now = Instant::now();
+        let mut drops = Vec::new();
+        for (buf, &len) in self.bufs.iter().zip(&n) {
+            for msg in parse_messages(&buf[..len]) {
+                match msg {
+                    KernelMessage::Packet(id) => {
+                        self.stats.packets += 1;
+                        if self.schedule.push(now, id).is_err() {
+                            self.stats.dropped_overflow += 1;
+                            tracing::trace!(packet_id = id, "delay line full, dropped");
+                            drops.push(id);
+                        }
                     }
-                    continue;
-                }
-            };
-            self.consecutive_errors = 0;
-            n += 1;
-            self.stats.packets += 1;
-            let id = self.next_id;
-            self.next_id = self.next_id.wrapping_add(1);
-            match self.schedule.push(Instant::now(), id) {
-                Ok(()) => {
-                    tracing::trace!(id, packet_id = msg.get_packet_id(), "held");
-                    self.held.push_back((id, msg));
-                }
-                Err(QueueFull { .. }) => {
-                    self.stats.dropped_overflow += 1;
-                    tracing::trace!(packet_id = msg.get_packet_id(), "delay line full, dropped");
-                    self.verdict(msg, Verdict::Drop)?;
+                    KernelMessage::Error(errno) => {
+                        // A verdict the kernel refused (say, an id it had
+                        // already flushed); nothing to undo.
+                        self.stats.verdict_errors += 1;
+                        tracing::debug!(queue = self.queue_num, errno, "verdict refused");
+                    }
+                    KernelMessage::Malformed => {
+                        self.stats.malformed += 1;
+                        tracing::trace!(
+                            queue = self.queue_num,
+                            "malformed NFQUEUE message skipped"
+                        );
+                    }
+                    KernelMessage::Other => {}
                 }
             }
         }
+        for id in drops {
+            self.send_verdict(VerdictKind::One, NF_DROP, id)?;
+        }
         self.stats.max_queued = self.schedule.high_water();
-        Ok(())
+        Ok(n.len())
     }
 
+    /// Accepts every packet that is due, with one batch verdict.
     fn release_due(&mut self, now: Instant) -> Result<(), DelayError> {
+        let mut last = None;
         while let Some(id) = self.schedule.pop_due(now) {
-            self.release(id)?;
+            last = Some(id);
         }
-        Ok(())
+        match last {
+            Some(id) => self.send_verdict(VerdictKind::Batch, NF_ACCEPT, id),
+            None => Ok(()),
+        }
     }
 
-    fn release(&mut self, id: u32) -> Result<(), DelayError> {
-        // Both queues are FIFO in the same order, so this is the front.
-        let Some(pos) = self.held.iter().position(|(h, _)| *h == id) else {
-            return Ok(());
-        };
-        if let Some((_, msg)) = self.held.remove(pos) {
-            tracing::trace!(id, "released");
-            self.verdict(msg, Verdict::Accept)?;
-        }
-        Ok(())
-    }
-
-    fn verdict(&mut self, mut msg: Message, verdict: Verdict) -> Result<(), DelayError> {
-        msg.set_verdict(verdict);
-        self.queue
-            .verdict(msg)
-            .map_err(|source| DelayError::Verdict {
+    fn send_verdict(&mut self, kind: VerdictKind, verdict: u32, id: u32) -> Result<(), DelayError> {
+        self.seq = self.seq.wrapping_add(1);
+        let msg = verdict_message(kind, self.queue_num, verdict, id, self.seq);
+        // SAFETY: `msg` is valid for reads of its length during the call.
+        let r = unsafe { libc::send(self.fd, msg.as_ptr().cast(), msg.len(), 0) };
+        if r < 0 {
+            return Err(DelayError::Verdict {
                 queue: self.queue_num,
-                source,
-            })
+                source: io::Error::last_os_error(),
+            });
+        }
+        self.stats.verdicts += 1;
+        Ok(())
     }
 
     /// Accepts everything held, then whatever is already waiting in the
-    /// socket (bounded), so stopping loses nothing that reached us.
+    /// socket (bounded), so stopping loses nothing that reached us; then
+    /// reads the kernel's drop counters.
     fn shutdown(&mut self) -> Result<(), DelayError> {
+        let mut last = None;
         while let Some(id) = self.schedule.pop_next() {
-            self.release(id)?;
+            last = Some(id);
         }
-        for _ in 0..defaults::MAX_QUEUED {
-            match self.queue.recv() {
-                Ok(msg) => {
-                    self.stats.packets += 1;
-                    self.verdict(msg, Verdict::Accept)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+        if let Some(id) = last {
+            self.send_verdict(VerdictKind::Batch, NF_ACCEPT, id)?;
+        }
+        for _ in 0..defaults::MAX_QUEUED / defaults::RECV_BATCH {
+            if self.receive()? == 0 {
+                break;
+            }
+            while let Some(id) = self.schedule.pop_next() {
+                last = Some(id);
+            }
+            if let Some(id) = last.take() {
+                self.send_verdict(VerdictKind::Batch, NF_ACCEPT, id)?;
             }
         }
+        self.stats.kernel_dropped = kernel_drops(self.queue_num);
         Ok(())
     }
+}
+
+/// `NF_DROP` and `NF_ACCEPT` (linux/netfilter.h).
+const NF_DROP: u32 = 0;
+const NF_ACCEPT: u32 = 1;
+
+/// A verdict for one packet (`NFQNL_MSG_VERDICT`) or for every packet up to
+/// and including an id (`NFQNL_MSG_VERDICT_BATCH`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VerdictKind {
+    One,
+    Batch,
+}
+
+/// What one netlink message from the queue says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KernelMessage {
+    /// A queued packet and its id.
+    Packet(u32),
+    /// `NLMSG_ERROR` with this errno (an ack of 0 never comes: verdicts do
+    /// not ask for acks).
+    Error(i32),
+    /// A message too short for its own header or attributes.
+    Malformed,
+    /// Anything else (`NLMSG_DONE`, other subsystems).
+    Other,
+}
+
+/// Netlink message and attribute layout (linux/netlink.h,
+/// linux/netfilter/nfnetlink.h, linux/netfilter/nfnetlink_queue.h).
+mod wire {
+    pub const NLMSG_HDRLEN: usize = 16;
+    pub const NFGEN_HDRLEN: usize = 4;
+    pub const NLA_HDRLEN: usize = 4;
+    pub const NLMSG_ERROR: u16 = 2;
+    pub const NLM_F_REQUEST: u16 = 1;
+    pub const NFNL_SUBSYS_QUEUE: u16 = 3;
+    pub const NFQNL_MSG_PACKET: u16 = 0;
+    pub const NFQNL_MSG_VERDICT: u16 = 1;
+    pub const NFQNL_MSG_VERDICT_BATCH: u16 = 3;
+    pub const NFQA_PACKET_HDR: u16 = 1;
+    pub const NFQA_VERDICT_HDR: u16 = 2;
+    /// Attribute type bits (the top two are flags).
+    pub const NLA_TYPE_MASK: u16 = 0x3fff;
+
+    pub fn align4(n: usize) -> usize {
+        (n + 3) & !3
+    }
+}
+
+fn ne_u16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn ne_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// Splits one netlink datagram into its messages. Bounded by the datagram:
+/// a length field that points past it ends the walk as `Malformed`.
+fn parse_messages(datagram: &[u8]) -> Vec<KernelMessage> {
+    use wire::*;
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off + NLMSG_HDRLEN <= datagram.len() {
+        let (Some(len), Some(ty)) = (ne_u32(datagram, off), ne_u16(datagram, off + 4)) else {
+            break;
+        };
+        let len = len as usize;
+        if len < NLMSG_HDRLEN || off + len > datagram.len() {
+            out.push(KernelMessage::Malformed);
+            break;
+        }
+        let body = &datagram[off + NLMSG_HDRLEN..off + len];
+        out.push(if ty == NLMSG_ERROR {
+            body.get(..4)
+                .and_then(|e| e.try_into().ok())
+                .map_or(KernelMessage::Malformed, |e| {
+                    KernelMessage::Error(-i32::from_ne_bytes(e))
+                })
+        } else if ty == (NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_PACKET) {
+            packet_id(body).map_or(KernelMessage::Malformed, KernelMessage::Packet)
+        } else {
+            KernelMessage::Other
+        });
+        off += align4(len);
+    }
+    out
+}
+
+/// The id in a packet message's `NFQA_PACKET_HDR` (big-endian, first
+/// field), after the `nfgenmsg` header.
+fn packet_id(body: &[u8]) -> Option<u32> {
+    use wire::*;
+    let mut off = NFGEN_HDRLEN;
+    while off + NLA_HDRLEN <= body.len() {
+        let len = usize::from(ne_u16(body, off)?);
+        let ty = ne_u16(body, off + 2)? & NLA_TYPE_MASK;
+        if len < NLA_HDRLEN || off + len > body.len() {
+            return None;
+        }
+        if ty == NFQA_PACKET_HDR {
+            let id = body.get(off + NLA_HDRLEN..off + NLA_HDRLEN + 4)?;
+            return Some(u32::from_be_bytes(id.try_into().ok()?));
+        }
+        off += align4(len);
+    }
+    None
+}
+
+/// A verdict message: netlink header, `nfgenmsg` (queue number,
+/// big-endian), and `NFQA_VERDICT_HDR` { verdict, id } (big-endian).
+fn verdict_message(kind: VerdictKind, queue: u16, verdict: u32, id: u32, seq: u32) -> [u8; 32] {
+    use wire::*;
+    let ty = NFNL_SUBSYS_QUEUE << 8
+        | match kind {
+            VerdictKind::One => NFQNL_MSG_VERDICT,
+            VerdictKind::Batch => NFQNL_MSG_VERDICT_BATCH,
+        };
+    let mut m = [0u8; 32];
+    m[0..4].copy_from_slice(&32u32.to_ne_bytes());
+    m[4..6].copy_from_slice(&ty.to_ne_bytes());
+    m[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    m[8..12].copy_from_slice(&seq.to_ne_bytes());
+    // m[12..16]: port id 0 (the kernel fills ours in).
+    // nfgenmsg: family AF_UNSPEC, version NFNETLINK_V0, res_id = queue.
+    m[18..20].copy_from_slice(&queue.to_be_bytes());
+    m[20..22].copy_from_slice(&12u16.to_ne_bytes());
+    m[22..24].copy_from_slice(&NFQA_VERDICT_HDR.to_ne_bytes());
+    m[24..28].copy_from_slice(&verdict.to_be_bytes());
+    m[28..32].copy_from_slice(&id.to_be_bytes());
+    m
+}
+
+/// One `recvmmsg` into `bufs`, non-blocking; the length of each datagram
+/// read (a truncated one counts as its buffer's length).
+fn recv_batch(fd: RawFd, bufs: &mut [[u8; defaults::MSG_BUF]]) -> io::Result<Vec<usize>> {
+    let mut iovs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    // SAFETY: mmsghdr is plain data; all zeroes is a valid empty header.
+    let mut hdrs: Vec<libc::mmsghdr> = iovs
+        .iter_mut()
+        .map(|iov| {
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_iov = iov;
+            h.msg_hdr.msg_iovlen = 1;
+            h
+        })
+        .collect();
+    // SAFETY: every header points at one live iovec over a live buffer;
+    // all outlive the call. The count fits a c_uint (RECV_BATCH).
+    let r = unsafe {
+        libc::recvmmsg(
+            fd,
+            hdrs.as_mut_ptr(),
+            hdrs.len() as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(hdrs
+        .iter()
+        .take(r as usize)
+        .map(|h| (h.msg_len as usize).min(defaults::MSG_BUF))
+        .collect())
+}
+
+/// The kernel's drop counters for `queue` (`queue_dropped` +
+/// `user_dropped`), from this namespace's queue table; 0 if unreadable.
+fn kernel_drops(queue: u16) -> u64 {
+    let Ok(table) = fs::read_to_string("/proc/thread-self/net/netfilter/nfnetlink_queue") else {
+        return 0;
+    };
+    table
+        .lines()
+        .find_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            (cols.first()?.parse::<u16>().ok()? == queue).then(|| {
+                let n = |i: usize| cols.get(i).and_then(|c| c.parse::<u64>().ok()).unwrap_or(0);
+                n(5) + n(6)
+            })
+        })
+        .unwrap_or(0)
 }
 
 /// Waits until `fd` is readable or `timeout` passes. `ppoll` rather than
@@ -769,6 +1013,87 @@ mod tests {
             assert_eq!(*id as usize, i);
             assert_eq!(*at, arrivals[i] + D);
         }
+    }
+
+    /// A packet message as the kernel builds it: netlink header, nfgenmsg,
+    /// then attributes, `NFQA_PACKET_HDR` not necessarily first.
+    fn packet_message(id: u32, before: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut body = vec![2, 0, 0, 7]; // AF_INET, v0, queue 7
+        let mut attr = |ty: u16, val: &[u8]| {
+            let len = (4 + val.len()) as u16;
+            body.extend_from_slice(&len.to_ne_bytes());
+            body.extend_from_slice(&ty.to_ne_bytes());
+            body.extend_from_slice(val);
+            while body.len() % 4 != 0 {
+                body.push(0);
+            }
+        };
+        for (ty, val) in before {
+            attr(*ty, val);
+        }
+        let mut hdr = id.to_be_bytes().to_vec();
+        hdr.extend_from_slice(&[0x08, 0x00, 1]); // ETH_P_IP, hook
+        attr(wire::NFQA_PACKET_HDR, &hdr);
+        let mut m = Vec::new();
+        m.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&(3u16 << 8).to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(&body);
+        m
+    }
+
+    #[test]
+    fn parses_packet_ids_errors_and_rejects_bad_lengths() {
+        let one = packet_message(0xdead_beef, &[(11, &[1, 2, 3])]);
+        assert_eq!(
+            parse_messages(&one),
+            vec![KernelMessage::Packet(0xdead_beef)]
+        );
+        // Two messages in one datagram.
+        let mut two = packet_message(1, &[]);
+        two.extend(packet_message(2, &[(5, &[0; 4])]));
+        assert_eq!(
+            parse_messages(&two),
+            vec![KernelMessage::Packet(1), KernelMessage::Packet(2)]
+        );
+        // NLMSG_ERROR carrying -ENOENT.
+        let mut err = 20u32.to_ne_bytes().to_vec();
+        err.extend_from_slice(&wire::NLMSG_ERROR.to_ne_bytes());
+        err.extend_from_slice(&[0; 10]);
+        err.extend_from_slice(&(-libc::ENOENT).to_ne_bytes());
+        assert_eq!(
+            parse_messages(&err),
+            vec![KernelMessage::Error(libc::ENOENT)]
+        );
+        // A length past the datagram, a zero length, an attribute past
+        // its message, and a truncated datagram: no panic, no id.
+        let mut long = one.clone();
+        long[0] = 200;
+        assert_eq!(parse_messages(&long), vec![KernelMessage::Malformed]);
+        let mut zero = one.clone();
+        zero[..4].copy_from_slice(&0u32.to_ne_bytes());
+        assert_eq!(parse_messages(&zero), vec![KernelMessage::Malformed]);
+        let mut bad_attr = one.clone();
+        bad_attr[20] = 250;
+        assert_eq!(parse_messages(&bad_attr), vec![KernelMessage::Malformed]);
+        for cut in 0..one.len() {
+            let _ = parse_messages(&one[..cut]);
+        }
+    }
+
+    #[test]
+    fn verdict_messages_have_the_kernel_layout() {
+        let m = verdict_message(VerdictKind::Batch, 12, NF_ACCEPT, 0x0102_0304, 9);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 32);
+        assert_eq!(u16::from_ne_bytes(m[4..6].try_into().unwrap()), 3 << 8 | 3);
+        assert_eq!(u32::from_ne_bytes(m[8..12].try_into().unwrap()), 9);
+        assert_eq!(&m[16..20], &[0, 0, 0, 12]);
+        assert_eq!(u16::from_ne_bytes(m[20..22].try_into().unwrap()), 12);
+        assert_eq!(u16::from_ne_bytes(m[22..24].try_into().unwrap()), 2);
+        assert_eq!(&m[24..32], &[0, 0, 0, 1, 1, 2, 3, 4]);
+        let d = verdict_message(VerdictKind::One, 1, NF_DROP, 5, 1);
+        assert_eq!(u16::from_ne_bytes(d[4..6].try_into().unwrap()), 3 << 8 | 1);
+        assert_eq!(&d[24..28], &[0, 0, 0, 0]);
     }
 
     #[test]

@@ -130,6 +130,30 @@ pub struct Lab {
     reaper: Option<Reaper>,
     natpunch: PathBuf,
     spec: TopologySpec,
+    delay_lines: Vec<DelayLineInfo>,
+}
+
+/// One running delay line: where it holds packets and its daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelayLineInfo {
+    pub netns: String,
+    /// The interface whose arriving packets it holds.
+    pub iface: String,
+    pub queue: u16,
+    pub pid: u32,
+}
+
+/// The kernel's counters of one NFQUEUE (`/proc/net/netfilter/nfnetlink_queue`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueCounters {
+    /// Packets waiting for a verdict now.
+    pub held: u64,
+    /// Dropped because the kernel queue was full.
+    pub queue_dropped: u64,
+    /// Dropped because the daemon's socket was full.
+    pub user_dropped: u64,
+    /// Packets queued so far (the last packet id).
+    pub queued: u64,
 }
 
 /// Runs `f` on a thread that has entered network namespace `ns`; sockets
@@ -210,6 +234,7 @@ impl Lab {
             reaper: Some(Reaper::start()?),
             natpunch: opts.natpunch.clone(),
             spec: spec.clone(),
+            delay_lines: Vec::new(),
         };
         lab.build_all(spec, &opts.links)?;
         Ok(lab)
@@ -586,12 +611,19 @@ impl Lab {
             "via",
             &gateway.to_string(),
         ])?;
+        // A host tuned for long fat paths (ESnet fasterdata's host tuning:
+        // 64 MiB maximum TCP buffers), so kernel TCP, the benchmarks'
+        // reference, can fill 1 Gbit/s at 200 ms RTT (25 MB in flight);
+        // Linux's default 4 MiB send buffer caps it at 400 Mbit/s on a
+        // 80 ms RTT (measured in this lab).
+        self.sysctl(&host, "net.ipv4.tcp_rmem=4096 131072 67108864")?;
+        self.sysctl(&host, "net.ipv4.tcp_wmem=4096 16384 67108864")?;
         self.hosts.push((host_node, addr));
         Ok(())
     }
 
     /// Rate (tbf), loss (nft numgen) and delay (NFQUEUE delay line) on a
-    /// host's access link, both ways, applied inside the host's namespace.
+    /// host's access link, both ways.
     fn impair(&mut self, node: Node, link: &LinkSpec) -> Result<(), LabError> {
         let Some(ns) = self.netns(node).map(str::to_string) else {
             return Ok(());
@@ -633,41 +665,113 @@ impl Lab {
                     package: "iptables",
                 });
             }
-            // The kernel has no nft `queue` expression: iptables NFQUEUE.
-            // --queue-bypass lets packets through (undelayed) rather than
-            // dropping them whenever no daemon is bound to the queue.
-            for (chain, dir) in [("OUTPUT", "-o"), ("PREROUTING", "-i")] {
-                run(Command::new("ip").args([
-                    "netns",
-                    "exec",
-                    &ns,
-                    "iptables",
-                    "-t",
-                    "mangle",
-                    "-A",
-                    chain,
-                    dir,
-                    "eth0",
-                    "-j",
-                    "NFQUEUE",
-                    "--queue-num",
-                    "1",
-                    "--queue-bypass",
-                ]))?;
+            let Some((peer_ns, peer_if)) = self.peer_of(&ns) else {
+                return Err(LabError::NoGateway(ns));
+            };
+            // Each direction is held where it *arrives* (PREROUTING), never
+            // in the sender's OUTPUT hook: a packet held there is still
+            // charged to its socket, and TCP small queues then cap the
+            // sender at a few packets per delay (4.4 Mbit/s at 10 ms,
+            // measured). On arrival the skb has crossed the veth and
+            // belongs to no socket, as on a real wire.
+            let queue_of_side = match node {
+                Node::HostB => 12,
+                _ => 11,
+            };
+            for (line_ns, iface, queue) in [
+                (ns.as_str(), "eth0", 1u16),
+                (&peer_ns, &peer_if, queue_of_side),
+            ] {
+                self.delay_line(line_ns, iface, queue, delay)?;
             }
-            let mut cmd = self.natpunch(node);
-            cmd.args([
-                "lab",
-                "delay-line",
-                "--queue",
-                "1",
-                "--delay-ms",
-                &delay.as_millis().to_string(),
-            ]);
-            self.spawn(cmd)?;
-            wait_queue_bound(&ns, 1)?;
         }
         Ok(())
+    }
+
+    /// Holds every packet arriving on `iface` in namespace `ns` for
+    /// `delay`: an `NFQUEUE` rule (the kernel has no nft `queue`
+    /// expression) and a `natpunch lab delay-line` daemon bound to it.
+    fn delay_line(
+        &mut self,
+        ns: &str,
+        iface: &str,
+        queue: u16,
+        delay: Duration,
+    ) -> Result<(), LabError> {
+        // --queue-bypass lets packets through (undelayed) rather than
+        // dropping them whenever no daemon is bound to the queue.
+        let queue_num = queue.to_string();
+        run(Command::new("ip").args([
+            "netns",
+            "exec",
+            ns,
+            "iptables",
+            "-t",
+            "mangle",
+            "-A",
+            "PREROUTING",
+            "-i",
+            iface,
+            "-j",
+            "NFQUEUE",
+            "--queue-num",
+            &queue_num,
+            "--queue-bypass",
+        ]))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(&self.natpunch).args([
+            "lab",
+            "delay-line",
+            "--queue",
+            &queue_num,
+            "--delay-ms",
+            &delay.as_millis().to_string(),
+        ]);
+        let pid = self.spawn(cmd)?;
+        wait_queue_bound(ns, queue)?;
+        self.delay_lines.push(DelayLineInfo {
+            netns: ns.to_string(),
+            iface: iface.to_string(),
+            queue,
+            pid,
+        });
+        Ok(())
+    }
+
+    /// The delay lines this lab runs (two per delayed access link).
+    pub fn delay_lines(&self) -> &[DelayLineInfo] {
+        &self.delay_lines
+    }
+
+    /// The kernel's counters for a delay line's queue.
+    pub fn queue_counters(&self, line: &DelayLineInfo) -> Result<QueueCounters, LabError> {
+        let table = run(Command::new("ip").args([
+            "netns",
+            "exec",
+            &line.netns,
+            "cat",
+            "/proc/net/netfilter/nfnetlink_queue",
+        ]))?;
+        // Columns: queue, portid, held, copy mode, copy range,
+        // queue_dropped, user_dropped, id_sequence, 1.
+        table
+            .lines()
+            .find_map(|l| {
+                let f: Vec<u64> = l
+                    .split_whitespace()
+                    .map(|c| c.parse().unwrap_or(0))
+                    .collect();
+                (f.first() == Some(&u64::from(line.queue)) && f.len() >= 8).then(|| QueueCounters {
+                    held: f[2],
+                    queue_dropped: f[5],
+                    user_dropped: f[6],
+                    queued: f[7],
+                })
+            })
+            .ok_or_else(|| LabError::Command {
+                command: format!("NFQUEUE {} in {}", line.queue, line.netns),
+                stderr: "queue not bound".into(),
+            })
     }
 
     /// The namespace and interface on the other end of a host's eth0.

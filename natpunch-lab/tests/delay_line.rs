@@ -504,7 +504,7 @@ fn delay_line_throughput() {
     eprintln!(
         "throughput: {BLAST} × 4-byte datagrams sent in {:.1} ms ({send_errors} send errors), \
          {delivered} delivered in {:.1} ms; through the delay line: {delayed} \
-         ({} overflow drops, max held {}), bypassed (fail-open): {bypassed}; \
+         ({} overflow drops, max held {}), undelayed: {bypassed}; \
          ≈ {rate:.0} pkt/s delayed",
         ms(sent_in),
         ms(elapsed),
@@ -515,6 +515,8 @@ fn delay_line_throughput() {
         "delay line stats: {stats:?}; kernel (copy_mode, queue_dropped, user_dropped): {kernel:?}"
     );
     assert!(delivered > 0);
+    // Fail-open is off: nothing passes undelayed.
+    assert_eq!(bypassed, 0, "packets passed the delay line undelayed");
     assert!(rate > 20_000.0, "delay line sustained only {rate:.0} pkt/s");
     drop(lab);
 }
