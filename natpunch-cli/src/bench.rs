@@ -54,16 +54,50 @@ pub struct RelayBench {
 
 #[derive(Debug, Args)]
 pub struct SessionBench {
-    /// The NAT pair, A/B.
-    #[arg(long, default_value = "port-restricted-cone/port-restricted-cone")]
+    /// The NAT pair, A/B. With direct/direct (both hosts on public
+    /// addresses) iroh's dumbpipe runs too; behind NATs it cannot.
+    #[arg(long, default_value = "direct/direct")]
     pub pair: String,
     /// MiB per transfer.
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub mib: u64,
-    /// The shaped run's rate in Mbit/s (tc tbf on both access links).
+    /// One-way delays per access link to measure (ms, comma-separated);
+    /// each runs unshaped and at --rate-mbit.
+    #[arg(long, default_value = "0,10,25,50", value_delimiter = ',')]
+    pub delays: Vec<u64>,
+    /// The shaped cells' rate in Mbit/s (tc tbf on both access links).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub rate_mbit: u64,
-    /// Print one JSON object per link setting.
+    /// The lossy cell: this much random loss (percent, each way, each
+    /// access link) at --loss-delay-ms and --rate-mbit; 0 skips it.
+    #[arg(long, default_value_t = 1.0)]
+    pub loss: f64,
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub loss_delay_ms: u64,
+    /// Delays (ms) of the interactive cells at --rate-mbit: a keystroke
+    /// echo every 50 ms while a bulk transfer shares the session.
+    #[arg(
+        long,
+        default_value = "10,25",
+        value_delimiter = ',',
+        conflicts_with = "no_interactive"
+    )]
+    pub interactive: Vec<u64>,
+    /// Skip the interactive cells.
+    #[arg(long)]
+    pub no_interactive: bool,
+    /// MiB of the interactive cells' bulk transfer (long enough for a few
+    /// hundred keystrokes after the startup).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub interactive_mib: u64,
+    /// iroh's dumbpipe binary (default: `dumbpipe` on PATH or in
+    /// ~/.cargo/bin); without it, its column is skipped with a note.
+    #[arg(long, conflicts_with = "no_dumbpipe")]
+    pub dumbpipe: Option<std::path::PathBuf>,
+    /// Skip the dumbpipe reference.
+    #[arg(long)]
+    pub no_dumbpipe: bool,
+    /// Print one JSON object per cell.
     #[arg(long)]
     pub json: bool,
 }
@@ -192,47 +226,177 @@ fn relay(b: RelayBench) -> anyhow::Result<ExitCode> {
 }
 
 fn session(b: SessionBench) -> anyhow::Result<ExitCode> {
+    use natpunch_lab::throughput::{self, Cell};
     natpunch_lab::topology::preflight()?;
     let (pa, pb) = b
         .pair
         .split_once('/')
         .context("--pair wants A/B, like full-cone/symmetric-sequential")?;
     let bytes = b.mib << 20;
+    let rate = Some(b.rate_mbit * 1000);
+    if let Some(bin) = b.dumbpipe.as_ref().filter(|f| !f.is_file()) {
+        anyhow::bail!("--dumbpipe {}: no such file", bin.display());
+    }
+    let dumbpipe = if b.no_dumbpipe {
+        None
+    } else {
+        b.dumbpipe.clone().or_else(find_dumbpipe)
+    };
+    let public = pb == "direct";
+    let note = match (&dumbpipe, public) {
+        (None, _) if b.no_dumbpipe => Some("dumbpipe skipped (--no-dumbpipe)"),
+        (None, _) => Some(
+            "*** dumbpipe is not installed (`cargo install dumbpipe`): its column is skipped ***",
+        ),
+        (Some(_), false) => Some(
+            "*** dumbpipe needs B on a public address (--pair X/direct): its column is skipped ***",
+        ),
+        _ => None,
+    };
+    if let Some(n) = note {
+        eprintln!("{n}");
+    }
+    let mut cells: Vec<Cell> = b
+        .delays
+        .iter()
+        .flat_map(|&d| {
+            [None, rate].map(|rate_kbit| Cell {
+                delay_ms: d,
+                rate_kbit,
+                loss_percent: 0.0,
+            })
+        })
+        .collect();
+    if b.loss > 0.0 {
+        cells.push(Cell {
+            delay_ms: b.loss_delay_ms,
+            rate_kbit: rate,
+            loss_percent: b.loss,
+        });
+    }
     if !b.json {
         println!(
-            "session throughput, {} / {}, {} MiB per transfer, A → B through both NATs",
-            pa, pb, b.mib
+            "session throughput, {pa} / {pb}, {} MiB per transfer, A → B; delay is one way per access link (RTT = 4 ×)",
+            b.mib
         );
         println!(
-            "  {:<18} {:>14} {:>14} {:>9} {:>12} {:>9} {:>12}",
-            "link", "natpunch", "kernel TCP", "vs TCP", "link rate", "vs link", "CPU s/GB"
+            "  {:<28} {:>13} {:>13} {:>7} {:>13} {:>9} {:>9} {:>9}",
+            "link",
+            "natpunch",
+            "kernel TCP",
+            "vs TCP",
+            "dumbpipe",
+            "vs dumbp",
+            "CPU s/GB",
+            "lab CPU s"
         );
     }
-    for rate in [Some(b.rate_mbit * 1000), None] {
-        let r = natpunch_lab::throughput::measure(std::env::current_exe()?, pa, pb, bytes, rate)?;
+    let exe = std::env::current_exe()?;
+    let mut failed = 0;
+    for cell in cells {
+        let r = match throughput::measure(
+            exe.clone(),
+            pa,
+            pb,
+            bytes,
+            cell,
+            dumbpipe.as_deref().filter(|_| public),
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                // One failed cell does not hide the others.
+                failed += 1;
+                if b.json {
+                    crate::output::json_line(
+                        &serde_json::json!({"link": cell.label(), "error": e.to_string()}),
+                    );
+                } else {
+                    println!("  {:<28} failed: {e}", cell.label());
+                }
+                continue;
+            }
+        };
+        if b.json {
+            crate::output::json_line(&serde_json::to_value(&r).unwrap_or_default());
+            continue;
+        }
+        let opt = |x: Option<String>| x.unwrap_or_else(|| "-".into());
+        println!(
+            "  {:<28} {:>6.0} Mbit/s {:>6.0} Mbit/s {:>6.2}x {:>13} {:>9} {:>9} {:>9.1}",
+            r.link,
+            r.natpunch.mbit_s,
+            r.kernel_tcp.mbit_s,
+            r.vs_tcp,
+            opt(r.dumbpipe.as_ref().map(|d| {
+                // A transfer cut at the time limit: at most this fast.
+                let cut = if d.cut_at_limit { "≤" } else { "" };
+                format!("{cut}{:.1} Mbit/s", d.mbit_s)
+            })),
+            opt(r.vs_dumbpipe.map(|x| format!("{x:.2}x"))),
+            opt(r.natpunch.cpu_s_per_gb.map(|c| format!("{c:.2}"))),
+            r.delay_line_cpu_s.max(0.0),
+        );
+    }
+    let interactive = if b.no_interactive {
+        &[][..]
+    } else {
+        &b.interactive[..]
+    };
+    for delay_ms in interactive {
+        let cell = Cell {
+            delay_ms: *delay_ms,
+            rate_kbit: rate,
+            loss_percent: 0.0,
+        };
+        let r = match throughput::interactive(exe.clone(), pa, pb, b.interactive_mib << 20, cell) {
+            Ok(r) => r,
+            Err(e) => {
+                failed += 1;
+                println!("interactive, {}: failed: {e}", cell.label());
+                continue;
+            }
+        };
         if b.json {
             crate::output::json_line(&serde_json::to_value(&r).unwrap_or_default());
             continue;
         }
         println!(
-            "  {:<18} {:>8.0} Mbit/s {:>7.0} Mbit/s {:>8.2}x {:>12} {:>9} {:>12}",
+            "interactive, {}: a 40-byte keystroke echo every 50 ms while {} MiB share the session \
+             ({:.0} Mbit/s): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} samples after the \
+             first 2 s (startup max {:.1} ms); idle RTT {:.1} ms (p99 − RTT = {:+.1} ms)",
             r.link,
-            r.natpunch.mbit_s,
-            r.kernel_tcp.mbit_s,
-            r.vs_tcp,
-            r.link_mbit_s
-                .map(|l| format!("{l:.0} Mbit/s"))
-                .unwrap_or_else(|| "-".into()),
-            r.vs_link
-                .map(|x| format!("{:.0}%", x * 100.0))
-                .unwrap_or_else(|| "-".into()),
-            r.natpunch
-                .cpu_s_per_gb
-                .map(|c| format!("{c:.2}"))
-                .unwrap_or_else(|| "-".into()),
+            b.interactive_mib,
+            r.bulk_mbit_s,
+            r.p50_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.samples,
+            r.startup_max_ms,
+            r.idle_rtt_ms,
+            r.p99_ms - r.idle_rtt_ms
         );
     }
-    Ok(ExitCode::SUCCESS)
+    if let Some(n) = note {
+        println!("{n}");
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `dumbpipe` on PATH, else in ~/.cargo/bin (where `cargo install` puts it).
+fn find_dumbpipe() -> Option<std::path::PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("dumbpipe"))
+            .find(|f| f.is_file())
+    });
+    on_path.or_else(|| {
+        let f = std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/dumbpipe");
+        f.is_file().then_some(f)
+    })
 }
 
 /// Warm-up before measuring, so socket buffers and caches settle.
