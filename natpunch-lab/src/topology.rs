@@ -699,7 +699,11 @@ impl Lab {
         delay: Duration,
     ) -> Result<(), LabError> {
         // --queue-bypass lets packets through (undelayed) rather than
-        // dropping them whenever no daemon is bound to the queue.
+        // dropping them whenever no daemon is bound to the queue. The raw
+        // table runs before conntrack: a packet held after conntrack (in
+        // mangle) holds an unconfirmed entry, and the next packet of its
+        // flow gets a second one, which a NAT maps to another port (the
+        // lab's sequential NATs stopped being predictable).
         let queue_num = queue.to_string();
         run(Command::new("ip").args([
             "netns",
@@ -707,7 +711,7 @@ impl Lab {
             ns,
             "iptables",
             "-t",
-            "mangle",
+            "raw",
             "-A",
             "PREROUTING",
             "-i",

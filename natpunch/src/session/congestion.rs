@@ -55,6 +55,10 @@ pub mod defaults {
     /// allows. Without this test BBR's startup ran the queue up to ~1.9
     /// BDP (p99 keystroke +209 ms at a 100 ms RTT, measured).
     pub const QUEUE_FRACTION: f64 = 0.1;
+    /// The least queue that counts, and the least the cap allows: 4 ms.
+    /// On a LAN (RTT ~0.1 ms) a tenth of the RTT is below the jitter of
+    /// a busy host's scheduler, and a cap of 1.1 × rate × RTT would leave
+    /// no room for it; 4 ms of queue is not felt by a typist.
     pub const QUEUE_FLOOR: Duration = Duration::from_millis(4);
 
     /// Rounds a queue may stand under the cap before the minimum RTT is
@@ -244,7 +248,10 @@ impl QueueGuard {
         }
         let (rtt, _) = self.min_rtt?;
         let rate = Some(self.rate.max()).filter(|r| *r > 0.0)?;
-        let cap = rate * rtt.as_secs_f64() * defaults::CAP_GAIN;
+        let allowed = rtt
+            .mul_f64(defaults::CAP_GAIN)
+            .max(rtt + defaults::QUEUE_FLOOR);
+        let cap = rate * allowed.as_secs_f64();
         Some((cap as u64).max(floor))
     }
 }
