@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -201,43 +200,20 @@ fn kernel_tcp_fills_a_gigabit_link_with_twenty_ms_each_way() {
     // The handshake takes one RTT: 4 × 20 ms.
     let listener =
         in_netns(&b_ns, || TcpListener::bind((Ipv4Addr::UNSPECIFIED, PORT))).expect("listen");
-    let sink = std::thread::spawn(move || {
-        let (mut s, _) = listener.accept().expect("accept");
-        let mut buf = vec![0u8; 1 << 20];
-        let (mut n, mut first, mut last) = (0u64, None, None);
-        loop {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(k) => {
-                    let now = Instant::now();
-                    first.get_or_insert(now);
-                    last = Some(now);
-                    n += k as u64;
-                }
-            }
-        }
-        (n, first.zip(last).map(|(f, l)| l - f).unwrap_or_default())
-    });
-    let retrans_before = retransmits(&a_ns);
-    let (cpu_before, before) = (lines_cpu(&lab), counters(&lab));
     let handshake = in_netns(&a_ns, move || {
         let t = Instant::now();
-        let mut s = TcpStream::connect((b_ip, PORT)).expect("connect");
-        let handshake = t.elapsed();
-        let chunk = vec![0x5au8; 256 << 10];
-        let mut left = TCP_BYTES;
-        while left > 0 {
-            let k = left.min(chunk.len() as u64) as usize;
-            s.write_all(&chunk[..k]).expect("send");
-            left -= k as u64;
-        }
-        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
-        handshake
+        let s = TcpStream::connect((b_ip, PORT)).expect("connect");
+        let took = t.elapsed();
+        drop(s);
+        took
     });
-    let (got, took) = sink.join().expect("sink");
+    drop(listener);
+    let retrans_before = retransmits(&a_ns);
+    let (cpu_before, before) = (lines_cpu(&lab), counters(&lab));
+    let tcp = natpunch_lab::throughput::kernel_tcp(&lab, TCP_BYTES).expect("kernel TCP");
     let (cpu, after) = (lines_cpu(&lab) - cpu_before, counters(&lab));
     let retrans = retransmits(&a_ns) - retrans_before;
-    let mbit = got as f64 * 8.0 / took.as_secs_f64().max(1e-9) / 1e6;
+    let mbit = tcp.mbit_s;
     let packets = after.queued - before.queued;
     let dropped =
         (after.queue_dropped + after.user_dropped) - (before.queue_dropped + before.user_dropped);
@@ -246,12 +222,12 @@ fn kernel_tcp_fills_a_gigabit_link_with_twenty_ms_each_way() {
          {:.2} s = {mbit:.0} Mbit/s ({:.2} × the link); {retrans} segments retransmitted; \
          delay lines: {packets} packets, {dropped} dropped, {cpu:.2} CPU s ({:.2} µs per packet)",
         handshake.as_secs_f64() * 1e3,
-        got >> 20,
-        took.as_secs_f64(),
+        tcp.bytes >> 20,
+        tcp.seconds,
         mbit / 1000.0,
         cpu * 1e6 / packets.max(1) as f64,
     );
-    assert_eq!(got, TCP_BYTES, "bytes lost");
+    assert_eq!(tcp.bytes, TCP_BYTES, "bytes lost");
     let rtt = DELAY * 4;
     assert!(
         handshake >= rtt && handshake < rtt + Duration::from_millis(15),

@@ -208,7 +208,9 @@ fn wait_cpu(child: &mut Child) -> Option<f64> {
     })
 }
 
-fn measure_tcp(lab: &Lab, bytes: u64) -> Result<Transfer, LabError> {
+/// Kernel TCP from host A to host B, one connection, `bytes` of the
+/// checked pattern, timed at B from the first byte to the last.
+pub fn kernel_tcp(lab: &Lab, bytes: u64) -> Result<Transfer, LabError> {
     let target: Ipv4Addr = public_b(lab)?;
     let b = lab
         .netns(Node::HostB)
@@ -431,7 +433,7 @@ pub fn measure(
     };
     let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
     let _ = std::fs::create_dir_all(&keys);
-    let kernel_tcp = measure_tcp(&lab, bytes);
+    let kernel_tcp = kernel_tcp(&lab, bytes);
     let run = pipe(&lab, bytes, &keys);
     let _ = std::fs::remove_dir_all(&keys);
     let (kernel_tcp, run) = (kernel_tcp?, run?);
@@ -910,7 +912,7 @@ pub fn measure_relay(
     let lab = pair_lab(natpunch, a, b, Links { a: link, b: link })?;
     let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
     let _ = std::fs::create_dir_all(&keys);
-    let kernel_tcp = measure_tcp(&lab, bytes);
+    let kernel_tcp = kernel_tcp(&lab, bytes);
     let cpu_before = lab.server_pid().and_then(cpu_seconds);
     let run = pipe(&lab, bytes, &keys);
     let cpu_after = lab.server_pid().and_then(cpu_seconds);
