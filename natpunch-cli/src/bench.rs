@@ -21,8 +21,9 @@ pub enum BenchCommand {
     /// Time to a direct path per NAT pair in the lab, vs the physical floor
     /// (root, Linux).
     Punch(PunchBench),
-    /// Session throughput through two lab NATs vs kernel TCP on the same
-    /// path and vs a tbf-shaped link's rate, with CPU per GB (root, Linux).
+    /// Session throughput per link delay, rate and loss vs kernel TCP and
+    /// iroh's dumbpipe on the same path, with CPU per GB, and keystroke
+    /// latency beside a bulk copy (root, Linux).
     Session(SessionBench),
     /// Relayed throughput through `natpunch server` vs kernel TCP over the
     /// same access links, the relay's CPU per GB, and the time to the first
@@ -70,8 +71,9 @@ pub struct SessionBench {
     pub rate_mbit: u64,
     /// The lossy cell: this much random loss (percent, each way, each
     /// access link) at --loss-delay-ms and --rate-mbit; 0 skips it.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = percent)]
     pub loss: f64,
+    /// The lossy cell's one-way delay per access link (ms).
     #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(0..=1000))]
     pub loss_delay_ms: u64,
     /// Delays (ms) of the interactive cells at --rate-mbit: a keystroke
@@ -384,6 +386,16 @@ fn session(b: SessionBench) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// A percentage, 0 to 100.
+fn percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not a percentage from 0 to 100"))
+    }
 }
 
 /// `dumbpipe` on PATH, else in ~/.cargo/bin (where `cargo install` puts it).
