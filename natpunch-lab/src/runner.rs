@@ -623,15 +623,19 @@ const SETTLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
 fn grid_session(opts: &LabOptions, pair: &GridPair, row: &mut GridRow) -> Result<(), LabError> {
     use std::io::Write;
     let (mut want, mut reason) = expected_connect(&pair.topology);
+    let mut birthday_may_win = false;
     if udp_blocked(&pair.topology) {
         want = None;
         reason = "a side's network drops all UDP: relayed over TCP".into();
     } else if symmetric_carrier(&pair.topology) {
-        // The punching grid has no such pair: birthday probing does not
-        // get through a home NAT behind a symmetric carrier (measured:
-        // 0 of 4 in the connect scenario), so the relay carries it.
+        // The punching grid has no such pair: birthday probing rarely
+        // gets through a home NAT behind a symmetric carrier (0 of 4 in
+        // the connect scenario, then 1 win in CI once the delay lines
+        // stopped splitting conntrack entries), so the relay carries it,
+        // and a birthday win by chance is a pass too.
         want = None;
-        reason = "a symmetric carrier NAT behind the home NAT: relayed".into();
+        birthday_may_win = true;
+        reason = "a symmetric carrier NAT behind the home NAT: relayed, unless birthday probing wins by chance".into();
     }
     row.expected = Some(match want {
         Some(s) => format!("relay, then direct by {} ({reason})", s.as_str()),
@@ -660,7 +664,12 @@ fn grid_session(opts: &LabOptions, pair: &GridPair, row: &mut GridRow) -> Result
     };
     let path_ok = match want {
         Some(s) => path.as_deref() == Some("direct") && strategy.as_deref() == Some(s.as_str()),
-        None => path.as_deref() == Some("relay"),
+        None => {
+            path.as_deref() == Some("relay")
+                || (birthday_may_win
+                    && path.as_deref() == Some("direct")
+                    && strategy.as_deref() == Some("birthday"))
+        }
     };
     let relay_first = run.first_path.as_deref() == Some("relay");
     row.outcome = if path_ok && intact && relay_first && run.exit_ok {
