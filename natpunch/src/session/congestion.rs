@@ -172,7 +172,10 @@ impl Controller for LowQueue {
     }
 
     fn metrics(&self) -> ControllerMetrics {
-        self.inner.metrics()
+        // BBR's pacing rate, but the window this controller really grants.
+        let mut m = self.inner.metrics();
+        m.congestion_window = self.window();
+        m
     }
 
     fn clone_box(&self) -> Box<dyn Controller> {
