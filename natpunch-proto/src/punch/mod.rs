@@ -339,9 +339,14 @@ pub fn verify_offer(
 fn label(group: Group, kind: PairKind) -> Strategy {
     match group {
         Group::Lan => Strategy::Lan,
+        // The direct probes of a pair are the plan's technique's own: for a
+        // birthday pair the one mapping they come from is one more port the
+        // other side's spray can hit (CI saw exactly that win, reported as
+        // "cone").
         Group::Direct => match kind {
             PairKind::Predict => Strategy::Predict,
             PairKind::Ttl => Strategy::Ttl,
+            PairKind::Birthday => Strategy::Birthday,
             _ => Strategy::Cone,
         },
         Group::PredictEasy => Strategy::Predict,
