@@ -16,11 +16,14 @@
 //! - [`coordinator`]: the connection core: every attempt, and per remote
 //!   peer the path its traffic takes.
 //! - [`relay`]: the server's relay between two introduced peers.
+//! - [`portmap`]: port mapping's vocabulary (PCP, NAT-PMP, UPnP IGD) and
+//!   its pure decisions: which external address to announce, when to renew.
 //! - [`ratelimit`]: bounded per-source token buckets for servers.
 
 pub mod coordinator;
 pub mod identity;
 pub mod nat;
+pub mod portmap;
 pub mod punch;
 pub mod ratelimit;
 pub mod relay;

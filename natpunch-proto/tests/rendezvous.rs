@@ -93,6 +93,7 @@ fn info(mapping_known: bool) -> PeerInfo {
     PeerInfo {
         nat,
         candidates: vec![],
+        mapped: None,
     }
 }
 

@@ -54,6 +54,9 @@ struct Mapping {
     external_port: u16,
     /// Remote endpoints this mapping has sent to (for filtering).
     sent_to: Vec<SocketAddr>,
+    /// A port mapping (PCP, NAT-PMP, UPnP): one external port for every
+    /// destination, open to every sender.
+    fixed: bool,
 }
 
 /// One NAT.
@@ -123,11 +126,16 @@ impl Nat {
     /// (returned already translated back inside) or dropped.
     pub fn outbound(&mut self, mut p: Packet) -> Option<Packet> {
         let key = self.key_for(p.dst);
-        let idx = match self
+        let fixed = self
             .mappings
             .iter()
-            .position(|m| m.internal == p.src && m.key_dst == key)
-        {
+            .position(|m| m.internal == p.src && m.fixed);
+        let found = fixed.or_else(|| {
+            self.mappings
+                .iter()
+                .position(|m| m.internal == p.src && m.key_dst == key)
+        });
+        let idx = match found {
             Some(i) => i,
             None => {
                 let external_port = self.allocate(p.src);
@@ -136,6 +144,7 @@ impl Nat {
                     key_dst: key,
                     external_port,
                     sent_to: Vec::new(),
+                    fixed: false,
                 });
                 self.mappings.len() - 1
             }
@@ -170,6 +179,7 @@ impl Nat {
             return None;
         };
         let allowed = match filtering {
+            _ if m.fixed => true,
             Behaviour::EndpointIndependent => true,
             Behaviour::AddressDependent => m.sent_to.iter().any(|d| d.ip() == p.src.ip()),
             Behaviour::AddressAndPortDependent => m.sent_to.contains(&p.src),
@@ -180,6 +190,25 @@ impl Nat {
         }
         p.dst = m.internal;
         Some(p)
+    }
+
+    /// A port mapping for `internal`, as a gateway makes one for PCP,
+    /// NAT-PMP or UPnP: the same external port when free; every sender
+    /// reaches `internal` there, and its packets leave from there.
+    pub fn map_port(&mut self, internal: SocketAddr) -> SocketAddr {
+        let port = if self.port_free(internal.port()) {
+            internal.port()
+        } else {
+            self.allocate(internal)
+        };
+        self.mappings.push(Mapping {
+            internal,
+            key_dst: None,
+            external_port: port,
+            sent_to: Vec::new(),
+            fixed: true,
+        });
+        SocketAddr::new(self.config.public_ip, port)
     }
 
     /// Forgets every mapping (a reboot, or a conntrack flush).

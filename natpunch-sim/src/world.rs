@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use natpunch_proto::coordinator::{Host, HostConfig, HostEvent, Policy, RequestId, ServerMemo};
 use natpunch_proto::identity::{Identity, PeerId};
 use natpunch_proto::nat::{AllocationKind, Behaviour, Fact};
+use natpunch_proto::portmap::{MapProtocol, Mapped};
 use natpunch_proto::punch::PunchConfig;
 use natpunch_proto::ratelimit::RateLimit;
 use natpunch_proto::rendezvous::wire::is_rendezvous;
@@ -60,6 +61,10 @@ pub struct HostSpec {
     /// Relay-first sessions (the server relays; the sim forwards the
     /// frames but has no QUIC, so only the events are checked).
     pub relay: bool,
+    /// Its NAT maps the main socket's port for it (PCP, say), announced
+    /// from the start; `Some(false)`: announced, but the gateway does not
+    /// forward it (a broken port mapper).
+    pub portmap: Option<bool>,
 }
 
 /// One host and what it did.
@@ -222,6 +227,18 @@ impl World {
             to_server: 0,
         });
         let now = self.now;
+        if let (Some(works), Some(n)) = (self.hosts[i].spec.portmap, self.hosts[i].spec.nat) {
+            let addr = if works {
+                self.nats[n].map_port(local)
+            } else {
+                SocketAddr::new(self.nats[n].public_ip(), 9)
+            };
+            let mapped = Mapped {
+                addr,
+                protocol: MapProtocol::Pcp,
+            };
+            self.hosts[i].host.set_portmap(now, Some(mapped));
+        }
         self.apply_facts(i);
         self.hosts[i].host.start(now);
         self.drain(i);

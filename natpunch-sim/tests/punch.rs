@@ -10,6 +10,7 @@ use std::time::Duration;
 use natpunch_proto::coordinator::{ConnectError, HostEvent, Policy, ServerMemo};
 use natpunch_proto::identity::PeerId;
 use natpunch_proto::nat::Behaviour::{self, *};
+use natpunch_proto::portmap::MapProtocol;
 use natpunch_proto::punch::{PunchFailure, Strategy};
 use natpunch_proto::rendezvous::wire::DeclineReason;
 use natpunch_sim::world::{HostSpec, World};
@@ -71,6 +72,19 @@ const WARM: Duration = Duration::ZERO;
 const COLD: Duration = Duration::from_millis(80);
 
 fn host(w: &mut World, seed: u8, nat: Option<Nat>, policy: Policy, facts: Duration) -> usize {
+    host_mapped(w, seed, nat, policy, facts, None)
+}
+
+/// [`host`] whose gateway maps its port (`Some(false)`: announced but
+/// never forwarded).
+fn host_mapped(
+    w: &mut World,
+    seed: u8,
+    nat: Option<Nat>,
+    policy: Policy,
+    facts: Duration,
+    portmap: Option<bool>,
+) -> usize {
     let nat = nat.map(|Nat(m, f, a)| w.add_nat(m, f, a, u64::from(seed)));
     w.add_host(HostSpec {
         seed,
@@ -79,6 +93,7 @@ fn host(w: &mut World, seed: u8, nat: Option<Nat>, policy: Policy, facts: Durati
         facts_after: Some(facts),
         server_memo: None,
         relay: false,
+        portmap,
     })
 }
 
@@ -105,13 +120,31 @@ struct Outcome {
     /// From A's connect to A's `Connected`.
     took: Option<Duration>,
     failure: Option<ConnectError>,
+    /// The techniques each side (A, B) sent probes for.
+    attempts: [Vec<Strategy>; 2],
+    /// Probes each side sent until it connected.
+    probes_sent: [u64; 2],
+    /// Sockets each side opened (fresh mappings, birthday's many).
+    sockets_opened: [usize; 2],
 }
 
 /// B listens (warm: it has run a while), then A connects, cold (its facts
 /// arrive `a_facts` after it starts, while the connect is under way).
 fn pair(a: Option<Nat>, b: Option<Nat>, a_facts: Duration, loss: f64, seed: u64) -> Outcome {
+    pair_mapped(a, b, a_facts, loss, seed, [None, None])
+}
+
+/// [`pair`] with port mappings on A's and B's gateways.
+fn pair_mapped(
+    a: Option<Nat>,
+    b: Option<Nat>,
+    a_facts: Duration,
+    loss: f64,
+    seed: u64,
+    portmap: [Option<bool>; 2],
+) -> Outcome {
     let mut w = World::new(HOP, loss, seed);
-    let hb = host(&mut w, 2, b, listener(), WARM);
+    let hb = host_mapped(&mut w, 2, b, listener(), WARM, portmap[1]);
     let target = w.hosts[hb].peer_id;
     assert!(
         w.run_until(Duration::from_secs(5), |w| w
@@ -120,18 +153,48 @@ fn pair(a: Option<Nat>, b: Option<Nat>, a_facts: Duration, loss: f64, seed: u64)
             .is_some()),
         "B never registered"
     );
-    let ha = host(&mut w, 1, a, connector(), a_facts);
+    let ha = host_mapped(&mut w, 1, a, connector(), a_facts, portmap[0]);
     let t0 = w.now;
     w.connect(ha, target, 1);
     w.run_until(Duration::from_secs(20), |w| {
         (connected(w, ha).is_some() && connected(w, hb).is_some()) || failure(w, ha).is_some()
     });
     let ca = connected(&w, ha);
+    let attempts = |h: usize| -> Vec<Strategy> {
+        w.hosts[h]
+            .events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                HostEvent::Attempt { strategy, .. } => Some(*strategy),
+                _ => None,
+            })
+            .collect()
+    };
+    let probes_sent = |h: usize| -> u64 {
+        w.hosts[h]
+            .events
+            .iter()
+            .find_map(|(_, e)| match e {
+                HostEvent::Connected { probes_sent, .. } => Some(*probes_sent),
+                _ => None,
+            })
+            .unwrap_or(0)
+    };
+    let sockets = |h: usize| {
+        w.hosts[h]
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, HostEvent::OpenSocket { .. }))
+            .count()
+    };
     Outcome {
+        probes_sent: [probes_sent(ha), probes_sent(hb)],
+        sockets_opened: [sockets(ha), sockets(hb)],
         a: ca.map(|c| c.1),
         b: connected(&w, hb).map(|c| c.1),
         took: ca.map(|c| c.0.saturating_sub(t0.saturating_duration_since(w.start))),
         failure: failure(&w, ha),
+        attempts: [attempts(ha), attempts(hb)],
     }
 }
 
@@ -189,6 +252,73 @@ fn two_random_symmetric_nats_fail_with_a_reason() {
         }) => assert!(why.to_string().contains("no direct path possible"), "{why}"),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_mapped_port_connects_any_pair_in_one_round_trip_and_nothing_else_runs() {
+    let pcp = Strategy::Portmap(MapProtocol::Pcp);
+    for (a, b, mapped) in [
+        (PORT_RESTRICTED, SYM_RANDOM, [None, Some(true)]),
+        (SYM_RANDOM, SYM_RANDOM, [None, Some(true)]),
+        (SYM_RANDOM, SYM_RANDOM, [Some(true), None]),
+        (SYM_SEQ, SYM_RANDOM, [None, Some(true)]),
+        (SYM_SEQ, SYM_SEQ2, [Some(true), Some(true)]),
+    ] {
+        for (facts, what) in [(WARM, "warm"), (COLD, "cold")] {
+            let o = pair_mapped(Some(a), Some(b), facts, 0.0, 1, mapped);
+            let case = format!("{a:?} / {b:?} mapped {mapped:?} ({what})");
+            assert_eq!(o.a, Some(pcp), "{case}: A {:?}", o.failure);
+            assert_eq!(o.b, Some(pcp), "{case}: B");
+            // As fast as a cone pair: through the server, then one A↔B
+            // round trip (one hop more when only the initiator is mapped:
+            // the initiator nominates the path the responder's probe
+            // opened).
+            let cone = pair(Some(PORT_RESTRICTED), Some(PORT_RESTRICTED), facts, 0.0, 1)
+                .took
+                .expect("cone pair connects");
+            let took = o.took.expect("connected");
+            assert!(took <= cone + HOP, "{case}: {took:?} (cone pair: {cone:?})");
+            // No spray, no birthday sockets: a handful of probes at most
+            // (the direct stream's first rounds, hedged), and at most the
+            // one socket of a symmetric side's fresh mapping.
+            assert!(o.probes_sent[0] <= 8, "{case}: {:?}", o.probes_sent);
+            assert!(
+                o.sockets_opened.iter().all(|n| *n <= 1),
+                "{case}: {:?} {:?}",
+                o.sockets_opened,
+                o.attempts
+            );
+        }
+    }
+}
+
+#[test]
+fn a_mapped_port_that_does_not_forward_costs_only_the_grace() {
+    let o = pair_mapped(
+        Some(PORT_RESTRICTED),
+        Some(SYM_RANDOM),
+        WARM,
+        0.0,
+        1,
+        [None, Some(false)],
+    );
+    assert_eq!(o.a, Some(Strategy::Birthday), "{:?}", o.failure);
+    let took = o.took.expect("connected");
+    assert!(
+        took >= natpunch_proto::punch::defaults::PORTMAP_GRACE
+            && took <= natpunch_proto::punch::defaults::PORTMAP_GRACE + Duration::from_secs(2),
+        "{took:?}"
+    );
+    // Without a mapping, two random symmetric NATs still fail at once.
+    let o = pair_mapped(
+        Some(SYM_RANDOM),
+        Some(SYM_RANDOM),
+        WARM,
+        0.0,
+        1,
+        [None, Some(false)],
+    );
+    assert!(o.a.is_none() && o.failure.is_some(), "{o:?}");
 }
 
 #[test]
@@ -336,6 +466,7 @@ fn a_kept_cookie_saves_the_hello_round_trip() {
             facts_after: Some(WARM),
             server_memo: memo,
             relay: false,
+            portmap: None,
         });
         let t0 = w.elapsed();
         w.connect(h, target, 1);
@@ -394,6 +525,7 @@ fn forty_connectors_at_once_all_connect() {
                     facts_after: Some(COLD),
                     server_memo: None,
                     relay: false,
+                    portmap: None,
                 })
             })
             .collect();

@@ -36,6 +36,7 @@ use remote::{Remote, Validator};
 
 use crate::identity::{Ephemeral, Identity, PeerId};
 use crate::nat::discovery::Fact;
+use crate::portmap::{check_external, Mapped};
 use crate::punch::{make_offer, Path, Punch, PunchConfig, PunchEvent, Role, SideView, Strategy};
 use crate::rendezvous::wire::{Cookie, DeclineReason, ErrorCode, Offer, PartyState};
 use crate::rendezvous::{ClientEvent, NatSummary, PeerInfo, RendezvousClient};
@@ -402,6 +403,9 @@ pub struct Host {
     /// The newest mapping the NAT made for us in discovery: the fresh
     /// mapping of attempts that started before our facts were known.
     latest: Option<SocketAddr>,
+    /// The port our gateway maps to the main socket, as the driver's
+    /// port mapper reports it.
+    mapped: Option<Mapped>,
     attempts: HashMap<u64, Attempt>,
     remotes: HashMap<RemoteKey, Remote>,
     /// Connects waiting for capacity.
@@ -442,6 +446,7 @@ impl Host {
         let info = PeerInfo {
             nat: NatSummary::measuring(),
             candidates: vec![cfg.local],
+            mapped: None,
         };
         let client = RendezvousClient::new(
             cfg.identity.clone(),
@@ -457,6 +462,7 @@ impl Host {
             stun: StunClient::new(),
             nat: NatSummary::measuring(),
             latest: None,
+            mapped: None,
             attempts: HashMap::new(),
             remotes: HashMap::new(),
             queue: VecDeque::new(),
@@ -539,7 +545,17 @@ impl Host {
         PeerInfo {
             nat: self.nat,
             candidates: vec![self.cfg.local],
+            mapped: self.announced(),
         }
+    }
+
+    /// Our mapped port, if it is worth announcing: the gateway's external
+    /// address must be the one the server sees us at (else another NAT
+    /// beyond the gateway owns the path).
+    fn announced(&self) -> Option<Mapped> {
+        let observed = self.client.observed().map(|o| o.ip());
+        self.mapped
+            .filter(|m| check_external(m.addr.ip(), observed).is_ok())
     }
 
     fn me_view(&self, fresh: Option<SocketAddr>) -> SideView {
@@ -548,11 +564,15 @@ impl Host {
             observed: self.client.observed().unwrap_or(self.cfg.local),
             fresh,
             candidates: vec![self.cfg.local],
+            mapped: self.announced(),
         }
     }
 
+    /// Behind a symmetric NAT, an attempt takes a fresh mapping from a new
+    /// socket. Not with a mapped port: the main socket is reachable there
+    /// by anyone and the peer aims at it, so attempts stay on it.
     fn me_hard(&self) -> bool {
-        self.me_view(None).hard()
+        self.me_view(None).hard() && self.announced().is_none()
     }
 
     fn punch_cfg(&mut self) -> PunchConfig {
@@ -763,7 +783,7 @@ impl Host {
             Role::Responder => {
                 a.phase = Phase::Punching;
                 if let Some(p) = a.punch.as_mut() {
-                    p.update_me(now, info.nat, fresh);
+                    p.update_me(now, info.nat, fresh, info.mapped);
                 }
                 let offer = a.offer.clone();
                 self.client.accept(now, session, offer, info, fresh);
@@ -850,6 +870,23 @@ impl Host {
             // Nothing new (a cached fact measured again): no updates.
             return;
         }
+        self.facts_changed(now, fresh_now);
+    }
+
+    /// The port our gateway maps to the main socket (`None`: no mapping,
+    /// or it was lost). Announced to the server and to every attempt.
+    pub fn set_portmap(&mut self, now: Instant, mapped: Option<Mapped>) {
+        if self.mapped == mapped {
+            return;
+        }
+        tracing::debug!(?mapped, "mapped port");
+        self.mapped = mapped;
+        self.facts_changed(now, None);
+    }
+
+    /// Our facts changed: the server and every attempt under way hear of
+    /// them.
+    fn facts_changed(&mut self, now: Instant, fresh_now: Option<SocketAddr>) {
         let info = self.info();
         self.client.set_info(now, info.clone());
         let hard = self.me_hard();
@@ -868,7 +905,7 @@ impl Host {
             }
             let fresh = a.fresh;
             if let Some(p) = a.punch.as_mut() {
-                p.update_me(now, info.nat, fresh);
+                p.update_me(now, info.nat, fresh, info.mapped);
             }
             self.client.update(now, session, info.clone(), fresh);
             self.drive_attempt(now, session);
@@ -1351,6 +1388,7 @@ impl Host {
     ) {
         let cfg = self.punch_cfg();
         let my_id = self.peer_id();
+        let my_mapped = self.announced();
         let Some(a) = self.attempts.get_mut(&session) else {
             return;
         };
@@ -1365,12 +1403,14 @@ impl Host {
             observed,
             fresh: None,
             candidates: info.candidates,
+            mapped: info.mapped,
         };
         let me = SideView {
             nat: self.nat,
             observed: self.client.observed().unwrap_or(self.cfg.local),
             fresh: a.fresh,
             candidates: vec![self.cfg.local],
+            mapped: my_mapped,
         };
         let punch = Punch::new(
             cfg,
@@ -1507,6 +1547,7 @@ impl Host {
             observed: intro.observed,
             fresh: intro.fresh,
             candidates: intro.info.candidates.clone(),
+            mapped: intro.info.mapped,
         };
         let Some(eph) = a.eph.take() else {
             return;
@@ -1533,7 +1574,10 @@ impl Host {
             .entry(key)
             .or_insert_with(|| Remote::new(key, false, now));
         r.idle_since = None;
-        let hard = self.me_hard();
+        // A peer with a mapped port is reached from the main socket: no
+        // fresh mapping to wait for.
+        let peer_mapped = a.incoming.as_ref().is_some_and(|i| i.info.mapped.is_some());
+        let hard = self.me_hard() && !peer_mapped;
         self.attempts.insert(session, a);
         if hard {
             self.wait_turn(now, session);
@@ -1569,7 +1613,7 @@ impl Host {
         if let Some(state) = peer {
             tracing::debug!(session, fresh = ?state.fresh, pending = ?state.info.nat.pending, "the peer's state");
             p.set_peer_offer(&state.offer.ephemeral, &state.offer.sig);
-            p.update_peer(now, state.info.nat, state.fresh);
+            p.update_peer(now, state.info.nat, state.fresh, state.info.mapped);
         }
         if accepted && a.role == Role::Initiator {
             self.relay_first(now, session);

@@ -28,6 +28,7 @@ pub mod birthday;
 pub mod cone;
 pub mod lan;
 pub mod plan;
+pub mod portmap;
 pub mod predict;
 pub mod ttl;
 pub mod wire;
@@ -40,6 +41,7 @@ pub use plan::{classify, Group, NoPath, PairKind, PlanConfig, SideView, Stream};
 pub use wire::Strategy;
 
 use crate::identity::{self, Ephemeral, PeerId};
+use crate::portmap::Mapped;
 use crate::rendezvous::wire::{context, offer_bytes, Offer};
 use crate::rendezvous::NatSummary;
 use crate::{SocketId, Transmit};
@@ -89,6 +91,13 @@ pub mod defaults {
     pub const PROBE_HEDGE: Duration = Duration::from_millis(10);
     pub const HEDGED_ROUNDS: u32 = 3;
     pub const HEDGE_MAX_TARGETS: usize = 32;
+    /// With a mapped port on either side, what needs coordination
+    /// (prediction, birthday, limited-TTL openers) waits this long past
+    /// the start: the mapped port answers in one peer-to-peer round trip
+    /// (a probe, its ack and the confirm: 1.5 RTT, 300 ms at a 200 ms
+    /// RTT) plus one lost round, and those techniques then never cost the
+    /// hundreds of probes and sockets they would.
+    pub const PORTMAP_GRACE: Duration = Duration::from_millis(500);
 }
 
 /// Peer-reflexive paths probed back, and paths heard from, at most (bounds
@@ -273,6 +282,8 @@ pub struct Punch {
     state: State,
     path: Option<Path>,
     winner: Option<Strategy>,
+    /// Groups held back for a mapped port's chance are planned then.
+    held: Option<Instant>,
     confirms: u32,
     validating: Vec<Validating>,
     seq: u32,
@@ -336,7 +347,7 @@ pub fn verify_offer(
 
 /// What `group`'s probes are called for a pair of `kind`: the technique
 /// they belong to.
-fn label(group: Group, kind: PairKind) -> Strategy {
+fn label(group: Group, kind: PairKind, peer: &SideView) -> Strategy {
     match group {
         Group::Lan => Strategy::Lan,
         // The direct probes of a pair are the plan's technique's own: for a
@@ -352,6 +363,10 @@ fn label(group: Group, kind: PairKind) -> Strategy {
         Group::PredictEasy => Strategy::Predict,
         Group::Ttl => Strategy::Ttl,
         Group::BirthdayEasy | Group::BirthdayHard => Strategy::Birthday,
+        Group::Portmap => match peer.mapped {
+            Some(m) => Strategy::Portmap(m.protocol),
+            None => Strategy::Cone,
+        },
     }
 }
 
@@ -370,6 +385,7 @@ fn group_streams(
         Group::Ttl => ttl::streams(me, peer, cfg),
         Group::BirthdayEasy => birthday::easy_streams(peer, cfg),
         Group::BirthdayHard => birthday::hard_streams(peer, cfg),
+        Group::Portmap => portmap::streams(peer, cfg),
     }
 }
 
@@ -427,6 +443,7 @@ impl Punch {
             state: State::Waiting,
             path: None,
             winner: None,
+            held: None,
             confirms: 0,
             validating: Vec::new(),
             seq: 0,
@@ -494,18 +511,32 @@ impl Punch {
         self.accept_offer(ephemeral, sig);
     }
 
-    /// New facts about our own NAT (and our fresh mapping).
-    pub fn update_me(&mut self, now: Instant, nat: NatSummary, fresh: Option<SocketAddr>) {
+    /// New facts about our own NAT (our fresh mapping, our mapped port).
+    pub fn update_me(
+        &mut self,
+        now: Instant,
+        nat: NatSummary,
+        fresh: Option<SocketAddr>,
+        mapped: Option<Mapped>,
+    ) {
         self.me.nat = nat;
+        self.me.mapped = mapped;
         if fresh.is_some() {
             self.me.fresh = fresh;
         }
         self.replan(now);
     }
 
-    /// New facts about the peer's NAT (and its fresh mapping).
-    pub fn update_peer(&mut self, now: Instant, nat: NatSummary, fresh: Option<SocketAddr>) {
+    /// New facts about the peer's NAT (its fresh mapping, its mapped port).
+    pub fn update_peer(
+        &mut self,
+        now: Instant,
+        nat: NatSummary,
+        fresh: Option<SocketAddr>,
+        mapped: Option<Mapped>,
+    ) {
         self.peer.nat = nat;
+        self.peer.mapped = mapped;
         if fresh.is_some() {
             self.peer.fresh = fresh;
         }
@@ -537,7 +568,8 @@ impl Punch {
             return;
         }
         self.kind = classify(&self.me, &self.peer);
-        if self.kind == PairKind::Impossible {
+        let mapped = self.peer.mapped.is_some() || self.me.mapped.is_some();
+        if self.kind == PairKind::Impossible && !mapped {
             self.fail(PunchFailure::NoPathPossible(NoPath {
                 me: self.me.nat,
                 peer: self.peer.nat,
@@ -549,13 +581,16 @@ impl Punch {
         let kind = self.kind;
         for r in &mut self.streams {
             if r.group == Group::Direct {
-                r.stream.strategy = label(Group::Direct, kind);
+                r.stream.strategy = label(Group::Direct, kind, &self.peer);
             }
         }
-        let groups = match self.kind {
+        let mut groups = match self.kind {
             PairKind::Undecided => vec![Group::Direct],
             k => plan::groups(k, &self.me),
         };
+        if self.peer.mapped.is_some() {
+            groups.insert(0, Group::Portmap);
+        }
         for g in groups {
             if self.started.contains(&g) {
                 continue;
@@ -566,10 +601,27 @@ impl Punch {
             let early = plan::starts_early(g, &self.me, &self.peer);
             let at = match (early, self.go_at) {
                 (true, _) => self.start_at,
+                // A mapped port gets its chance before the costly
+                // techniques start (or open their sockets): they are
+                // planned once the grace is over.
+                (false, Some(go)) if mapped => {
+                    let at = go.max(self.start_at + defaults::PORTMAP_GRACE);
+                    if at > now {
+                        self.held = Some(self.held.map_or(at, |h| h.min(at)));
+                        continue;
+                    }
+                    at
+                }
                 (false, Some(go)) => go,
                 (false, None) => continue,
             };
-            let streams = group_streams(g, &self.me, &self.peer, &self.cfg.plan, label(g, kind));
+            let streams = group_streams(
+                g,
+                &self.me,
+                &self.peer,
+                &self.cfg.plan,
+                label(g, kind, &self.peer),
+            );
             if streams.is_empty() {
                 // Not ready (a prediction without the peer's fresh mapping):
                 // tried again on the next fact.
@@ -635,12 +687,6 @@ impl Punch {
 
     fn add_streams(&mut self, now: Instant, start: Instant, group: Group, streams: Vec<Stream>) {
         for s in streams {
-            if !self.attempted.contains(&s.strategy) {
-                self.attempted.push(s.strategy);
-                self.events.push_back(PunchEvent::Attempt {
-                    strategy: s.strategy,
-                });
-            }
             let next = start.max(now) + s.offset;
             self.streams.push(Running {
                 group,
@@ -744,8 +790,9 @@ impl Punch {
     fn on_frame(&mut self, now: Instant, path: Path, f: &PunchFrame) {
         match f.kind {
             Kind::Probe => {
+                let strategy = self.path_label(path, f.strategy);
                 if self.key.is_some() {
-                    let ack = self.frame(Kind::Ack, f.strategy);
+                    let ack = self.frame(Kind::Ack, strategy);
                     self.send(path.socket, path.remote, ack, None, false);
                 }
                 // A probe from an address we never aimed at (a mapping the
@@ -756,7 +803,7 @@ impl Punch {
                     && self.reflexive.len() < MAX_REFLEXIVE
                 {
                     self.reflexive.push(path);
-                    let probe = self.frame(Kind::Probe, f.strategy);
+                    let probe = self.frame(Kind::Probe, strategy);
                     self.send(path.socket, path.remote, probe, None, true);
                 }
                 if self.role == Role::Initiator
@@ -772,7 +819,8 @@ impl Punch {
                     self.events.push_back(PunchEvent::PathValidated { path });
                 }
                 if self.role == Role::Initiator && self.state == State::Punching {
-                    self.connect(now, path, f.strategy);
+                    let strategy = self.path_label(path, f.strategy);
+                    self.connect(now, path, strategy);
                     self.send_confirm(path);
                 } else if self.role == Role::Initiator
                     && self.path == Some(path)
@@ -787,6 +835,16 @@ impl Punch {
                 }
             }
             Kind::Keepalive => {}
+        }
+    }
+
+    /// The technique a path to the peer's mapped port belongs to, whatever
+    /// probe crossed it first (the peer's own probes leave from that port
+    /// too, labelled with its plan's technique).
+    fn path_label(&self, path: Path, label: Strategy) -> Strategy {
+        match self.peer.mapped {
+            Some(m) if m.addr == path.remote => Strategy::Portmap(m.protocol),
+            _ => label,
         }
     }
 
@@ -864,6 +922,10 @@ impl Punch {
             // The opener TTL did not come in time: go without.
             self.replan(now);
         }
+        if self.state == State::Punching && self.held.is_some_and(|t| now >= t) {
+            self.held = None;
+            self.replan(now);
+        }
         if self.state == State::Punching && now >= self.deadline {
             let failure = PunchFailure::TimedOut {
                 after: self.cfg.timeout,
@@ -922,6 +984,12 @@ impl Punch {
             }
         }
         for (socket, target, ttl, strategy) in due {
+            // A technique is attempted once its first probe goes out (a
+            // scheduled one may never start: a mapped port won first).
+            if !self.attempted.contains(&strategy) {
+                self.attempted.push(strategy);
+                self.events.push_back(PunchEvent::Attempt { strategy });
+            }
             let p = self.frame(Kind::Probe, strategy);
             self.send(socket, target, p, ttl, true);
         }
@@ -967,6 +1035,7 @@ impl Punch {
                         .map(|r| r.next)
                         .chain(self.hedges.iter().map(|h| h.0))
                         .chain(grace)
+                        .chain(self.held)
                         .min()
                         .map_or(self.deadline, |t| t.min(self.deadline)),
                 )

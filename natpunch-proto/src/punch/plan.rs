@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::nat::{AllocationKind, Behaviour};
+use crate::portmap::Mapped;
 use crate::rendezvous::NatSummary;
 use crate::SocketId;
 
@@ -27,6 +28,8 @@ pub struct SideView {
     pub fresh: Option<SocketAddr>,
     /// Host candidates (LAN addresses, forwarded ports).
     pub candidates: Vec<SocketAddr>,
+    /// The port its gateway maps for it, if any: reachable by anyone.
+    pub mapped: Option<Mapped>,
 }
 
 impl SideView {
@@ -183,6 +186,9 @@ pub enum Group {
     BirthdayEasy,
     /// The hard side's many sockets, each opening one mapping.
     BirthdayHard,
+    /// From the main socket to the port the peer's gateway maps for it:
+    /// open to anyone, so it works whatever either NAT does.
+    Portmap,
 }
 
 /// The groups `me` runs for a pair of kind `kind`.
@@ -206,7 +212,7 @@ pub fn groups(kind: PairKind, me: &SideView) -> Vec<Group> {
 /// direct probes do not.
 pub fn starts_early(group: Group, me: &SideView, peer: &SideView) -> bool {
     match group {
-        Group::Lan => true,
+        Group::Lan | Group::Portmap => true,
         Group::BirthdayEasy | Group::BirthdayHard => false,
         // An easy side's probes cost it nothing. A side still measuring
         // may send to a known cone: if it turns out symmetric, that is its
@@ -276,6 +282,7 @@ mod tests {
             observed: format!("{ip}:4000").parse().unwrap(),
             fresh: None,
             candidates: vec![],
+            mapped: None,
         }
     }
 

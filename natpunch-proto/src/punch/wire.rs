@@ -13,6 +13,8 @@
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
+use crate::portmap::MapProtocol;
+
 /// First byte of every punch frame (after STUN's 0-3 and rendezvous' 0x2A,
 /// below QUIC's 0x40+).
 pub const MAGIC: u8 = 0x2B;
@@ -35,13 +37,15 @@ pub enum Kind {
 /// Which technique sent a probe (echoed in acks, named in events).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Strategy {
-    Lan = 1,
-    Cone = 2,
-    Predict = 3,
-    Ttl = 4,
-    Birthday = 5,
+    Lan,
+    Cone,
+    Predict,
+    Ttl,
+    Birthday,
     /// Not a punching technique: the server's relay (never in a probe).
-    Relay = 6,
+    Relay,
+    /// To the port a gateway maps for one side, and by which protocol.
+    Portmap(MapProtocol),
 }
 
 impl Strategy {
@@ -53,6 +57,29 @@ impl Strategy {
             Strategy::Ttl => "ttl",
             Strategy::Birthday => "birthday",
             Strategy::Relay => "relay",
+            Strategy::Portmap(_) => "portmap",
+        }
+    }
+
+    /// The mapping protocol, for [`Strategy::Portmap`].
+    pub fn protocol(&self) -> Option<MapProtocol> {
+        match self {
+            Strategy::Portmap(p) => Some(*p),
+            _ => None,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            Strategy::Lan => 1,
+            Strategy::Cone => 2,
+            Strategy::Predict => 3,
+            Strategy::Ttl => 4,
+            Strategy::Birthday => 5,
+            Strategy::Relay => 6,
+            Strategy::Portmap(MapProtocol::Pcp) => 7,
+            Strategy::Portmap(MapProtocol::NatPmp) => 8,
+            Strategy::Portmap(MapProtocol::Upnp) => 9,
         }
     }
 
@@ -63,6 +90,9 @@ impl Strategy {
             3 => Strategy::Predict,
             4 => Strategy::Ttl,
             5 => Strategy::Birthday,
+            7 => Strategy::Portmap(MapProtocol::Pcp),
+            8 => Strategy::Portmap(MapProtocol::NatPmp),
+            9 => Strategy::Portmap(MapProtocol::Upnp),
             _ => return None,
         })
     }
@@ -127,7 +157,7 @@ pub fn encode(
     key: Option<&[u8; 32]>,
 ) -> Vec<u8> {
     let mut v = Vec::with_capacity(HEADER + OFFER_LEN + MAC_LEN);
-    v.extend_from_slice(&[MAGIC, VERSION, kind as u8, strategy as u8]);
+    v.extend_from_slice(&[MAGIC, VERSION, kind as u8, strategy.to_u8()]);
     v.extend_from_slice(&session.to_be_bytes());
     v.extend_from_slice(&seq.to_be_bytes());
     let flags =

@@ -27,14 +27,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::PeerId;
 use crate::nat::{AllocationKind, Behaviour, NatReport};
+use crate::portmap::Mapped;
 
 /// First byte of every rendezvous frame.
 pub const MAGIC: u8 = 0x2A;
 /// The wire version this code speaks. Version 2: connectors need no
 /// registration, facts can arrive late (`Update`/`Sync`), heartbeats.
 /// Version 3: a listener is homed on a relay node, and introductions say
-/// which node relays the session.
-pub const VERSION: u8 = 3;
+/// which node relays the session. Version 4: a peer's facts carry the
+/// port its gateway maps for it.
+pub const VERSION: u8 = 4;
 /// Largest frame: below the 1280-byte IPv6 minimum MTU minus headers, so a
 /// frame is never fragmented.
 pub const MAX_FRAME: usize = 1200;
@@ -110,6 +112,9 @@ pub struct PeerInfo {
     pub nat: NatSummary,
     /// Host candidates: LAN addresses and manually forwarded ports.
     pub candidates: Vec<SocketAddr>,
+    /// A port our gateway maps to our main socket (PCP, NAT-PMP or UPnP):
+    /// the best candidate, reachable by anyone.
+    pub mapped: Option<Mapped>,
 }
 
 /// A stateless proof that the sender receives at its source address.
