@@ -7,8 +7,10 @@ use std::time::Duration;
 use clap::Args;
 use natpunch::nat::{discover, tcp_binding, udp_binding, NatOptions};
 use natpunch::net::{bind_udp, resolve, route_source};
+use natpunch::portmap::{self, PortmapConfig, ProtocolReport};
 use natpunch_proto::nat::discovery::LIFETIME_STEPS;
 use natpunch_proto::nat::{Classic, NatReport};
+use natpunch_proto::portmap::{check_external, MapProtocol};
 use natpunch_proto::stun::transaction::Timing;
 
 use crate::output::{human_report, json_line, json_report};
@@ -47,6 +49,10 @@ pub struct NatArgs {
     /// Initial retransmission timeout in ms (4 sends, then 8 x RTO wait).
     #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=5000))]
     pub rto_ms: u64,
+    /// Do not ask the gateway which port mapping protocols it speaks
+    /// (PCP, NAT-PMP, UPnP IGD).
+    #[arg(long)]
+    pub no_portmap: bool,
 }
 
 pub async fn nat_report(args: &NatArgs) -> anyhow::Result<NatReport> {
@@ -74,9 +80,41 @@ pub async fn nat_report(args: &NatArgs) -> anyhow::Result<NatReport> {
     Ok(discover(opts).await?)
 }
 
+/// Which port mapping protocols the gateway answers, from a socket of
+/// our own (PCP's answer costs a short mapping of its port, deleted at
+/// once).
+async fn portmap_report(args: &NatArgs) -> anyhow::Result<Vec<ProtocolReport>> {
+    let server = resolve(&args.host, STUN_PORT, false).await?;
+    let ip = match args.source_ip {
+        Some(ip) => ip,
+        None => route_source(server)?,
+    };
+    let sock = bind_udp(SocketAddr::new(ip, 0), false)?;
+    let local = sock.local_addr()?;
+    Ok(portmap::probe(local, &PortmapConfig::default()).await)
+}
+
 pub fn run_nat(args: NatArgs) -> anyhow::Result<ExitCode> {
-    let report = crate::runtime()?.block_on(nat_report(&args))?;
-    print_report(&report, args.json);
+    let (report, portmap) = crate::runtime()?.block_on(async {
+        if args.no_portmap {
+            return (nat_report(&args).await, None);
+        }
+        let (r, p) = tokio::join!(nat_report(&args), portmap_report(&args));
+        (r, p.ok())
+    });
+    let report = report?;
+    match &portmap {
+        Some(p) if args.json => {
+            let mut v = json_report(&report);
+            v["portmap"] = portmap_json(p);
+            json_line(&v);
+        }
+        Some(p) => {
+            print!("{}", human_report(&report));
+            println!("{}", portmap_human(p));
+        }
+        None => print_report(&report, args.json),
+    }
     if report.classic == Classic::UdpBlocked {
         eprintln!(
             "natpunch: no answer from {}: the server is down or UDP is blocked",
@@ -85,6 +123,47 @@ pub fn run_nat(args: NatArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `{"pcp": {"external": IP} | {"error": WHY}, "nat-pmp": …, "upnp": …}`.
+fn portmap_json(p: &[ProtocolReport]) -> serde_json::Value {
+    let m: serde_json::Map<String, serde_json::Value> = p
+        .iter()
+        .map(|r| {
+            let v = match &r.external {
+                Ok(ip) => serde_json::json!({"external": ip}),
+                Err(e) => serde_json::json!({"error": e}),
+            };
+            (r.protocol.as_str().to_string(), v)
+        })
+        .collect();
+    serde_json::Value::Object(m)
+}
+
+fn portmap_human(p: &[ProtocolReport]) -> String {
+    let name = |p: MapProtocol| match p {
+        MapProtocol::Pcp => "PCP",
+        MapProtocol::NatPmp => "NAT-PMP",
+        MapProtocol::Upnp => "UPnP IGD",
+    };
+    let answered: Vec<String> = p
+        .iter()
+        .filter_map(|r| {
+            let ip = r.external.as_ref().ok()?;
+            let note = match check_external(*ip, None) {
+                Ok(()) => String::new(),
+                Err(_) => " (not public: another NAT beyond the gateway)".into(),
+            };
+            Some(format!("{} external {ip}{note}", name(r.protocol)))
+        })
+        .collect();
+    let v = if answered.is_empty() {
+        "none (the gateway answers neither PCP, NAT-PMP nor UPnP IGD)".to_string()
+    } else {
+        answered.join("; ")
+    };
+    // Aligned with the report's rows (its widest key is 16 wide).
+    format!("  {:<16}  {v}", "port mapping")
 }
 
 pub fn print_report(report: &NatReport, json: bool) {

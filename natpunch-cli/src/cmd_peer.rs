@@ -14,9 +14,11 @@ use clap::Args;
 use natpunch::keyfile;
 use natpunch::net::resolve;
 use natpunch::peer::{PathView, PeerEvent};
+use natpunch::portmap::PortmapNews;
 use natpunch::session::service::Services;
 use natpunch::session::{Endpoint, EndpointConfig};
 use natpunch_proto::identity::PeerId;
+use natpunch_proto::portmap::MapProtocol;
 use natpunch_proto::punch::{Role, Strategy};
 
 use crate::output::Out;
@@ -73,6 +75,17 @@ pub struct CommonArgs {
     /// follow the measured round trip).
     #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=5000))]
     pub rto_ms: u64,
+    /// Port mapping protocols to ask the gateway for a port with, raced
+    /// (comma-separated: pcp, nat-pmp, upnp; or none).
+    #[arg(long, value_name = "LIST", default_value = "pcp,nat-pmp,upnp", value_parser = parse_portmap)]
+    pub portmap: Protocols,
+    /// Do not ask the gateway to map our port (--portmap none).
+    #[arg(long)]
+    pub no_portmap: bool,
+    /// Lease asked for a port mapping, in seconds (renewed at half of
+    /// what the gateway grants; deleted on exit).
+    #[arg(long, default_value_t = 7200, value_parser = clap::value_parser!(u64).range(2..=604800))]
+    pub portmap_lease: u64,
 }
 
 /// Options of the listening side.
@@ -267,6 +280,13 @@ pub fn run(
         cfg.peer.nat_cache = !common.no_nat_cache;
         cfg.peer.relay = !common.no_relay;
         cfg.peer.serve_relay = listen.serve_relay;
+        cfg.peer.portmap = (!common.no_portmap && !common.portmap.0.is_empty()).then(|| {
+            natpunch::portmap::PortmapConfig {
+                lease: Duration::from_secs(common.portmap_lease),
+                protocols: common.portmap.0.clone(),
+                ..Default::default()
+            }
+        });
         cfg.accept = target.is_none();
         cfg.idle_timeout = Duration::from_secs(common.idle_timeout);
         if !listen.allow.is_empty() {
@@ -431,7 +451,8 @@ fn print_event(out: &Out, ev: &PeerEvent) {
             json!({"event": "connected", "peer_id": peer_id.to_string(),
                 "path": if *strategy == Strategy::Relay { "relay" } else { "direct" },
                 "transport": if *over_tcp { "tcp" } else { "udp" },
-                "strategy": strategy.as_str(), "remote": remote,
+                "strategy": strategy.as_str(), "protocol": strategy.protocol().map(|p| p.as_str()),
+                "remote": remote,
                 "role": match role { Role::Initiator => "initiator", Role::Responder => "responder" },
                 "reused": reused,
                 "elapsed_ms": elapsed.as_millis() as u64, "probes_sent": probes_sent, "bytes_sent": bytes_sent}),
@@ -446,7 +467,7 @@ fn print_event(out: &Out, ev: &PeerEvent) {
                 } else {
                     format!(
                         "connected to {peer_id} directly at {remote} by {} in {} ms ({})",
-                        strategy.as_str(),
+                        technique(strategy),
                         elapsed.as_millis(),
                         probes_and_bytes(*probes_sent, *bytes_sent)
                     )
@@ -497,13 +518,14 @@ fn print_event(out: &Out, ev: &PeerEvent) {
                 json!({"event": "path-changed", "peer_id": peer_id.to_string(),
                     "from": from.as_ref().map(path_json), "to": path_json(to),
                     "strategy": strategy.map(|s| s.as_str()),
+                    "protocol": strategy.and_then(|s| s.protocol()).map(|p| p.as_str()),
                     "elapsed_ms": elapsed.map(|e| e.as_millis() as u64),
                     "path": to.kind(), "remote": remote, "local": local}),
                 || match (from, to) {
                     (Some(PathView::Relay { .. }), PathView::Direct { .. }) => {
                         format!(
                             "path to {peer_id} moved from the relay to a direct path at {remote}{}{}",
-                            strategy.map(|s| format!(" (punched by {})", s.as_str())).unwrap_or_default(),
+                            strategy.map(|s| format!(" (by {})", technique(&s))).unwrap_or_default(),
                             elapsed.map(|e| format!(" after {} ms", e.as_millis())).unwrap_or_default()
                         )
                     }
@@ -514,6 +536,7 @@ fn print_event(out: &Out, ev: &PeerEvent) {
                 },
             )
         }
+        PeerEvent::Portmap { news } => print_portmap(out, news),
         PeerEvent::ServingRelay { addr } => out.event(
             json!({"event": "serving-relay", "addr": addr}),
             || format!("serving rendezvous and relay at {addr} (udp and tcp) to the peers with a session to us"),
@@ -549,6 +572,71 @@ fn print_event(out: &Out, ev: &PeerEvent) {
             json!({"event": "session-ended", "peer_id": peer_id.to_string(), "code": end.code()}),
         ),
         other => tracing::debug!(?other, "unprinted peer event"),
+    }
+}
+
+/// `--portmap`'s list.
+#[derive(Debug, Clone, Default)]
+pub struct Protocols(pub Vec<MapProtocol>);
+
+fn parse_portmap(s: &str) -> Result<Protocols, String> {
+    if s == "none" || s == "off" {
+        return Ok(Protocols(Vec::new()));
+    }
+    let mut v = Vec::new();
+    for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let p: MapProtocol = p.parse()?;
+        if !v.contains(&p) {
+            v.push(p);
+        }
+    }
+    if v.is_empty() {
+        return Err("an empty list: name pcp, nat-pmp, upnp, or none".into());
+    }
+    Ok(Protocols(v))
+}
+
+/// A technique for people: `portmap (upnp)`, `birthday`.
+fn technique(s: &Strategy) -> String {
+    match s.protocol() {
+        Some(p) => format!("{} ({p})", s.as_str()),
+        None => s.as_str().to_string(),
+    }
+}
+
+fn print_portmap(out: &Out, news: &PortmapNews) {
+    use serde_json::json;
+    match news {
+        PortmapNews::Mapped(m) => out.event(
+            json!({"event": "portmap", "mapped": m.addr, "protocol": m.protocol.as_str()}),
+            || {
+                format!(
+                    "the gateway maps {} to us ({}): peers can reach us there",
+                    m.addr, m.protocol
+                )
+            },
+        ),
+        PortmapNews::Unusable { protocol, why } => out.event(
+            json!({"event": "portmap", "mapped": null, "protocol": protocol.as_str(),
+                "code": "behind-another-nat", "reason": why.to_string()}),
+            || format!("port mapping by {protocol} is of no use here: {why}"),
+        ),
+        PortmapNews::Unavailable { reasons } => {
+            // No gateway protocol is the common case: said in JSON and at -v.
+            let r: serde_json::Map<String, serde_json::Value> = reasons
+                .iter()
+                .map(|(p, why)| (p.as_str().to_string(), json!(why)))
+                .collect();
+            tracing::info!(?reasons, "no port mapping");
+            out.json_only(
+                json!({"event": "portmap", "mapped": null, "code": "unavailable", "reasons": r}),
+            );
+        }
+        PortmapNews::Lost { protocol, reason } => out.event(
+            json!({"event": "portmap", "mapped": null, "protocol": protocol.as_str(),
+                "code": "lost", "reason": reason}),
+            || format!("the port mapping by {protocol} could not be renewed: {reason}"),
+        ),
     }
 }
 

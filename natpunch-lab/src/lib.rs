@@ -13,6 +13,7 @@ pub mod runner;
 pub mod spec;
 pub mod throughput;
 pub mod topology;
+pub mod upnp;
 
 pub use spec::{
     LinkSpec, Links, NatSpec, PortAllocation, Side, TopologySpec, Unsolicited, PRESETS,

@@ -46,7 +46,33 @@ pub struct NatPlacement {
     /// The inside networks, `a.b.c.d/len`, used to recognise hairpinned
     /// traffic in postrouting (where the input interface is unknown).
     pub inside: Vec<String>,
+    /// The lab's STUN server addresses: with `upnp=on`, miniupnpd's own
+    /// STUN test (RFC 5780 CHANGE-REQUEST) gets its answers from both.
+    pub stun_servers: Vec<Ipv4Addr>,
 }
+
+/// The `inet` table miniupnpd's nftables backend writes its rules into
+/// (named by its `upnp_*table_name` and `upnp_*chain` options); it must
+/// exist before miniupnpd starts. Its DNAT runs just before the lab's
+/// own filtering DNAT.
+pub fn miniupnpd_table() -> &'static str {
+    "table inet miniupnpd {
+  chain forward { type filter hook forward priority filter; policy accept; jump miniupnpd; }
+  chain miniupnpd { }
+  chain prerouting { type nat hook prerouting priority dstnat - 1; policy accept; jump prerouting_miniupnpd; }
+  chain postrouting { type nat hook postrouting priority srcnat - 1; policy accept; jump postrouting_miniupnpd; }
+  chain prerouting_miniupnpd { }
+  chain postrouting_miniupnpd { }
+}
+"
+}
+
+/// The map that gives a port mapped by miniupnpd its external port on
+/// the way out too (protocol · inside address · inside port → external
+/// port): miniupnpd-nftables 2.3.1 adds only the inbound DNAT, so behind
+/// a symmetric NAT the host's own packets from the mapped port would
+/// leave from another port. [`crate::upnp`] fills it from the lease file.
+pub const UPNP_OUT: &str = "upnp_out";
 
 const TABLE: &str = "natpunch";
 const L4: &str = "meta l4proto { tcp, udp }";
@@ -138,11 +164,23 @@ pub fn ruleset(spec: &NatSpec, at: &NatPlacement) -> String {
         }
     };
 
+    if spec.upnp {
+        let _ = writeln!(
+            s,
+            "  map {UPNP_OUT} {{\n    type inet_proto . ipv4_addr . inet_service : inet_service\n  }}"
+        );
+    }
     // Source NAT: reuse a learned mapping, else allocate.
     let _ = writeln!(
         s,
         "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;"
     );
+    if spec.upnp {
+        // The gateway's own packets (miniupnpd's STUN test) keep their
+        // port; a mapped port leaves as itself.
+        let _ = writeln!(s, "    oifname \"{wan}\" ip saddr {public} accept");
+        let _ = writeln!(s, "    oifname \"{wan}\" {L4} snat ip to {public} : meta l4proto . ip saddr . th sport map @{UPNP_OUT}");
+    }
     let reuse_key = if eim {
         Some("meta l4proto . ip saddr . th sport map @eim")
     } else if adm {
@@ -213,6 +251,14 @@ pub fn ruleset(spec: &NatSpec, at: &NatPlacement) -> String {
         "  chain input {{\n    type filter hook input priority filter; policy accept;"
     );
     s.push_str("    ct state established,related accept\n");
+    if spec.upnp && !at.stun_servers.is_empty() {
+        let servers: Vec<String> = at.stun_servers.iter().map(|a| a.to_string()).collect();
+        let _ = writeln!(
+            s,
+            "    iifname \"{wan}\" ip saddr {{ {} }} meta l4proto udp accept",
+            servers.join(", ")
+        );
+    }
     if !spec.hairpin {
         let _ = writeln!(s, "    iifname != \"{wan}\" ip daddr {public} {L4} drop");
     }
@@ -246,6 +292,7 @@ mod tests {
             wan: "wan".into(),
             public: Ipv4Addr::new(198, 51, 100, 2),
             inside: vec!["10.0.1.0/24".into()],
+            stun_servers: vec![Ipv4Addr::new(203, 0, 113, 10)],
         }
     }
 

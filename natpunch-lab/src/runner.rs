@@ -1123,6 +1123,7 @@ pub fn expected_connect(t: &TopologySpec) -> (Option<Strategy>, String) {
                 .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
             fresh: None,
             candidates: Vec::new(),
+            mapped: None,
         }
     };
     let (a, b) = match t {

@@ -67,6 +67,10 @@ pub struct NatSpec {
     /// A firewall that forwards no UDP at all, either way (`udp=block`):
     /// the networks where only TCP reaches the internet.
     pub udp_blocked: bool,
+    /// A real miniupnpd on the NAT serves UPnP IGD, NAT-PMP and PCP
+    /// (`upnp=on`); its mappings forward inbound and keep their port on
+    /// the way out, as a home gateway's do.
+    pub upnp: bool,
 }
 
 mod secs {
@@ -165,6 +169,7 @@ impl NatSpec {
             },
             plain_masquerade: name == "linux",
             udp_blocked: false,
+            upnp: false,
         })
     }
 
@@ -185,6 +190,7 @@ impl NatSpec {
                     spec.allocation = PortAllocation::Sequential { delta: d };
                 }
                 "hairpin" => spec.hairpin = parse_on_off(v).ok_or_else(bad)?,
+                "upnp" => spec.upnp = parse_on_off(v).ok_or_else(bad)?,
                 "timeout" => spec.udp_timeout = Duration::from_secs(v.parse().map_err(|_| bad())?),
                 "inbound-udp" => spec.inbound_udp = parse_unsolicited(v).ok_or_else(bad)?,
                 "inbound-tcp" => spec.inbound_tcp = parse_unsolicited(v).ok_or_else(bad)?,

@@ -30,6 +30,7 @@ use std::time::Duration;
 
 use crate::nft::{ruleset, NatPlacement};
 use crate::spec::{LinkSpec, Links, NatSpec, Side, TopologySpec};
+use crate::upnp::{UpnpGateway, UpnpPlan};
 
 /// The server's two public addresses (RFC 5780 needs two).
 pub const SERVER_IPS: [Ipv4Addr; 2] = [
@@ -66,6 +67,8 @@ pub enum LabError {
     Measure(String),
     #[error("namespace {0}: no router at the other end of eth0")]
     NoGateway(String),
+    #[error("namespace {ns}: {why}")]
+    Upnp { ns: String, why: String },
 }
 
 /// A node of the lab, by role.
@@ -131,6 +134,10 @@ pub struct Lab {
     natpunch: PathBuf,
     spec: TopologySpec,
     delay_lines: Vec<DelayLineInfo>,
+    /// NATs with `upnp=on`, waiting for the server (miniupnpd's STUN test
+    /// needs it), and the ones running.
+    upnp_plans: Vec<UpnpPlan>,
+    upnp: Vec<UpnpGateway>,
 }
 
 /// One running delay line: where it holds packets and its daemon.
@@ -235,6 +242,8 @@ impl Lab {
             natpunch: opts.natpunch.clone(),
             spec: spec.clone(),
             delay_lines: Vec::new(),
+            upnp_plans: Vec::new(),
+            upnp: Vec::new(),
         };
         lab.build_all(spec, &opts.links)?;
         Ok(lab)
@@ -339,7 +348,31 @@ impl Lab {
         let mut probe = self.natpunch(Node::Server);
         probe.args(["stun", "-H", &primary.to_string()]);
         run(&mut probe).map_err(|_| LabError::ServerNotReady(primary))?;
+        self.start_upnp(primary)?;
         Ok(primary)
+    }
+
+    /// Starts miniupnpd on every `upnp=on` NAT not yet serving.
+    fn start_upnp(&mut self, stun: SocketAddr) -> Result<(), LabError> {
+        for plan in std::mem::take(&mut self.upnp_plans) {
+            if !on_path("miniupnpd") {
+                return Err(LabError::ToolMissing {
+                    tool: "miniupnpd",
+                    package: "miniupnpd miniupnpd-nftables",
+                });
+            }
+            let dir = std::env::temp_dir().join(format!("{}-upnp", plan.ns));
+            let (gw, child) = UpnpGateway::start(&plan, stun, dir)?;
+            self.children.push(child);
+            self.upnp.push(gw);
+        }
+        Ok(())
+    }
+
+    /// The miniupnpd running on NAT `node` (`upnp=on`), once the server is
+    /// up.
+    pub fn upnp(&self, node: Node) -> Option<&UpnpGateway> {
+        self.upnp.iter().find(|g| g.node == node)
     }
 
     fn add_ns(&mut self, node: Node, role: &str) -> Result<String, LabError> {
@@ -378,7 +411,24 @@ impl Lab {
         run(Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", kv])).map(|_| ())
     }
 
-    fn load_nat(&self, ns: &str, spec: &NatSpec, at: &NatPlacement) -> Result<(), LabError> {
+    /// Loads NAT `node`'s rules into `ns`; `lans` are its inside
+    /// interfaces (where miniupnpd listens with `upnp=on`).
+    fn load_nat(
+        &mut self,
+        node: Node,
+        ns: &str,
+        spec: &NatSpec,
+        at: &NatPlacement,
+        lans: &[&str],
+    ) -> Result<(), LabError> {
+        if spec.upnp {
+            self.upnp_plans.push(UpnpPlan {
+                node,
+                ns: ns.to_string(),
+                lans: lans.iter().map(|l| l.to_string()).collect(),
+                inside: at.inside.clone(),
+            });
+        }
         self.sysctl(ns, "net.ipv4.ip_forward=1")?;
         let rules = ruleset(spec, at);
         nft_load(ns, &rules)?;
@@ -434,8 +484,9 @@ impl Lab {
                     wan: "wan".into(),
                     public: Ipv4Addr::new(198, 51, 100, 50),
                     inside,
+                    stun_servers: SERVER_IPS.to_vec(),
                 };
-                self.load_nat(&cgn, carrier, &at)?;
+                self.load_nat(Node::CarrierA, &cgn, carrier, &at, &["lan1", "lan2"])?;
             }
             TopologySpec::SameNat { nat: spec } => {
                 let nat = self.add_ns(Node::NatA, "nat")?;
@@ -455,8 +506,9 @@ impl Lab {
                     wan: "wan".into(),
                     public: Ipv4Addr::new(198, 51, 100, 2),
                     inside,
+                    stun_servers: SERVER_IPS.to_vec(),
                 };
-                self.load_nat(&nat, spec, &at)?;
+                self.load_nat(Node::NatA, &nat, spec, &at, &["lan1", "lan2"])?;
             }
         }
         for (node, link) in [(Node::HostA, links.a), (Node::HostB, links.b)] {
@@ -499,8 +551,9 @@ impl Lab {
                     wan: "wan".into(),
                     public: Ipv4Addr::new(198, 51, 100, up_ip),
                     inside: vec![format!("100.64.{i}.0/24")],
+                    stun_servers: SERVER_IPS.to_vec(),
                 };
-                self.load_nat(&cgn, carrier, &at)?;
+                self.load_nat(carrier_node, &cgn, carrier, &at, &["lan0"])?;
                 self.build_home(&nat, i, home, Ipv4Addr::new(100, 64, i, 2), host_node)?;
             }
         }
@@ -544,8 +597,10 @@ impl Lab {
             wan: "wan".into(),
             public,
             inside: vec![format!("10.0.{i}.0/24")],
+            stun_servers: SERVER_IPS.to_vec(),
         };
-        self.load_nat(nat, spec, &at)
+        let nat_node = if i == 1 { Node::NatA } else { Node::NatB };
+        self.load_nat(nat_node, nat, spec, &at, &["lan0"])
     }
 
     /// Home NAT `i` (100.64.i.2) on the carrier namespace's inside
@@ -863,6 +918,9 @@ impl Lab {
 
     /// Tears everything down now (also done on drop).
     pub fn teardown(&mut self) {
+        for g in &mut self.upnp {
+            g.stop();
+        }
         for c in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
@@ -960,7 +1018,7 @@ fn tbf(ns: &str, ifname: &str, kbit: u64) -> Result<(), LabError> {
 
 /// Loads an nft rule set from our own generated text (never from
 /// `nft list ruleset` output, which for map-based SNAT cannot be reloaded).
-fn nft_load(ns: &str, rules: &str) -> Result<(), LabError> {
+pub(crate) fn nft_load(ns: &str, rules: &str) -> Result<(), LabError> {
     let command = format!("ip netns exec {ns} nft -f -");
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns, "nft", "-f", "-"])

@@ -17,6 +17,7 @@ pub mod nat;
 pub mod nat_cache;
 pub mod net;
 pub mod peer;
+pub mod portmap;
 pub mod server_tcp;
 pub mod session;
 pub mod stun_server;

@@ -74,6 +74,9 @@ pub struct PeerConfig {
     /// this UDP and TCP port of our address (0: any free port): for a peer
     /// others can reach directly (a public address, a forwarded port).
     pub serve_relay: Option<u16>,
+    /// Ask the gateway to map the main socket's port (PCP, NAT-PMP, UPnP
+    /// IGD) and announce it as our best candidate; `None`: never ask.
+    pub portmap: Option<crate::portmap::PortmapConfig>,
 }
 
 /// A path as events show it.
@@ -136,6 +139,11 @@ pub enum PeerEvent {
     ServerRefused {
         server: SocketAddr,
         code: &'static str,
+    },
+    /// What the port mapper found: a mapped port (announced), a gateway
+    /// whose mapping is of no use, or no protocol at all.
+    Portmap {
+        news: crate::portmap::PortmapNews,
     },
     /// We serve rendezvous and relay, at `addr`, to the peers we have
     /// sessions with (`--serve-relay`).
@@ -285,12 +293,28 @@ struct Driver {
 }
 
 /// Runs a peer until its [`crate::session::Endpoint`] is closed or
-/// dropped, a fatal error, or (punch-only mode) the first result.
+/// dropped, a fatal error, or (punch-only mode) the first result; then
+/// deletes its port mapping, whichever way it ended.
 pub(crate) async fn run(
+    cfg: PeerConfig,
+    shared: Arc<Shared>,
+    commands: mpsc::Receiver<UserCommand>,
+    internal: mpsc::Receiver<Internal>,
+) -> Result<(), PeerError> {
+    let mut portmapper = None;
+    let r = drive(cfg, shared, commands, internal, &mut portmapper).await;
+    if let Some(p) = portmapper {
+        p.shutdown().await;
+    }
+    r
+}
+
+async fn drive(
     cfg: PeerConfig,
     shared: Arc<Shared>,
     mut commands: mpsc::Receiver<UserCommand>,
     mut internal: mpsc::Receiver<Internal>,
+    portmapper: &mut Option<crate::portmap::Portmapper>,
 ) -> Result<(), PeerError> {
     let stun = cfg.stun.unwrap_or(cfg.server);
     let ip = match cfg.source_ip {
@@ -342,6 +366,10 @@ pub(crate) async fn run(
             .and_then(|c| c.server)
             .and_then(|n| n.memo(cfg.server)),
     });
+    let (portmap_tx, mut portmap_news) = mpsc::unbounded_channel();
+    if let Some(pc) = cfg.portmap.clone() {
+        *portmapper = Some(crate::portmap::Portmapper::spawn(local, pc, portmap_tx));
+    }
     let (facts_tx, mut facts) = mpsc::unbounded_channel::<Fact>();
     let (cache_tx, cache_rx) = mpsc::unbounded_channel::<CacheNews>();
     tokio::spawn(keep_cache(entry, cached.clone(), cache_rx, facts_tx));
@@ -426,6 +454,7 @@ pub(crate) async fn run(
             }
             Some(n) = tcp_news.recv() => d.on_link(n),
             Some(fact) = facts.recv() => d.host.handle_fact(Instant::now(), fact),
+            Some(news) = portmap_news.recv() => d.on_portmap(news),
             Some(SocketNews::NewSource { mapped, path }) = news.recv() => {
                 if let Some(key) = d.socket.key_of(mapped) {
                     d.host.new_source(Instant::now(), key, path);
@@ -648,6 +677,19 @@ impl Driver {
                 self.tcp_at = Some(Instant::now() + crate::server_tcp::RETRY_AFTER);
             }
         }
+    }
+
+    fn on_portmap(&mut self, news: crate::portmap::PortmapNews) {
+        use crate::portmap::PortmapNews;
+        let now = Instant::now();
+        match &news {
+            PortmapNews::Mapped(m) => self.host.set_portmap(now, Some(*m)),
+            PortmapNews::Lost { .. } | PortmapNews::Unusable { .. } => {
+                self.host.set_portmap(now, None)
+            }
+            PortmapNews::Unavailable { .. } => {}
+        }
+        self.emit(PeerEvent::Portmap { news });
     }
 
     fn emit(&self, e: PeerEvent) {

@@ -70,6 +70,7 @@ impl EndpointConfig {
                 nat_cache: true,
                 relay: true,
                 serve_relay: None,
+                portmap: Some(crate::portmap::PortmapConfig::default()),
             },
             accept: true,
             allow: None,
