@@ -181,6 +181,8 @@ pub struct Listener {
     /// The address the server saw it at (its session socket, on loopback).
     pub observed: String,
     pub events: std::sync::mpsc::Receiver<serde_json::Value>,
+    /// Events that came before `registered`.
+    pub early: Vec<serde_json::Value>,
 }
 
 /// Waits for the `registered` event of a listener spawned from `cmd`
@@ -204,6 +206,7 @@ pub fn start_listener(cmd: &mut Command) -> Listener {
     });
     let proc = Proc(child);
     let deadline = Instant::now() + Duration::from_secs(20);
+    let mut early = Vec::new();
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
@@ -215,9 +218,10 @@ pub fn start_listener(cmd: &mut Command) -> Listener {
                     id,
                     observed,
                     events: rx,
+                    early,
                 };
             }
-            Ok(_) => {}
+            Ok(v) => early.push(v),
             Err(_) => panic!("the listener did not register within 20 s"),
         }
     }

@@ -96,7 +96,9 @@ pub mod defaults {
     /// the start: the mapped port answers in one peer-to-peer round trip
     /// (a probe, its ack and the confirm: 1.5 RTT, 300 ms at a 200 ms
     /// RTT) plus one lost round, and those techniques then never cost the
-    /// hundreds of probes and sockets they would.
+    /// hundreds of probes and sockets they would. A pair with no direct
+    /// path is declared so only after it too, in case a mapping is on its
+    /// way.
     pub const PORTMAP_GRACE: Duration = Duration::from_millis(500);
 }
 
@@ -570,11 +572,26 @@ impl Punch {
         self.kind = classify(&self.me, &self.peer);
         let mapped = self.peer.mapped.is_some() || self.me.mapped.is_some();
         if self.kind == PairKind::Impossible && !mapped {
+            // A port mapping still on its way (a peer's gateway answers
+            // after its connect went out) comes in an update: only past
+            // the grace is no direct path possible.
+            let until = self.start_at + defaults::PORTMAP_GRACE;
+            if now < until {
+                self.held = Some(until);
+                return;
+            }
             self.fail(PunchFailure::NoPathPossible(NoPath {
                 me: self.me.nat,
                 peer: self.peer.nat,
             }));
             return;
+        }
+        if let Some(m) = self.me.mapped {
+            // Our mapped port is tried by the peer's probes to it.
+            let s = Strategy::Portmap(m.protocol);
+            if !self.attempted.contains(&s) {
+                self.attempted.push(s);
+            }
         }
         // Direct probes are the hard side's part of prediction once the
         // pair needs it; running ones are renamed accordingly.
