@@ -1102,6 +1102,26 @@ pub fn run_punch_bench(
     Ok(out)
 }
 
+/// Whether a side's gateway maps a port that peers reach: miniupnpd on
+/// its own NAT, or on a home NAT whose carrier is a full cone that keeps
+/// ports (miniupnpd's STUN test then announces the carrier's address, and
+/// the carrier forwards the same port to it); behind any other carrier
+/// miniupnpd refuses to map.
+fn maps_port(side: &Side) -> bool {
+    use natpunch_proto::nat::Behaviour::EndpointIndependent;
+    match side {
+        Side::Direct => false,
+        Side::Nat(spec) => spec.upnp,
+        Side::DoubleNat { home, carrier } => {
+            home.upnp
+                && !carrier.plain_masquerade
+                && carrier.mapping == EndpointIndependent
+                && carrier.filtering == EndpointIndependent
+                && carrier.allocation == crate::spec::PortAllocation::Preserving
+        }
+    }
+}
+
 /// The outcome a pair must reach, and why: computed from the configured
 /// NATs with the same classification the peers apply to their measured
 /// reports, so a wrong measurement or a broken technique fails the grid.
@@ -1123,7 +1143,16 @@ pub fn expected_connect(t: &TopologySpec) -> (Option<Strategy>, String) {
                 .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
             fresh: None,
             candidates: Vec::new(),
-            mapped: None,
+            // A gateway running miniupnpd maps the port; PCP answers
+            // first, the others are only asked. (Under a carrier NAT its
+            // external address is not public: nothing is announced.)
+            mapped: maps_port(side)
+                .then(|| format!("{ip}:3478").parse().ok())
+                .flatten()
+                .map(|addr| natpunch_proto::portmap::Mapped {
+                    addr,
+                    protocol: natpunch_proto::portmap::MapProtocol::Pcp,
+                }),
         }
     };
     let (a, b) = match t {
@@ -1140,6 +1169,14 @@ pub fn expected_connect(t: &TopologySpec) -> (Option<Strategy>, String) {
         }
     };
     let kind = classify(&a, &b);
+    if kind != PairKind::Lan {
+        if let Some(m) = a.mapped.or(b.mapped) {
+            return (
+                Some(Strategy::Portmap(m.protocol)),
+                "a gateway maps a port (miniupnpd): the other side sends straight to it".into(),
+            );
+        }
+    }
     let reason = match &kind {
         PairKind::Lan => "same NAT: LAN addresses reach each other".to_string(),
         PairKind::Cone => {

@@ -427,6 +427,8 @@ impl Lab {
                 ns: ns.to_string(),
                 lans: lans.iter().map(|l| l.to_string()).collect(),
                 inside: at.inside.clone(),
+                // 100.64.0.0/10: a carrier NAT's inside.
+                behind_nat: u32::from(at.public) & 0xffc0_0000 == 0x6440_0000,
             });
         }
         self.sysctl(ns, "net.ipv4.ip_forward=1")?;

@@ -115,6 +115,10 @@ pub(crate) struct UpnpPlan {
     pub ns: String,
     pub lans: Vec<String>,
     pub inside: Vec<String>,
+    /// Its WAN is a carrier NAT's inside (a double NAT): miniupnpd's STUN
+    /// test may find a restrictive NAT beyond it and refuse to map, as a
+    /// real one does there.
+    pub behind_nat: bool,
 }
 
 /// A running miniupnpd and its lease mirror.
@@ -125,6 +129,9 @@ pub struct UpnpGateway {
     pub dir: PathBuf,
     pub lease_file: PathBuf,
     pub log: PathBuf,
+    /// miniupnpd maps ports (its STUN test found no restrictive NAT
+    /// beyond it); `false` only behind a carrier NAT.
+    pub forwarding: bool,
     stop: Arc<AtomicBool>,
     watcher: Option<std::thread::JoinHandle<()>>,
 }
@@ -163,13 +170,16 @@ impl UpnpGateway {
             .stderr(errf);
         let mut child = cmd.spawn().map_err(|e| io("miniupnpd", e))?;
         let t = Instant::now();
-        loop {
+        let forwarding = loop {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let listening = text.contains("Listening for NAT-PMP/PCP traffic");
             if listening && text.contains("Port forwarding is now enabled") {
-                break;
+                break true;
             }
             let failed = listening && text.contains("Port forwarding is now disabled");
+            if failed && plan.behind_nat {
+                break false;
+            }
             let died = matches!(child.try_wait(), Ok(Some(_)));
             if failed || died || t.elapsed() > READY_TIMEOUT {
                 let _ = child.kill();
@@ -185,7 +195,7 @@ impl UpnpGateway {
                 });
             }
             std::thread::sleep(Duration::from_millis(20));
-        }
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let watcher = {
             let (ns, file, stop) = (plan.ns.clone(), lease_file.clone(), stop.clone());
@@ -198,6 +208,7 @@ impl UpnpGateway {
                 dir,
                 lease_file,
                 log,
+                forwarding,
                 stop,
                 watcher: Some(watcher),
             },

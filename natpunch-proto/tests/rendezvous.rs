@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use natpunch_proto::identity::Identity;
+use natpunch_proto::portmap::{MapProtocol, Mapped};
 use natpunch_proto::rendezvous::server::{Limits, COOKIE_LIFETIME, INCOMING_REPEAT, TARGET_LIMIT};
 use natpunch_proto::rendezvous::wire::{
     self, context, Cookie, DeclineReason, ErrorCode, Frame, NatSummary, Offer, PeerInfo, RegStatus,
@@ -736,4 +737,52 @@ fn registrations_name_their_relay_node_and_introductions_return_it() {
         1,
         "one channel: the first introduction's"
     );
+}
+
+/// A mapped port is passed on only on the address the request came from:
+/// a peer cannot point the other side's probes at somebody else.
+#[test]
+fn a_mapped_port_on_a_foreign_address_is_not_passed_on() {
+    let mut s = RendezvousServer::new([1; 32]);
+    let now = Instant::now();
+    let (a, b) = (Identity::from_seed([1; 32]), Identity::from_seed([2; 32]));
+    let register = |s: &mut RendezvousServer, mapped: &str| {
+        let c = cookie(s, now, &b, B);
+        let f = Frame::Register {
+            peer: b.peer_id(),
+            instance: 2,
+            cookie: c,
+            info: PeerInfo {
+                mapped: Some(Mapped {
+                    addr: addr(mapped),
+                    protocol: MapProtocol::Pcp,
+                }),
+                ..PeerInfo::default()
+            },
+            rtt_ms: None,
+            home: None,
+            sig: vec![],
+        };
+        ask(s, now, B, &signed(&b, f));
+    };
+    let peer_mapped = |r: &[(SocketAddr, Frame)]| {
+        r.iter().find_map(|(_, f)| match f {
+            Frame::Peer { info, .. } => Some(info.mapped),
+            _ => None,
+        })
+    };
+    let b_ip = addr(B).ip();
+    register(&mut s, &format!("{b_ip}:4444"));
+    let f = connect_frame(&mut s, now, &a, &b, 7, true);
+    let r = ask(&mut s, now, A, &f);
+    let got = peer_mapped(&r).expect("introduced");
+    assert_eq!(
+        got.map(|m| m.addr),
+        Some(SocketAddr::new(b_ip, 4444)),
+        "{r:?}"
+    );
+    register(&mut s, "192.0.2.99:53");
+    let f = connect_frame(&mut s, now, &a, &b, 8, true);
+    let r = ask(&mut s, now, A, &f);
+    assert_eq!(peer_mapped(&r), Some(None), "{r:?}");
 }

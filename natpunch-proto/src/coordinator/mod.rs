@@ -881,6 +881,19 @@ impl Host {
         }
         tracing::debug!(?mapped, "mapped port");
         self.mapped = mapped;
+        if self.announced().is_some() {
+            // Attempts that took a fresh socket probe from the main one
+            // now: the peer aims at its mapped port.
+            let mut fresh_sockets = Vec::new();
+            for a in self.attempts.values_mut() {
+                if a.sockets[0] != SocketId(0) {
+                    fresh_sockets.push(std::mem::replace(&mut a.sockets[0], SocketId(0)));
+                }
+            }
+            for id in fresh_sockets {
+                self.close_socket(id);
+            }
+        }
         self.facts_changed(now, None);
     }
 
@@ -2005,8 +2018,10 @@ impl Host {
             // the peer is certain to make a new mapping (the next port),
             // where the main socket may still hold one toward the peer
             // from an earlier session, which prediction would miss.
+            // With a mapped port the attempt stays on the main socket.
+            let mapped = self.announced().is_some();
             match (fresh, self.attempts.get_mut(&session)) {
-                (Some(_), Some(a)) => a.sockets[0] = id,
+                (Some(_), Some(a)) if !mapped => a.sockets[0] = id,
                 _ => self.close_socket(id),
             }
             self.fresh_done(now, session, fresh);

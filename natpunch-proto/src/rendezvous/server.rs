@@ -521,7 +521,7 @@ impl RendezvousServer {
                 Ok(age) => {
                     let rtt = round_trip(age, *rtt_ms);
                     let home = home.filter(|h| Some(*h) != self.relay.public());
-                    self.register(&r, *peer, *instance, info.clone(), rtt, home)
+                    self.register(&r, *peer, *instance, vetted(info, from), rtt, home)
                 }
                 Err(code) => self.error(&r, code, None),
             },
@@ -558,7 +558,7 @@ impl RendezvousServer {
                     rtt,
                     state: Some(PartyState {
                         offer: offer.clone(),
-                        info: info.clone(),
+                        info: vetted(info, from),
                         fresh: *fresh,
                     }),
                     seq: 0,
@@ -583,7 +583,7 @@ impl RendezvousServer {
                 self.relay.accept(*session);
                 let state = PartyState {
                     offer: offer.clone(),
-                    info: info.clone(),
+                    info: vetted(info, from),
                     fresh: *fresh,
                 };
                 self.new_state(&r, *session, SideOf::Target, 0, state);
@@ -616,7 +616,7 @@ impl RendezvousServer {
                 self.stats.updates += 1;
                 let state = PartyState {
                     offer,
-                    info: info.clone(),
+                    info: vetted(info, from),
                     fresh: *fresh,
                 };
                 self.new_state(&r, *session, side, *seq, state);
@@ -1159,6 +1159,18 @@ fn stagger(rtt_a: Duration, rtt_b: Duration) -> (u16, u16) {
         ms16(t.saturating_sub(half(rtt_a))),
         ms16(t.saturating_sub(half(rtt_b))),
     )
+}
+
+/// A peer's facts as passed on: a mapped port on another address than the
+/// one the request came from is dropped, so that nobody can point the
+/// other peer's probes at a third party.
+fn vetted(info: &PeerInfo, from: SocketAddr) -> PeerInfo {
+    let mut info = info.clone();
+    if info.mapped.is_some_and(|m| m.addr.ip() != from.ip()) {
+        tracing::debug!(%from, mapped = ?info.mapped, "mapped port on a foreign address dropped");
+        info.mapped = None;
+    }
+    info
 }
 
 #[cfg(test)]

@@ -83,6 +83,8 @@ pub enum PortmapError {
     NoGateway,
     #[error("the main socket's port is 0")]
     NoPort,
+    #[error("the socket is on a loopback address: no gateway maps it")]
+    Loopback,
     #[error("PCP: {0}")]
     Pcp(#[from] pcp::Failure),
     #[error("NAT-PMP: {0}")]
@@ -441,6 +443,10 @@ async fn within<T>(
 /// one owns, and miniupnpd then refuses the first one's deletion
 /// ("Unauthorized to remove PCP mapping"), so at most one maps.
 async fn race(local: SocketAddr, cfg: &PortmapConfig) -> Result<Lease, Vec<(MapProtocol, String)>> {
+    if local.ip().is_loopback() {
+        let why = PortmapError::Loopback.to_string();
+        return Err(cfg.protocols.iter().map(|p| (*p, why.clone())).collect());
+    }
     let gw = match gateway::default_gateway() {
         Ok(gw) => gw,
         Err(e) => {
