@@ -618,7 +618,7 @@ fn print_portmap(out: &Out, news: &PortmapNews) {
         ),
         PortmapNews::Unusable { protocol, why } => out.event(
             json!({"event": "portmap", "mapped": null, "protocol": protocol.as_str(),
-                "code": "behind-another-nat", "reason": why.to_string()}),
+                "code": why.code(), "reason": why.to_string()}),
             || format!("port mapping by {protocol} is of no use here: {why}"),
         ),
         PortmapNews::Unavailable { reasons } => {

@@ -145,7 +145,7 @@ fn listen_mapped(p: &Pair, key: &str, extra: &[&str], out: &std::path::Path) -> 
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(out).unwrap()),
     );
-    let ev = wait_event(&l, Duration::from_secs(15), |v| {
+    let ev = wait_event(&l, MAPPED_WITHIN, |v| {
         v["event"] == "portmap" && v["mapped"].is_string()
     });
     (l, ev["mapped"].as_str().unwrap_or_default().to_string())
@@ -160,6 +160,20 @@ fn send(
     out: &std::path::Path,
     extra: &[&str],
 ) -> serde_json::Value {
+    send_events(p, id, data, out, extra)
+        .into_iter()
+        .find(|e| e["event"] == "connected")
+        .expect("checked by send_events")
+}
+
+/// [`send`], with all of A's events.
+fn send_events(
+    p: &Pair,
+    id: &str,
+    data: &[u8],
+    out: &std::path::Path,
+    extra: &[&str],
+) -> Vec<serde_json::Value> {
     let input = p.dir.join(format!("in-{id}"));
     std::fs::write(&input, data).unwrap();
     let res = p
@@ -178,10 +192,12 @@ fn send(
         data.len()
     );
     assert!(std::fs::read(out).unwrap() == data, "the bytes differ");
-    json_lines(&res.stderr)
-        .into_iter()
-        .find(|e| e["event"] == "connected")
-        .unwrap_or_else(|| panic!("no connected event: {err}"))
+    let events = json_lines(&res.stderr);
+    assert!(
+        events.iter().any(|e| e["event"] == "connected"),
+        "no connected event: {err}"
+    );
+    events
 }
 
 fn port_of(addr: &str) -> u16 {
@@ -190,6 +206,21 @@ fn port_of(addr: &str) -> u16 {
         .and_then(|p| p.parse().ok())
         .unwrap_or(0)
 }
+
+/// A deleted mapping is gone from the gateway within this: the deletion
+/// is sent before the process exits, and `upnpc` takes a moment.
+const GONE_WITHIN: Duration = Duration::from_secs(5);
+
+/// How long a listener's mapping may take to be announced: PCP answers
+/// in milliseconds; the bound covers a loaded machine.
+const MAPPED_WITHIN: Duration = Duration::from_secs(15);
+
+/// Connects compared in the timing tests (medians).
+const RUNS: usize = 5;
+/// Slack in those comparisons: under a probe round (100 ms), which is
+/// what a missed chance costs, above the jitter of a loaded 2-core
+/// machine.
+const SLACK_MS: u64 = 60;
 
 /// Waits until B's gateway no longer holds a mapping of `port`.
 fn gone(p: &Pair, port: u16, within: Duration) -> bool {
@@ -239,7 +270,7 @@ fn each_protocol_alone_maps_a_port_that_carries_the_session_and_is_deleted_after
             "{protocol}: B did not exit after the session"
         );
         assert!(
-            gone(&p, port, Duration::from_secs(3)),
+            gone(&p, port, GONE_WITHIN),
             "{protocol}: the mapping outlived the listener"
         );
         eprintln!(
@@ -268,7 +299,7 @@ fn a_mapping_is_deleted_on_sigint_and_sigterm() {
         }
         let status = l.wait(Duration::from_secs(5)).expect("exits on the signal");
         assert!(
-            gone(&p, port, Duration::from_secs(1)),
+            gone(&p, port, GONE_WITHIN),
             "{name}: the mapping of {port} outlived the process (exit {status})"
         );
         eprintln!("{name}: exit {status}; mapping {mapped} deleted");
@@ -281,14 +312,14 @@ fn leases_are_renewed_at_half_life() {
         return;
     }
     let p = pair("port-restricted-cone", "symmetric-random:upnp=on", 0);
-    // Three listeners at once, a 4 s lease each: renewed every 2 s.
+    // Three listeners at once, a 6 s lease each: renewed every 3 s.
     let mut live = Vec::new();
     for protocol in ["pcp", "nat-pmp", "upnp"] {
         let out = p.dir.join(format!("out-{protocol}"));
         let (l, mapped) = listen_mapped(
             &p,
             &format!("b-{protocol}"),
-            &["--portmap", protocol, "--portmap-lease", "4"],
+            &["--portmap", protocol, "--portmap-lease", "6"],
             &out,
         );
         let port = port_of(&mapped);
@@ -300,7 +331,7 @@ fn leases_are_renewed_at_half_life() {
         live.push((protocol, l, mapped, port, first, out));
     }
     // Past the first leases' end.
-    std::thread::sleep(Duration::from_secs(6));
+    std::thread::sleep(Duration::from_secs(8));
     let data = test_bytes(64 << 10, 3);
     for (protocol, l, mapped, port, first, out) in &live {
         let now = p
@@ -309,7 +340,7 @@ fn leases_are_renewed_at_half_life() {
             .find(|l| l.external_port == *port)
             .unwrap_or_else(|| panic!("{protocol}: the lease of {port} expired"));
         assert!(
-            now.expires >= first.expires + 4,
+            now.expires >= first.expires + 3,
             "{protocol}: not renewed ({} then {})",
             first.expires,
             now.expires
@@ -317,21 +348,22 @@ fn leases_are_renewed_at_half_life() {
         let c = send(&p, &l.id, &data, out, &[]);
         assert_eq!(c["strategy"], "portmap", "{protocol}: {c}");
         eprintln!(
-            "{protocol}: lease of {mapped} ended at {} then {} (renewed); a session through it 6 s later",
+            "{protocol}: lease of {mapped} ended at {} then {} (renewed); a session through it 8 s later",
             first.expires, now.expires
         );
     }
 }
 
-/// Median of A's `elapsed_ms` over `n` connects to a fresh listener each.
+/// Median of A's `elapsed_ms` over `n` connects to a fresh listener each,
+/// and A's events of each.
 fn connect_times(
     p: &Pair,
     n: usize,
     b_extra: &[&str],
     a_extra: &[&str],
-) -> (u64, Vec<serde_json::Value>) {
+) -> (u64, Vec<Vec<serde_json::Value>>) {
     let mut times = Vec::new();
-    let mut events = Vec::new();
+    let mut runs = Vec::new();
     for i in 0..n {
         let out = p.dir.join(format!("t-{i}-{}", b_extra.len()));
         let l = start_listener(
@@ -341,16 +373,27 @@ fn connect_times(
                 .stdout(std::fs::File::create(&out).unwrap()),
         );
         if !b_extra.contains(&"--no-portmap") && p.lab.upnp(Node::NatB).is_some() {
-            wait_event(&l, Duration::from_secs(15), |v| {
+            wait_event(&l, MAPPED_WITHIN, |v| {
                 v["event"] == "portmap" && v["mapped"].is_string()
             });
         }
-        let c = send(p, &l.id, b"x", &out, a_extra);
-        times.push(c["elapsed_ms"].as_u64().unwrap_or(u64::MAX));
-        events.push(c);
+        let ev = send_events(p, &l.id, b"x", &out, a_extra);
+        let ms = ev
+            .iter()
+            .find(|e| e["event"] == "connected")
+            .and_then(|c| c["elapsed_ms"].as_u64())
+            .unwrap_or(u64::MAX);
+        times.push(ms);
+        runs.push(ev);
     }
     times.sort_unstable();
-    (times[times.len() / 2], events)
+    (times[times.len() / 2], runs)
+}
+
+fn connected_of(ev: &[serde_json::Value]) -> &serde_json::Value {
+    ev.iter()
+        .find(|e| e["event"] == "connected")
+        .expect("connected")
 }
 
 #[test]
@@ -360,19 +403,26 @@ fn a_random_symmetric_nat_with_miniupnpd_is_reached_in_one_round_trip_without_bi
     }
     // 10 ms each way on each access link: A↔B RTT 40 ms.
     let cone = pair("port-restricted-cone", "port-restricted-cone", 10);
-    let (cone_ms, _) = connect_times(&cone, 3, &[], &[]);
+    let (cone_ms, _) = connect_times(&cone, RUNS, &[], &[]);
     drop(cone);
     let p = pair("port-restricted-cone", "symmetric-random:upnp=on", 10);
-    let (ms, events) = connect_times(&p, 3, &[], &[]);
-    for c in &events {
+    let (ms, runs) = connect_times(&p, RUNS, &[], &[]);
+    for ev in &runs {
+        let c = connected_of(ev);
         assert_eq!(c["strategy"], "portmap", "{c}");
-        assert!(c["probes_sent"].as_u64().unwrap_or(99) <= 8, "{c}");
+        // The first rounds of the portmap and direct streams at most.
+        assert!(c["probes_sent"].as_u64().unwrap_or(99) <= 16, "{c}");
+        assert!(
+            !ev.iter()
+                .any(|e| e["event"] == "attempt" && e["strategy"] == "birthday"),
+            "birthday probing ran: {ev:?}"
+        );
     }
     eprintln!(
-        "port-restricted / symmetric-random with miniupnpd: connected by portmap in {ms} ms (median of 3); a port-restricted cone pair on the same links: {cone_ms} ms"
+        "port-restricted / symmetric-random with miniupnpd: connected by portmap in {ms} ms (median of {RUNS}); a port-restricted cone pair on the same links: {cone_ms} ms"
     );
     assert!(
-        ms <= cone_ms + 20,
+        ms <= cone_ms + SLACK_MS,
         "{ms} ms vs the cone pair's {cone_ms} ms"
     );
 }
@@ -397,7 +447,7 @@ fn two_symmetric_nats_connect_directly_when_one_gateway_maps() {
         // while its connect goes through the server (PCP answers across
         // the LAN, the server is farther).
         if p.lab.upnp(Node::NatB).is_some() {
-            wait_event(&l, Duration::from_secs(15), |v| {
+            wait_event(&l, MAPPED_WITHIN, |v| {
                 v["event"] == "portmap" && v["mapped"].is_string()
             });
         }
@@ -416,11 +466,15 @@ fn a_gateway_without_mapping_protocols_costs_the_connect_nothing() {
         return;
     }
     let p = pair("port-restricted-cone", "symmetric-sequential", 10);
-    let (off, _) = connect_times(&p, 3, &["--no-portmap"], &["--no-portmap"]);
-    let (on, events) = connect_times(&p, 3, &[], &[]);
-    for c in &events {
+    let (off, _) = connect_times(&p, RUNS, &["--no-portmap"], &["--no-portmap"]);
+    let (on, runs) = connect_times(&p, RUNS, &[], &[]);
+    for ev in &runs {
+        let c = connected_of(ev);
         assert_eq!(c["strategy"], "predict", "{c}");
     }
-    eprintln!("no mapping protocol on the gateway: connect in {on} ms with port mapping on, {off} ms with it off (medians of 3)");
-    assert!(on <= off + 15, "port mapping on: {on} ms, off: {off} ms");
+    eprintln!("no mapping protocol on the gateway: connect in {on} ms with port mapping on, {off} ms with it off (medians of {RUNS})");
+    assert!(
+        on <= off + SLACK_MS,
+        "port mapping on: {on} ms, off: {off} ms"
+    );
 }

@@ -93,10 +93,17 @@ pub fn ruleset(spec: &NatSpec, at: &NatPlacement) -> String {
         );
     }
     if spec.plain_masquerade {
+        if spec.upnp {
+            upnp_map(&mut s);
+        }
         let _ = writeln!(
             s,
-            "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n    oifname \"{wan}\" masquerade\n  }}\n}}"
+            "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;"
         );
+        if spec.upnp {
+            upnp_out(&mut s, wan, public);
+        }
+        let _ = writeln!(s, "    oifname \"{wan}\" masquerade\n  }}\n}}");
         return s;
     }
     let eim = spec.mapping == Behaviour::EndpointIndependent;
@@ -165,10 +172,7 @@ pub fn ruleset(spec: &NatSpec, at: &NatPlacement) -> String {
     };
 
     if spec.upnp {
-        let _ = writeln!(
-            s,
-            "  map {UPNP_OUT} {{\n    type inet_proto . ipv4_addr . inet_service : inet_service\n  }}"
-        );
+        upnp_map(&mut s);
     }
     // Source NAT: reuse a learned mapping, else allocate.
     let _ = writeln!(
@@ -176,10 +180,7 @@ pub fn ruleset(spec: &NatSpec, at: &NatPlacement) -> String {
         "  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;"
     );
     if spec.upnp {
-        // The gateway's own packets (miniupnpd's STUN test) keep their
-        // port; a mapped port leaves as itself.
-        let _ = writeln!(s, "    oifname \"{wan}\" ip saddr {public} accept");
-        let _ = writeln!(s, "    oifname \"{wan}\" {L4} snat ip to {public} : meta l4proto . ip saddr . th sport map @{UPNP_OUT}");
+        upnp_out(&mut s, wan, public);
     }
     let reuse_key = if eim {
         Some("meta l4proto . ip saddr . th sport map @eim")
@@ -252,11 +253,18 @@ pub fn ruleset(spec: &NatSpec, at: &NatPlacement) -> String {
     );
     s.push_str("    ct state established,related accept\n");
     if spec.upnp && !at.stun_servers.is_empty() {
+        // miniupnpd's STUN test: answers from the server's addresses and
+        // ports, changed on request (RFC 5780), to the gateway itself.
         let servers: Vec<String> = at.stun_servers.iter().map(|a| a.to_string()).collect();
+        let ports: Vec<String> = crate::topology::SERVER_PORTS
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
         let _ = writeln!(
             s,
-            "    iifname \"{wan}\" ip saddr {{ {} }} meta l4proto udp accept",
-            servers.join(", ")
+            "    iifname \"{wan}\" ip saddr {{ {} }} udp sport {{ {} }} accept",
+            servers.join(", "),
+            ports.join(", ")
         );
     }
     if !spec.hairpin {
@@ -280,6 +288,22 @@ pub fn ruleset(spec: &NatSpec, at: &NatPlacement) -> String {
     );
     s.push_str("  }\n}\n");
     s
+}
+
+/// The `upnp_out` map the lab fills from miniupnpd's leases.
+fn upnp_map(s: &mut String) {
+    let _ = writeln!(
+        s,
+        "  map {UPNP_OUT} {{\n    type inet_proto . ipv4_addr . inet_service : inet_service\n  }}"
+    );
+}
+
+/// First in postrouting with `upnp=on`: the gateway's own packets
+/// (miniupnpd's STUN test) keep their port, and a mapped port leaves as
+/// itself.
+fn upnp_out(s: &mut String, wan: &str, public: Ipv4Addr) {
+    let _ = writeln!(s, "    oifname \"{wan}\" ip saddr {public} accept");
+    let _ = writeln!(s, "    oifname \"{wan}\" {L4} snat ip to {public} : meta l4proto . ip saddr . th sport map @{UPNP_OUT}");
 }
 
 #[cfg(test)]
@@ -323,7 +347,18 @@ mod tests {
         for p in PRESETS {
             let r = ruleset(&NatSpec::preset(p).unwrap(), &at());
             assert_eq!(r.matches('{').count(), r.matches('}').count(), "{p}");
+            let u = ruleset(&NatSpec::parse(&format!("{p}:upnp=on")).unwrap(), &at());
+            assert_eq!(u.matches('{').count(), u.matches('}').count(), "{p}");
+            assert!(
+                u.contains("map upnp_out") && u.contains("map @upnp_out"),
+                "{p}: {u}"
+            );
+            assert!(u.contains("ip saddr 198.51.100.2 accept"), "{p}: {u}");
         }
+        let u = ruleset(&NatSpec::parse("symmetric-random:upnp=on").unwrap(), &at());
+        assert!(u.contains("ip saddr { 203.0.113.10 } udp sport { 3478, 3479 } accept"));
+        // The mapped port's SNAT comes before the random allocation.
+        assert!(u.find("@upnp_out").unwrap() < u.find("fully-random").unwrap());
     }
 
     #[test]

@@ -36,6 +36,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(12);
 /// The lease file is mirrored this often: a new mapping leaves by its own
 /// port within this time (a peer learns of the mapping later than that).
 const WATCH_EVERY: Duration = Duration::from_millis(50);
+/// After a failed mirror (the map missing, nft refusing), the next try:
+/// not twenty `nft` processes a second on a 2-core machine.
+const WATCH_BACKOFF: Duration = Duration::from_secs(1);
 /// The UPnP HTTP port (miniupnpd picks a random one unless told).
 pub const HTTP_PORT: u16 = 5000;
 
@@ -75,6 +78,9 @@ pub fn parse_leases(text: &str) -> Vec<Lease> {
 }
 
 /// miniupnpd's configuration for a NAT whose outside interface is `wan`.
+/// `min_lifetime=2`: PCP leases as short as the tests' renewal check asks
+/// for (miniupnpd's default floor is 120 s); `secure_mode`: a host maps
+/// only to itself, as home gateways do.
 pub fn config(lans: &[String], inside: &[String], stun: SocketAddr, lease_file: &Path) -> String {
     let mut s = String::from("ext_ifname=wan\n");
     for l in lans {
@@ -194,6 +200,7 @@ impl UpnpGateway {
                     ),
                 });
             }
+            // Its log grows within ~0.15 s of the start.
             std::thread::sleep(Duration::from_millis(20));
         };
         let stop = Arc::new(AtomicBool::new(false));
@@ -269,13 +276,17 @@ fn mirror(ns: &str, file: &Path, stop: &AtomicBool) {
                 ));
             }
         }
+        let mut pause = WATCH_EVERY;
         if !script.is_empty() {
             match crate::topology::nft_load(ns, &script) {
                 Ok(()) => applied = want,
-                Err(e) => tracing::warn!(error = %e, "cannot mirror miniupnpd's leases"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot mirror miniupnpd's leases");
+                    pause = WATCH_BACKOFF;
+                }
             }
         }
-        std::thread::sleep(WATCH_EVERY);
+        std::thread::sleep(pause);
     }
 }
 

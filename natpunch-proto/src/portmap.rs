@@ -80,6 +80,17 @@ pub enum Unusable {
     NoAddress,
 }
 
+impl Unusable {
+    /// A stable machine-readable name.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Unusable::BehindAnotherNat(_) => "behind-another-nat",
+            Unusable::NotOurExit { .. } => "not-our-exit",
+            Unusable::NoAddress => "no-external-address",
+        }
+    }
+}
+
 /// Whether `external` (what the gateway reports) can be announced, given
 /// the address the server observed us at, when known. Private (RFC 1918),
 /// shared (RFC 6598, carrier-grade NAT), loopback and link-local addresses
@@ -122,10 +133,10 @@ fn is_global(ip: IpAddr) -> bool {
     }
 }
 
-/// The shortest lease we renew on: below it, renewal traffic would be
-/// constant. (RFC 6887 §15 lets a server grant less than asked; miniupnpd
-/// grants PCP at least its `min_lifetime`, 120 s by default.)
-pub const MIN_RENEW_AFTER: Duration = Duration::from_secs(1);
+/// The shortest wait before a renewal: a gateway that grants a lifetime
+/// of a second or less (RFC 6887 §15 lets a server grant less than asked)
+/// is renewed twice a second, not in a busy loop.
+pub const MIN_RENEW_AFTER: Duration = Duration::from_millis(500);
 
 /// When to renew a lease of `lifetime` granted just now: at half of it
 /// (RFC 6886 §3.3 suggests renewing at half the lifetime; RFC 6887 §11.2.1

@@ -209,6 +209,7 @@ impl World {
             seed: 77 + i as u64,
             server_memo: spec.server_memo,
             relay: spec.relay,
+            portmap: spec.portmap.is_some(),
         });
         let facts_at = spec.facts_after.map(|after| self.now + after);
         let mut sockets = HashMap::new();

@@ -361,6 +361,7 @@ async fn drive(
         ttl: cfg.ttl,
         seed: rand::random(),
         relay: cfg.relay && !cfg.once,
+        portmap: cfg.portmap.is_some(),
         server_memo: cached
             .as_ref()
             .and_then(|c| c.server)
@@ -465,6 +466,11 @@ async fn drive(
                 Some(UserCommand::Dial { peer, addr, reply }) => d.dial(peer, addr, reply),
                 Some(UserCommand::Close { done }) => {
                     d.close().await;
+                    // The mapping is deleted before the caller hears we
+                    // are done (it may exit right after).
+                    if let Some(p) = portmapper.take() {
+                        p.shutdown().await;
+                    }
                     let _ = done.send(());
                     return Ok(());
                 }
@@ -682,13 +688,12 @@ impl Driver {
     fn on_portmap(&mut self, news: crate::portmap::PortmapNews) {
         use crate::portmap::PortmapNews;
         let now = Instant::now();
-        match &news {
-            PortmapNews::Mapped(m) => self.host.set_portmap(now, Some(*m)),
-            PortmapNews::Lost { .. } | PortmapNews::Unusable { .. } => {
-                self.host.set_portmap(now, None)
-            }
-            PortmapNews::Unavailable { .. } => {}
-        }
+        let mapped = match &news {
+            PortmapNews::Mapped(m) => Some(*m),
+            _ => None,
+        };
+        // Also after "none to be had": peers stop waiting for one.
+        self.host.set_portmap(now, mapped);
         self.emit(PeerEvent::Portmap { news });
     }
 

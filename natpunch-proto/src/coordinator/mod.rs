@@ -38,7 +38,7 @@ use crate::identity::{Ephemeral, Identity, PeerId};
 use crate::nat::discovery::Fact;
 use crate::portmap::{check_external, Mapped};
 use crate::punch::{make_offer, Path, Punch, PunchConfig, PunchEvent, Role, SideView, Strategy};
-use crate::rendezvous::wire::{Cookie, DeclineReason, ErrorCode, Offer, PartyState};
+use crate::rendezvous::wire::{Cookie, DeclineReason, ErrorCode, Offer, PartyState, Pending};
 use crate::rendezvous::{ClientEvent, NatSummary, PeerInfo, RendezvousClient};
 use crate::stun::message::{looks_like_stun, Message, TransactionId};
 use crate::stun::transaction::{Client as StunClient, Outcome, Timing};
@@ -153,6 +153,10 @@ pub struct HostConfig {
     /// Start sessions on the server's relay at once, and move them to a
     /// direct path when punching finds one (off for punch-only runs).
     pub relay: bool,
+    /// A port mapper runs beside us and reports with
+    /// [`Host::set_portmap`]; until it does, peers hear that a mapping
+    /// may be on its way.
+    pub portmap: bool,
 }
 
 /// The rendezvous server's address cookie and round trip, as an earlier
@@ -406,6 +410,8 @@ pub struct Host {
     /// The port our gateway maps to the main socket, as the driver's
     /// port mapper reports it.
     mapped: Option<Mapped>,
+    /// What peers were last told of it ([`Host::announced`]).
+    last_announced: Option<Mapped>,
     attempts: HashMap<u64, Attempt>,
     remotes: HashMap<RemoteKey, Remote>,
     /// Connects waiting for capacity.
@@ -443,8 +449,10 @@ impl std::fmt::Debug for Host {
 impl Host {
     /// A host; call [`Host::start`] to begin registering.
     pub fn new(cfg: HostConfig) -> Self {
+        let mut nat = NatSummary::measuring();
+        nat.pending.portmap = cfg.portmap;
         let info = PeerInfo {
-            nat: NatSummary::measuring(),
+            nat,
             candidates: vec![cfg.local],
             mapped: None,
         };
@@ -460,9 +468,10 @@ impl Host {
             rng: StdRng::seed_from_u64(cfg.seed),
             client,
             stun: StunClient::new(),
-            nat: NatSummary::measuring(),
+            nat,
             latest: None,
             mapped: None,
+            last_announced: None,
             attempts: HashMap::new(),
             remotes: HashMap::new(),
             queue: VecDeque::new(),
@@ -863,7 +872,10 @@ impl Host {
             Fact::Unreachable => {
                 // No STUN answers: nothing more will be measured; punch as
                 // if the NAT were a cone (the likelier case).
-                self.nat.pending = Default::default();
+                self.nat.pending = Pending {
+                    portmap: self.nat.pending.portmap,
+                    ..Default::default()
+                };
             }
         }
         if self.nat == before && fresh_now.is_none() {
@@ -874,11 +886,13 @@ impl Host {
     }
 
     /// The port our gateway maps to the main socket (`None`: no mapping,
-    /// or it was lost). Announced to the server and to every attempt.
+    /// none to be had, or it was lost). Announced to the server and to
+    /// every attempt.
     pub fn set_portmap(&mut self, now: Instant, mapped: Option<Mapped>) {
-        if self.mapped == mapped {
+        if self.mapped == mapped && !self.nat.pending.portmap {
             return;
         }
+        self.nat.pending.portmap = false;
         tracing::debug!(?mapped, "mapped port");
         self.mapped = mapped;
         if self.announced().is_some() {
@@ -901,6 +915,15 @@ impl Host {
     /// them.
     fn facts_changed(&mut self, now: Instant, fresh_now: Option<SocketAddr>) {
         let info = self.info();
+        if info.mapped != self.last_announced {
+            if let (Some(m), None) = (self.mapped, info.mapped) {
+                let observed = self.client.observed().map(|o| o.ip());
+                if let Err(why) = check_external(m.addr.ip(), observed) {
+                    tracing::info!(mapped = %m.addr, %why, "mapped port not announced");
+                }
+            }
+            self.last_announced = info.mapped;
+        }
         self.client.set_info(now, info.clone());
         let hard = self.me_hard();
         let sessions: Vec<u64> = self.attempts.keys().copied().collect();
@@ -1260,7 +1283,13 @@ impl Host {
         match ev {
             ClientEvent::Registered { observed } => {
                 self.refused = false;
-                self.events.push_back(HostEvent::Registered { observed })
+                self.events.push_back(HostEvent::Registered { observed });
+                // The observed address decides whether our mapped port is
+                // announced: tell the server and the attempts if that
+                // changed.
+                if self.mapped.is_some() && self.announced() != self.last_announced {
+                    self.facts_changed(now, None);
+                }
             }
             ClientEvent::ServerLost { server } => {
                 self.events.push_back(HostEvent::ServerLost { server })

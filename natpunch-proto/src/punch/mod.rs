@@ -96,10 +96,14 @@ pub mod defaults {
     /// the start: the mapped port answers in one peer-to-peer round trip
     /// (a probe, its ack and the confirm: 1.5 RTT, 300 ms at a 200 ms
     /// RTT) plus one lost round, and those techniques then never cost the
-    /// hundreds of probes and sockets they would. A pair with no direct
-    /// path is declared so only after it too, in case a mapping is on its
-    /// way.
+    /// hundreds of probes and sockets they would.
     pub const PORTMAP_GRACE: Duration = Duration::from_millis(500);
+    /// A pair with no direct path waits at most this long for a port
+    /// mapping either side is still asking for: PCP and NAT-PMP answer
+    /// across the LAN in milliseconds and their retries reach 1.75 s
+    /// (RFC 6886 §3.1: 250 + 500 + 1000 ms); a session is on the relay
+    /// meanwhile.
+    pub const PORTMAP_WAIT: Duration = Duration::from_secs(2);
 }
 
 /// Peer-reflexive paths probed back, and paths heard from, at most (bounds
@@ -538,7 +542,13 @@ impl Punch {
         mapped: Option<Mapped>,
     ) {
         self.peer.nat = nat;
-        self.peer.mapped = mapped;
+        if self.peer.mapped != mapped {
+            // A new (or lost) mapping: the stream to the old one stops,
+            // the plan starts one to the new.
+            self.peer.mapped = mapped;
+            self.streams.retain(|r| r.group != Group::Portmap);
+            self.started.retain(|g| *g != Group::Portmap);
+        }
         if fresh.is_some() {
             self.peer.fresh = fresh;
         }
@@ -572,11 +582,12 @@ impl Punch {
         self.kind = classify(&self.me, &self.peer);
         let mapped = self.peer.mapped.is_some() || self.me.mapped.is_some();
         if self.kind == PairKind::Impossible && !mapped {
-            // A port mapping still on its way (a peer's gateway answers
-            // after its connect went out) comes in an update: only past
-            // the grace is no direct path possible.
-            let until = self.start_at + defaults::PORTMAP_GRACE;
-            if now < until {
+            // A port mapping still being asked for (a gateway answers
+            // after the connect went out) comes in an update: until it
+            // does, or the wait is over, no direct path is declared.
+            let asking = self.me.nat.pending.portmap || self.peer.nat.pending.portmap;
+            let until = self.start_at + defaults::PORTMAP_WAIT;
+            if asking && now < until {
                 self.held = Some(until);
                 return;
             }
@@ -605,7 +616,9 @@ impl Punch {
             PairKind::Undecided => vec![Group::Direct],
             k => plan::groups(k, &self.me),
         };
-        if self.peer.mapped.is_some() {
+        // (Not behind one NAT: the LAN path is shorter than a hairpin
+        // through the gateway.)
+        if self.peer.mapped.is_some() && self.kind != PairKind::Lan {
             groups.insert(0, Group::Portmap);
         }
         for g in groups {

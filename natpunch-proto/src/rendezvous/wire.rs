@@ -53,16 +53,22 @@ pub struct Pending {
     pub filtering: bool,
     /// The limited TTL that opens our NAT(s).
     pub hops: bool,
+    /// Our gateway is still being asked for a port mapping: a pair with
+    /// no direct path otherwise waits for it (a short while).
+    pub portmap: bool,
 }
 
 impl Pending {
-    /// Nothing measured yet.
+    /// Nothing measured yet. (A port mapping is pending only where a port
+    /// mapper runs: [`crate::coordinator::HostConfig::portmap`].)
     pub const ALL: Pending = Pending {
         mapping: true,
         filtering: true,
         hops: true,
+        portmap: false,
     };
 
+    /// A NAT fact is still being measured (the port mapping is not one).
     pub fn any(&self) -> bool {
         self.mapping || self.filtering || self.hops
     }

@@ -42,10 +42,10 @@ pub mod defaults {
     use std::time::Duration;
     /// RFC 6886 §3.3's recommended lifetime (two hours); renewed at half.
     pub const LEASE: Duration = Duration::from_secs(7200);
-    /// Long enough for NAT-PMP's and PCP's first three tries (250, 500,
-    /// 1000 ms, RFC 6886 §3.1) and an SSDP answer (UPnP devices answer
-    /// within the M-SEARCH's MX of 1-2 s); it runs beside the connect and
-    /// delays nothing.
+    /// The longest retransmission timeout, and how long an SSDP search
+    /// waits (UPnP devices answer within the M-SEARCH's MX of 1-2 s); one
+    /// protocol's whole answer is bounded by twice this ([`bound`]). It
+    /// runs beside the connect and delays nothing.
     pub const TIMEOUT: Duration = Duration::from_secs(3);
     /// Deleting on exit waits at most this long for the gateway: exit
     /// must stay prompt when the gateway went away.
@@ -53,15 +53,34 @@ pub mod defaults {
     /// After a lost mapping (or none at all), the next try: gateways get
     /// rebooted and UPnP gets switched on.
     pub const RETRY: Duration = Duration::from_secs(60);
-    /// A failed renewal is tried again this often until the lease runs
-    /// out.
+    /// A failed renewal is tried again this often (or at half the time
+    /// left, when the lease is short) until the lease runs out.
     pub const RENEW_RETRY: Duration = Duration::from_secs(5);
+    /// A renewal may take this long: NAT-PMP's and PCP's four tries (at
+    /// most 3.75 s) or a UPnP SOAP round trip, with room.
+    pub const RENEW_BOUND: Duration = Duration::from_secs(8);
+    /// How long after the last expected answer a dead lease is let go:
+    /// nothing (the next renewal comes well before), only a name for the
+    /// sleep of a permanent UPnP lease.
+    pub const NEVER: Duration = Duration::from_secs(86_400);
     /// NAT-PMP's and PCP's first retransmission timeout (RFC 6886 §3.1:
     /// 250 ms, doubling).
     pub const FIRST_RTO: Duration = Duration::from_millis(250);
     /// Retransmissions after the first request (250+500+1000+2000 ms).
     pub const RETRIES: usize = 3;
 }
+
+/// One protocol's whole exchange may take twice the configured timeout:
+/// NAT-PMP's and PCP's tries (250 + 500 + 1000 + 2000 ms with the 3 s
+/// cap), or an SSDP search and then the HTTP request.
+fn bound(cfg: &PortmapConfig) -> Duration {
+    cfg.timeout * 2
+}
+
+/// How long [`Portmapper::shutdown`] waits at most: a race still under way
+/// finishing and its mapping deleted, each bounded by
+/// [`defaults::DELETE_TIMEOUT`], and a moment for the task to end.
+pub const SHUTDOWN_BOUND: Duration = Duration::from_millis(4_500);
 
 impl Default for PortmapConfig {
     fn default() -> Self {
@@ -85,6 +104,10 @@ pub enum PortmapError {
     NoPort,
     #[error("the socket is on a loopback address: no gateway maps it")]
     Loopback,
+    #[error("the socket is IPv6: NAT-PMP, PCP over IPv4 and UPnP IGD map IPv4 ports")]
+    NotIpv4,
+    #[error("the gateway granted a lifetime of 0 (no mapping)")]
+    ZeroLifetime,
     #[error("PCP: {0}")]
     Pcp(#[from] pcp::Failure),
     #[error("NAT-PMP: {0}")]
@@ -148,15 +171,14 @@ impl Portmapper {
         }
     }
 
-    /// Deletes the mapping (waiting at most [`defaults::DELETE_TIMEOUT`]
-    /// for the gateway) and stops.
+    /// Deletes the mapping (waiting at most [`SHUTDOWN_BOUND`] for the
+    /// gateway) and stops.
     pub async fn shutdown(mut self) {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
         if let Some(t) = self.task.take() {
-            let _ = tokio::time::timeout(defaults::DELETE_TIMEOUT + Duration::from_millis(500), t)
-                .await;
+            let _ = tokio::time::timeout(SHUTDOWN_BOUND, t).await;
         }
     }
 }
@@ -225,20 +247,33 @@ impl Lease {
         match self {
             Lease::Crab {
                 mapping,
-                protocol,
                 external_ip,
+                ..
             } => {
                 mapping.renew().await.map_err(|e| match e {
                     crab_nat::MappingFailure::NatPmp(f) => PortmapError::NatPmp(f),
                     crab_nat::MappingFailure::Pcp(f) => PortmapError::Pcp(f),
                 })?;
-                if let crab_nat::PortMappingType::Pcp {
-                    external_ip: ip, ..
-                } = mapping.mapping_type()
-                {
-                    *external_ip = ip;
+                if mapping.lifetime() == 0 {
+                    return Err(PortmapError::ZeroLifetime);
                 }
-                let _ = protocol;
+                match mapping.mapping_type() {
+                    crab_nat::PortMappingType::Pcp {
+                        external_ip: ip, ..
+                    } => {
+                        *external_ip = unmap(ip);
+                    }
+                    // NAT-PMP's answer has no address: ask again, the WAN
+                    // address may have changed.
+                    crab_nat::PortMappingType::NatPmp => {
+                        let ip = natpmp::external_address(
+                            mapping.gateway(),
+                            Some(mapping.timeout_config),
+                        )
+                        .await?;
+                        *external_ip = IpAddr::V4(ip);
+                    }
+                }
                 Ok(())
             }
             Lease::Upnp {
@@ -280,8 +315,9 @@ impl Lease {
 /// What the mapping is called on the gateway (`upnpc -l` shows it).
 const DESCRIPTION: &str = "natpunch";
 
+/// A lease in whole seconds, at least 1 (0 would ask for a deletion).
 fn lease_secs(d: Duration) -> u32 {
-    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX).max(1)
 }
 
 fn timeouts(cfg: &PortmapConfig) -> TimeoutConfig {
@@ -311,6 +347,9 @@ async fn map_pcp(
         options(port, cfg),
     )
     .await?;
+    if mapping.lifetime() == 0 {
+        return Err(PortmapError::ZeroLifetime);
+    }
     let external_ip = match mapping.mapping_type() {
         crab_nat::PortMappingType::Pcp { external_ip, .. } => external_ip,
         crab_nat::PortMappingType::NatPmp => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -349,6 +388,9 @@ async fn map_natpmp(
     let gateway = GatewayAddress::IpV4(gw);
     let mapping =
         natpmp::port_mapping(gateway, InternetProtocol::Udp, port, options(port, cfg)).await?;
+    if mapping.lifetime() == 0 {
+        return Err(PortmapError::ZeroLifetime);
+    }
     Ok(Lease::Crab {
         mapping,
         protocol: MapProtocol::NatPmp,
@@ -436,74 +478,101 @@ async fn within<T>(
 
 /// Asks all at once, maps with one. PCP's only question is a MAP
 /// request, so PCP maps at once; NAT-PMP (its external-address query) and
-/// UPnP (SSDP search, external-address query) are only asked, in
-/// parallel. The mapping is PCP's if it works, else that of the first of
-/// the others to have answered (NAT-PMP, then UPnP). Mapping one port by
-/// two protocols on one gateway would make a single entry that the second
-/// one owns, and miniupnpd then refuses the first one's deletion
-/// ("Unauthorized to remove PCP mapping"), so at most one maps.
+/// UPnP (SSDP search) are only asked, in parallel. The mapping is PCP's as
+/// soon as that works; once PCP has failed, NAT-PMP's as soon as it
+/// answered; once both have failed, UPnP's. Nothing waits for a slower
+/// protocol that would not be used. Mapping one port by two protocols on
+/// one gateway would make a single entry that the second one owns, and
+/// miniupnpd then refuses the first one's deletion ("Unauthorized to
+/// remove PCP mapping"), so at most one maps.
 async fn race(local: SocketAddr, cfg: &PortmapConfig) -> Result<Lease, Vec<(MapProtocol, String)>> {
+    let refuse = |e: PortmapError| {
+        let why = e.to_string();
+        Err(cfg.protocols.iter().map(|p| (*p, why.clone())).collect())
+    };
     if local.ip().is_loopback() {
-        let why = PortmapError::Loopback.to_string();
-        return Err(cfg.protocols.iter().map(|p| (*p, why.clone())).collect());
+        return refuse(PortmapError::Loopback);
+    }
+    if !local.is_ipv4() {
+        return refuse(PortmapError::NotIpv4);
     }
     let gw = match gateway::default_gateway() {
         Ok(gw) => gw,
-        Err(e) => {
-            return Err(cfg.protocols.iter().map(|p| (*p, e.to_string())).collect());
-        }
+        Err(e) => return refuse(e),
     };
     let Some(port) = NonZeroU16::new(local.port()) else {
-        return Err(vec![(MapProtocol::Pcp, PortmapError::NoPort.to_string())]);
+        return refuse(PortmapError::NoPort);
     };
-    let bound = cfg.timeout * 2;
+    let limit = bound(cfg);
     let wants = |p| cfg.protocols.contains(&p);
-    let pcp = async {
-        if !wants(MapProtocol::Pcp) {
-            return None;
-        }
-        Some(within(bound, map_pcp(gw, local, port, cfg)).await)
-    };
-    let natpmp = async {
-        if !wants(MapProtocol::NatPmp) {
-            return None;
-        }
-        let ask = natpmp::external_address(GatewayAddress::IpV4(gw), Some(timeouts(cfg)));
-        Some(within(bound, async { Ok(ask.await?) }).await)
-    };
-    let upnp = async {
-        if !wants(MapProtocol::Upnp) {
-            return None;
-        }
-        Some(within(bound, find_igd(local, cfg)).await)
-    };
-    let (pcp, natpmp, upnp) = tokio::join!(pcp, natpmp, upnp);
+    let skipped = || Err(PortmapError::Timeout(Duration::ZERO));
+    let mut pcp_f = std::pin::pin!(within(limit, map_pcp(gw, local, port, cfg)));
+    let mut natpmp_f = std::pin::pin!(within(limit, async {
+        Ok(natpmp::external_address(GatewayAddress::IpV4(gw), Some(timeouts(cfg))).await?)
+    }));
+    let mut upnp_f = std::pin::pin!(within(limit, find_igd(local, cfg)));
+    // None: still asking; a protocol not wanted counts as failed at once.
+    let mut pcp = (!wants(MapProtocol::Pcp)).then(skipped);
+    let mut nat = (!wants(MapProtocol::NatPmp)).then(skipped);
+    let mut upnp = (!wants(MapProtocol::Upnp)).then(skipped);
     let mut reasons = Vec::new();
-    match pcp {
-        Some(Ok(lease)) => return Ok(lease),
-        Some(Err(e)) => reasons.push((MapProtocol::Pcp, e.to_string())),
-        None => {}
+    let note = |p: MapProtocol, e: PortmapError, reasons: &mut Vec<(MapProtocol, String)>| {
+        if wants(p) {
+            tracing::debug!(protocol = %p, error = %e, "no mapping");
+            reasons.push((p, e.to_string()));
+        }
+    };
+    loop {
+        // Decide as far as the answers so far allow, in preference order.
+        match pcp.take() {
+            Some(Ok(lease)) => return Ok(lease),
+            Some(Err(e)) => {
+                note(MapProtocol::Pcp, e, &mut reasons);
+                pcp = Some(skipped());
+            }
+            None => {}
+        }
+        let pcp_failed = pcp.is_some();
+        if pcp_failed {
+            match nat.take() {
+                Some(Ok(external)) => match map_natpmp(gw, port, external, cfg).await {
+                    Ok(lease) => return Ok(lease),
+                    Err(e) => {
+                        note(MapProtocol::NatPmp, e, &mut reasons);
+                        nat = Some(skipped());
+                    }
+                },
+                Some(Err(e)) => {
+                    note(MapProtocol::NatPmp, e, &mut reasons);
+                    nat = Some(skipped());
+                }
+                None => {}
+            }
+        }
+        if pcp_failed && nat.is_some() {
+            match upnp.take() {
+                Some(Ok(igd)) => {
+                    return match map_upnp(igd, local, cfg).await {
+                        Ok(lease) => Ok(lease),
+                        Err(e) => {
+                            note(MapProtocol::Upnp, e, &mut reasons);
+                            Err(reasons)
+                        }
+                    };
+                }
+                Some(Err(e)) => {
+                    note(MapProtocol::Upnp, e, &mut reasons);
+                    return Err(reasons);
+                }
+                None => {}
+            }
+        }
+        tokio::select! {
+            r = &mut pcp_f, if pcp.is_none() => pcp = Some(r),
+            r = &mut natpmp_f, if nat.is_none() => nat = Some(r),
+            r = &mut upnp_f, if upnp.is_none() => upnp = Some(r),
+        }
     }
-    match natpmp {
-        Some(Ok(external)) => match map_natpmp(gw, port, external, cfg).await {
-            Ok(lease) => return Ok(lease),
-            Err(e) => reasons.push((MapProtocol::NatPmp, e.to_string())),
-        },
-        Some(Err(e)) => reasons.push((MapProtocol::NatPmp, e.to_string())),
-        None => {}
-    }
-    match upnp {
-        Some(Ok(igd)) => match map_upnp(igd, local, cfg).await {
-            Ok(lease) => return Ok(lease),
-            Err(e) => reasons.push((MapProtocol::Upnp, e.to_string())),
-        },
-        Some(Err(e)) => reasons.push((MapProtocol::Upnp, e.to_string())),
-        None => {}
-    }
-    for (p, why) in &reasons {
-        tracing::debug!(protocol = %p, %why, "no mapping");
-    }
-    Err(reasons)
 }
 
 /// The port mapper's life: map, announce, renew, and delete on stop.
@@ -514,9 +583,17 @@ async fn keep(
     mut stop: oneshot::Receiver<()>,
 ) {
     loop {
+        let mut racing = std::pin::pin!(race(local, &cfg));
         let lease = tokio::select! {
-            r = race(local, &cfg) => r,
-            _ = &mut stop => return,
+            r = &mut racing => r,
+            _ = &mut stop => {
+                // A mapping the gateway may be granting right now is
+                // deleted, not left to live out its lease.
+                if let Ok(Ok(lease)) = tokio::time::timeout(defaults::DELETE_TIMEOUT, racing).await {
+                    let _ = tokio::time::timeout(defaults::DELETE_TIMEOUT, lease.delete()).await;
+                }
+                return;
+            }
         };
         let lease = match lease {
             Ok(lease) => lease,
@@ -535,9 +612,12 @@ async fn keep(
                 why,
             });
             let _ = tokio::time::timeout(defaults::DELETE_TIMEOUT, lease.delete()).await;
-            // A double NAT stays one: no point asking again soon.
-            let _ = stop.await;
-            return;
+            // Gateways get their WAN address later, and double NATs get
+            // taken apart: ask again now and then.
+            tokio::select! {
+                _ = tokio::time::sleep(defaults::RETRY) => continue,
+                _ = &mut stop => return,
+            }
         }
         let _ = news.send(PortmapNews::Mapped(mapped));
         match hold(lease, &news, &mut stop).await {
@@ -557,33 +637,46 @@ enum Held {
     Lost,
 }
 
-/// Renews `lease` at half-life until stopped (then deletes it) or lost.
+async fn delete_on_stop(lease: Lease) -> Held {
+    let mapped = lease.mapped();
+    match tokio::time::timeout(defaults::DELETE_TIMEOUT, lease.delete()).await {
+        Ok(Ok(())) => tracing::debug!(?mapped, "mapping deleted"),
+        Ok(Err(e)) => tracing::warn!(?mapped, error = %e, "could not delete the port mapping"),
+        Err(_) => tracing::warn!(?mapped, "the gateway did not answer the deletion"),
+    }
+    Held::Stopped
+}
+
+/// Renews `lease` at half-life until stopped (then deletes it, even in the
+/// middle of a renewal) or lost.
 async fn hold(
     mut lease: Lease,
     news: &mpsc::UnboundedSender<PortmapNews>,
     stop: &mut oneshot::Receiver<()>,
 ) -> Held {
-    let mut expires = tokio::time::Instant::now() + lease.lifetime();
-    let mut next = renew_after(lease.lifetime()).map(|d| tokio::time::Instant::now() + d);
+    let start = tokio::time::Instant::now();
+    let mut expires = start + lease.lifetime();
+    let mut next = renew_after(lease.lifetime()).map(|d| start + d);
     loop {
-        let wake =
-            next.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86_400));
+        let wake = next.unwrap_or_else(|| tokio::time::Instant::now() + defaults::NEVER);
         tokio::select! {
-            _ = &mut *stop => {
-                let mapped = lease.mapped();
-                match tokio::time::timeout(defaults::DELETE_TIMEOUT, lease.delete()).await {
-                    Ok(Ok(())) => tracing::debug!(?mapped, "mapping deleted"),
-                    Ok(Err(e)) => tracing::warn!(?mapped, error = %e, "could not delete the port mapping"),
-                    Err(_) => tracing::warn!(?mapped, "the gateway did not answer the deletion"),
-                }
-                return Held::Stopped;
-            }
+            _ = &mut *stop => return delete_on_stop(lease).await,
             _ = tokio::time::sleep_until(wake) => {}
         }
+        if next.is_none() {
+            continue;
+        }
         let before = lease.mapped();
-        match lease.renew().await {
+        let renewed = tokio::select! {
+            r = within(defaults::RENEW_BOUND, lease.renew()) => Some(r),
+            _ = &mut *stop => None,
+        };
+        let Some(renewed) = renewed else {
+            return delete_on_stop(lease).await;
+        };
+        let now = tokio::time::Instant::now();
+        match renewed {
             Ok(()) => {
-                let now = tokio::time::Instant::now();
                 expires = now + lease.lifetime();
                 next = renew_after(lease.lifetime()).map(|d| now + d);
                 tracing::debug!(mapped = ?lease.mapped(), lifetime = ?lease.lifetime(), "mapping renewed");
@@ -592,16 +685,17 @@ async fn hold(
                 }
             }
             Err(e) => {
-                let now = tokio::time::Instant::now();
-                if lease.lifetime().is_zero() || now + defaults::RENEW_RETRY >= expires {
+                let left = expires.saturating_duration_since(now);
+                let retry = defaults::RENEW_RETRY.min(left / 2);
+                if retry.is_zero() {
                     let _ = news.send(PortmapNews::Lost {
                         protocol: before.protocol,
                         reason: e.to_string(),
                     });
                     return Held::Lost;
                 }
-                tracing::debug!(error = %e, "renewal failed; trying again");
-                next = Some(now + defaults::RENEW_RETRY);
+                tracing::debug!(error = %e, ?retry, "renewal failed; trying again");
+                next = Some(now + retry);
             }
         }
     }
@@ -632,7 +726,7 @@ pub async fn probe(local: SocketAddr, cfg: &PortmapConfig) -> Vec<ProtocolReport
                 .collect();
         }
     };
-    let bound = cfg.timeout * 2;
+    let bound = bound(cfg);
     let limit = |r: Result<Result<IpAddr, PortmapError>, _>| match r {
         Ok(Ok(ip)) => Ok(ip),
         Ok(Err(e)) => Err(e.to_string()),
@@ -640,6 +734,8 @@ pub async fn probe(local: SocketAddr, cfg: &PortmapConfig) -> Vec<ProtocolReport
     };
     let pcp = async {
         let port = NonZeroU16::new(local.port()).ok_or(PortmapError::NoPort)?;
+        // Short, and deleted at once (120 s is miniupnpd's shortest PCP
+        // lifetime by default).
         let short = PortmapConfig {
             lease: Duration::from_secs(120),
             ..cfg.clone()

@@ -365,7 +365,8 @@ impl Endpoint {
     }
 
     /// Leaves cleanly: a listener unregisters, so the server stops
-    /// introducing others to it at once. Live sessions go on.
+    /// introducing others to it at once, and the gateway's port mapping is
+    /// deleted. Live sessions go on.
     pub async fn close(&self) {
         let (done, rx) = oneshot::channel();
         if self
@@ -374,7 +375,9 @@ impl Endpoint {
             .await
             .is_ok()
         {
-            let _ = tokio::time::timeout(CLOSE_LINGER, rx).await;
+            // Unregistering, then deleting the port mapping (bounded).
+            let bound = CLOSE_LINGER + crate::portmap::SHUTDOWN_BOUND;
+            let _ = tokio::time::timeout(bound, rx).await;
         }
     }
 
