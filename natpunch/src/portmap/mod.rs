@@ -108,6 +108,8 @@ pub enum PortmapError {
     NotIpv4,
     #[error("the gateway granted a lifetime of 0 (no mapping)")]
     ZeroLifetime,
+    #[error("not asked")]
+    NotAsked,
     #[error("PCP: {0}")]
     Pcp(#[from] pcp::Failure),
     #[error("NAT-PMP: {0}")]
@@ -505,7 +507,9 @@ async fn race(local: SocketAddr, cfg: &PortmapConfig) -> Result<Lease, Vec<(MapP
     };
     let limit = bound(cfg);
     let wants = |p| cfg.protocols.contains(&p);
-    let skipped = || Err(PortmapError::Timeout(Duration::ZERO));
+    fn skipped<T>() -> Result<T, PortmapError> {
+        Err(PortmapError::NotAsked)
+    }
     let mut pcp_f = std::pin::pin!(within(limit, map_pcp(gw, local, port, cfg)));
     let mut natpmp_f = std::pin::pin!(within(limit, async {
         Ok(natpmp::external_address(GatewayAddress::IpV4(gw), Some(timeouts(cfg))).await?)
@@ -517,7 +521,8 @@ async fn race(local: SocketAddr, cfg: &PortmapConfig) -> Result<Lease, Vec<(MapP
     let mut upnp = (!wants(MapProtocol::Upnp)).then(skipped);
     let mut reasons = Vec::new();
     let note = |p: MapProtocol, e: PortmapError, reasons: &mut Vec<(MapProtocol, String)>| {
-        if wants(p) {
+        // A failure is noted once; it then stands as "not asked".
+        if wants(p) && !matches!(e, PortmapError::NotAsked) {
             tracing::debug!(protocol = %p, error = %e, "no mapping");
             reasons.push((p, e.to_string()));
         }
@@ -535,13 +540,15 @@ async fn race(local: SocketAddr, cfg: &PortmapConfig) -> Result<Lease, Vec<(MapP
         let pcp_failed = pcp.is_some();
         if pcp_failed {
             match nat.take() {
-                Some(Ok(external)) => match map_natpmp(gw, port, external, cfg).await {
-                    Ok(lease) => return Ok(lease),
-                    Err(e) => {
-                        note(MapProtocol::NatPmp, e, &mut reasons);
-                        nat = Some(skipped());
+                Some(Ok(external)) => {
+                    match within(limit, map_natpmp(gw, port, external, cfg)).await {
+                        Ok(lease) => return Ok(lease),
+                        Err(e) => {
+                            note(MapProtocol::NatPmp, e, &mut reasons);
+                            nat = Some(skipped());
+                        }
                     }
-                },
+                }
                 Some(Err(e)) => {
                     note(MapProtocol::NatPmp, e, &mut reasons);
                     nat = Some(skipped());
@@ -552,7 +559,7 @@ async fn race(local: SocketAddr, cfg: &PortmapConfig) -> Result<Lease, Vec<(MapP
         if pcp_failed && nat.is_some() {
             match upnp.take() {
                 Some(Ok(igd)) => {
-                    return match map_upnp(igd, local, cfg).await {
+                    return match within(limit, map_upnp(igd, local, cfg)).await {
                         Ok(lease) => Ok(lease),
                         Err(e) => {
                             note(MapProtocol::Upnp, e, &mut reasons);
@@ -571,6 +578,8 @@ async fn race(local: SocketAddr, cfg: &PortmapConfig) -> Result<Lease, Vec<(MapP
             r = &mut pcp_f, if pcp.is_none() => pcp = Some(r),
             r = &mut natpmp_f, if nat.is_none() => nat = Some(r),
             r = &mut upnp_f, if upnp.is_none() => upnp = Some(r),
+            // (Every answer in: decided above; never reached.)
+            else => return Err(reasons),
         }
     }
 }
