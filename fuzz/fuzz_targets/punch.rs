@@ -37,6 +37,7 @@ fuzz_target!(|data: &[u8]| {
         seed: 1,
         server_memo: None,
         relay: true,
+        portmap: false,
     });
     host.handle_datagram(now, SocketId(0), "198.51.100.9:777".parse().unwrap(), data);
     host.handle_datagram(now, SocketId(3), "198.51.100.9:777".parse().unwrap(), data);

@@ -50,6 +50,7 @@ fuzz_target!(|data: &[u8]| {
         seed: 1,
         server_memo: None,
         relay: true,
+        portmap: false,
     });
     host.start(now);
     host.handle_datagram(now, SocketId(0), local, data);
