@@ -2047,10 +2047,16 @@ impl Host {
             // the peer is certain to make a new mapping (the next port),
             // where the main socket may still hold one toward the peer
             // from an earlier session, which prediction would miss.
-            // With a mapped port the attempt stays on the main socket.
+            // With a mapped port (ours, or the peer's: its stream may be
+            // under way from the main socket already) the attempt stays
+            // on the main socket.
             let mapped = self.announced().is_some();
             match (fresh, self.attempts.get_mut(&session)) {
-                (Some(_), Some(a)) if !mapped => a.sockets[0] = id,
+                (Some(_), Some(a))
+                    if !mapped && !a.punch.as_ref().is_some_and(|p| p.peer_mapped()) =>
+                {
+                    a.sockets[0] = id
+                }
                 _ => self.close_socket(id),
             }
             self.fresh_done(now, session, fresh);

@@ -472,6 +472,11 @@ impl Punch {
         self.role
     }
 
+    /// The peer announced a mapped port.
+    pub fn peer_mapped(&self) -> bool {
+        self.peer.mapped.is_some()
+    }
+
     /// Sockets the caller must provide (socket 0 is the main one).
     pub fn sockets_needed(&self) -> usize {
         1 + self
