@@ -75,7 +75,8 @@ pub struct CommonArgs {
     /// follow the measured round trip).
     #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..=5000))]
     pub rto_ms: u64,
-    /// Port mapping protocols to ask the gateway for a port with, raced
+    /// Port mapping protocols to ask the gateway with, all at once; PCP's
+    /// mapping is used if it works, else NAT-PMP's, else UPnP's
     /// (comma-separated: pcp, nat-pmp, upnp; or none).
     #[arg(long, value_name = "LIST", default_value = "pcp,nat-pmp,upnp", value_parser = parse_portmap)]
     pub portmap: Protocols,

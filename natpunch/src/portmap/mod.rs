@@ -17,6 +17,7 @@ pub mod gateway;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU16;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crab_nat::{natpmp, pcp, GatewayAddress, InternetProtocol, PortMappingOptions, TimeoutConfig};
@@ -487,7 +488,34 @@ async fn within<T>(
 /// one gateway would make a single entry that the second one owns, and
 /// miniupnpd then refuses the first one's deletion ("Unauthorized to
 /// remove PCP mapping"), so at most one maps.
-async fn race(local: SocketAddr, cfg: &PortmapConfig) -> Result<Lease, Vec<(MapProtocol, String)>> {
+/// Counts the mapping requests in flight (a search or an address query
+/// makes nothing that would need deleting).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// `f`, counted in `n` while it runs.
+async fn counted<T>(n: &AtomicUsize, f: impl std::future::Future<Output = T>) -> T {
+    let _guard = InFlight::new(n);
+    f.await
+}
+
+async fn race(
+    local: SocketAddr,
+    cfg: &PortmapConfig,
+    mapping: &AtomicUsize,
+) -> Result<Lease, Vec<(MapProtocol, String)>> {
     let refuse = |e: PortmapError| {
         let why = e.to_string();
         Err(cfg.protocols.iter().map(|p| (*p, why.clone())).collect())
@@ -510,7 +538,10 @@ async fn race(local: SocketAddr, cfg: &PortmapConfig) -> Result<Lease, Vec<(MapP
     fn skipped<T>() -> Result<T, PortmapError> {
         Err(PortmapError::NotAsked)
     }
-    let mut pcp_f = std::pin::pin!(within(limit, map_pcp(gw, local, port, cfg)));
+    let mut pcp_f = std::pin::pin!(counted(
+        mapping,
+        within(limit, map_pcp(gw, local, port, cfg))
+    ));
     let mut natpmp_f = std::pin::pin!(within(limit, async {
         Ok(natpmp::external_address(GatewayAddress::IpV4(gw), Some(timeouts(cfg))).await?)
     }));
@@ -541,7 +572,8 @@ async fn race(local: SocketAddr, cfg: &PortmapConfig) -> Result<Lease, Vec<(MapP
         if pcp_failed {
             match nat.take() {
                 Some(Ok(external)) => {
-                    match within(limit, map_natpmp(gw, port, external, cfg)).await {
+                    match counted(mapping, within(limit, map_natpmp(gw, port, external, cfg))).await
+                    {
                         Ok(lease) => return Ok(lease),
                         Err(e) => {
                             note(MapProtocol::NatPmp, e, &mut reasons);
@@ -559,7 +591,7 @@ async fn race(local: SocketAddr, cfg: &PortmapConfig) -> Result<Lease, Vec<(MapP
         if pcp_failed && nat.is_some() {
             match upnp.take() {
                 Some(Ok(igd)) => {
-                    return match within(limit, map_upnp(igd, local, cfg)).await {
+                    return match counted(mapping, within(limit, map_upnp(igd, local, cfg))).await {
                         Ok(lease) => Ok(lease),
                         Err(e) => {
                             note(MapProtocol::Upnp, e, &mut reasons);
@@ -592,12 +624,18 @@ async fn keep(
     mut stop: oneshot::Receiver<()>,
 ) {
     loop {
-        let mut racing = std::pin::pin!(race(local, &cfg));
+        let mapping = AtomicUsize::new(0);
+        let mut racing = std::pin::pin!(race(local, &cfg, &mapping));
         let lease = tokio::select! {
             r = &mut racing => r,
             _ = &mut stop => {
                 // A mapping the gateway may be granting right now is
-                // deleted, not left to live out its lease.
+                // deleted, not left to live out its lease. Only a search
+                // or a query under way: nothing to wait for (a short
+                // session on a network without UPnP exits at once).
+                if mapping.load(Ordering::Relaxed) == 0 {
+                    return;
+                }
                 if let Ok(Ok(lease)) = tokio::time::timeout(defaults::DELETE_TIMEOUT, racing).await {
                     let _ = tokio::time::timeout(defaults::DELETE_TIMEOUT, lease.delete()).await;
                 }
@@ -736,11 +774,6 @@ pub async fn probe(local: SocketAddr, cfg: &PortmapConfig) -> Vec<ProtocolReport
         }
     };
     let bound = bound(cfg);
-    let limit = |r: Result<Result<IpAddr, PortmapError>, _>| match r {
-        Ok(Ok(ip)) => Ok(ip),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(PortmapError::Timeout(bound).to_string()),
-    };
     let pcp = async {
         let port = NonZeroU16::new(local.port()).ok_or(PortmapError::NoPort)?;
         // Short, and deleted at once (120 s is miniupnpd's shortest PCP
@@ -764,22 +797,19 @@ pub async fn probe(local: SocketAddr, cfg: &PortmapConfig) -> Vec<ProtocolReport
         Ok::<_, PortmapError>(gateway.get_external_ip().await?)
     };
     let (pcp, natpmp, upnp) = tokio::join!(
-        tokio::time::timeout(bound, pcp),
-        tokio::time::timeout(bound, natpmp),
-        tokio::time::timeout(bound, upnp)
+        within(bound, pcp),
+        within(bound, natpmp),
+        within(bound, upnp)
     );
-    vec![
-        ProtocolReport {
-            protocol: MapProtocol::Pcp,
-            external: limit(pcp),
-        },
-        ProtocolReport {
-            protocol: MapProtocol::NatPmp,
-            external: limit(natpmp),
-        },
-        ProtocolReport {
-            protocol: MapProtocol::Upnp,
-            external: limit(upnp),
-        },
+    [
+        (MapProtocol::Pcp, pcp),
+        (MapProtocol::NatPmp, natpmp),
+        (MapProtocol::Upnp, upnp),
     ]
+    .into_iter()
+    .map(|(protocol, r)| ProtocolReport {
+        protocol,
+        external: r.map_err(|e| e.to_string()),
+    })
+    .collect()
 }
