@@ -865,7 +865,12 @@ impl Punch {
                 }
             }
             Kind::Confirm => {
-                if self.role == Role::Responder && self.state == State::Punching {
+                // Also before our own start: we ack in any state, so the
+                // initiator may nominate (and, punch-only, exit after its
+                // confirms) before our coordinated start comes.
+                if self.role == Role::Responder
+                    && matches!(self.state, State::Punching | State::Waiting)
+                {
                     self.connect(now, path, f.strategy);
                 }
             }
