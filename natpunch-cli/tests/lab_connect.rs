@@ -241,6 +241,15 @@ fn ten_cold_connects_through_ten_percent_loss_all_go_direct() {
     eprintln!("10 % loss: 10/10 direct; from process start: median {} ms, worst {} ms (the benchmark reports them against the floor)", times[5], times[9]);
 }
 
+/// Whether a listener's event puts its session on a direct path.
+fn is_direct(e: &serde_json::Value) -> bool {
+    match e["event"].as_str() {
+        Some("session") => e["path"] == "direct",
+        Some("path-changed") => e["to"]["path"] == "direct",
+        _ => false,
+    }
+}
+
 /// The listener behind a random symmetric NAT won its first punch on one
 /// of its birthday sockets; both NATs then forget every mapping and the
 /// re-punch wins on another socket. The session moves there and every
@@ -277,6 +286,17 @@ fn a_session_moves_to_the_socket_a_re_punch_won() {
         wait_for_len(&out, first.len() as u64, Duration::from_secs(30)),
         "the first half never arrived"
     );
+    // The relay may carry the first half before the birthday punch wins:
+    // the NATs are flushed only once B's session runs on a direct path.
+    let mut b_events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !b_events.iter().any(is_direct) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match l.events.recv_timeout(left) {
+            Ok(e) => b_events.push(e),
+            Err(_) => panic!("B never went direct: {b_events:?}"),
+        }
+    }
     p.lab.flush_nat(Node::NatA).unwrap();
     p.lab.flush_nat(Node::NatB).unwrap();
     stdin.write_all(&second).unwrap();
@@ -290,7 +310,7 @@ fn a_session_moves_to_the_socket_a_re_punch_won() {
         "bytes differ ({} received)",
         got.len()
     );
-    let b_events = l.drain(Duration::from_secs(2));
+    b_events.extend(l.drain(Duration::from_secs(2)));
     // B's socket on its first direct path (the session starts on the
     // relay, or directly without one), and on its last.
     let direct: Vec<String> = b_events
@@ -305,7 +325,10 @@ fn a_session_moves_to_the_socket_a_re_punch_won() {
     let started = direct.first().cloned();
     let moved = direct.last().cloned();
     eprintln!("B's session socket {started:?}, after the re-punch {moved:?}");
-    assert!(started.is_some() && moved.is_some(), "{b_events:?}");
+    assert!(
+        started.is_some() && moved.is_some(),
+        "{b_events:?}\nA said:\n{err}"
+    );
     assert_ne!(started, moved, "the re-punch won on the same socket");
     assert!(
         event(&json_lines(&o.stderr), "path-repaired").is_some(),
