@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
         server_memo: None,
         relay: true,
         portmap: false,
+        tcp: natpunch_proto::coordinator::TcpMode::Off,
     });
     host.handle_datagram(now, SocketId(0), "198.51.100.9:777".parse().unwrap(), data);
     host.handle_datagram(now, SocketId(3), "198.51.100.9:777".parse().unwrap(), data);

@@ -51,6 +51,7 @@ fuzz_target!(|data: &[u8]| {
         server_memo: None,
         relay: true,
         portmap: false,
+        tcp: natpunch_proto::coordinator::TcpMode::Off,
     });
     host.start(now);
     host.handle_datagram(now, SocketId(0), local, data);

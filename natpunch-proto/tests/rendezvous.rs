@@ -95,6 +95,7 @@ fn info(mapping_known: bool) -> PeerInfo {
         nat,
         candidates: vec![],
         mapped: None,
+        tcp: None,
     }
 }
 

@@ -210,6 +210,7 @@ impl World {
             server_memo: spec.server_memo,
             relay: spec.relay,
             portmap: spec.portmap.is_some(),
+            tcp: natpunch_proto::coordinator::TcpMode::Off,
         });
         let facts_at = spec.facts_after.map(|after| self.now + after);
         let mut sockets = HashMap::new();

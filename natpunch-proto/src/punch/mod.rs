@@ -30,6 +30,7 @@ pub mod lan;
 pub mod plan;
 pub mod portmap;
 pub mod predict;
+pub mod tcp;
 pub mod ttl;
 pub mod wire;
 
@@ -134,6 +135,7 @@ impl PunchConfig {
                 spray_rate: defaults::SPRAY_RATE,
                 interval: defaults::INTERVAL,
                 ttl: None,
+                tcp_openers: true,
                 seed,
             },
             timeout: defaults::TIMEOUT,
@@ -166,6 +168,9 @@ pub enum PunchFailure {
     /// TCP): punching cannot work from here.
     #[error("no direct path possible: this network lets no UDP through (the server answers only over TCP)")]
     UdpBlocked,
+    /// Direct paths had to be TCP, and TCP punching found none.
+    #[error("no direct TCP path: {reason}")]
+    Tcp { reason: String },
 }
 
 impl PunchFailure {
@@ -175,6 +180,7 @@ impl PunchFailure {
             PunchFailure::NoPathPossible(_) => "no-path-possible",
             PunchFailure::TimedOut { .. } => "punch-timed-out",
             PunchFailure::UdpBlocked => "udp-blocked",
+            PunchFailure::Tcp { .. } => "no-tcp-path",
         }
     }
 }
@@ -292,6 +298,12 @@ pub struct Punch {
     held: Option<Instant>,
     confirms: u32,
     validating: Vec<Validating>,
+    /// UDP techniques run (off when direct paths must be TCP).
+    udp: bool,
+    /// A TCP punch is under way: no failure for want of a UDP path yet.
+    tcp_pending: bool,
+    /// Our sockets that are TCP streams.
+    tcp_sockets: Vec<SocketId>,
     seq: u32,
     probes_sent: u64,
     bytes_sent: u64,
@@ -373,6 +385,7 @@ fn label(group: Group, kind: PairKind, peer: &SideView) -> Strategy {
             Some(m) => Strategy::Portmap(m.protocol),
             None => Strategy::Cone,
         },
+        Group::Tcp => Strategy::Tcp,
     }
 }
 
@@ -392,6 +405,8 @@ fn group_streams(
         Group::BirthdayEasy => birthday::easy_streams(peer, cfg),
         Group::BirthdayHard => birthday::hard_streams(peer, cfg),
         Group::Portmap => portmap::streams(peer, cfg),
+        // Started by [`Punch::add_tcp_path`] once the driver has a stream.
+        Group::Tcp => Vec::new(),
     }
 }
 
@@ -452,6 +467,9 @@ impl Punch {
             held: None,
             confirms: 0,
             validating: Vec::new(),
+            udp: true,
+            tcp_pending: false,
+            tcp_sockets: Vec::new(),
             seq: 0,
             probes_sent: 0,
             bytes_sent: 0,
@@ -578,6 +596,75 @@ impl Punch {
         self.replan(now);
     }
 
+    /// Direct paths must be TCP: no UDP technique runs (`--tcp`, or UDP
+    /// is blocked on one side); the attempt waits for
+    /// [`Punch::add_tcp_path`] until its deadline.
+    pub fn tcp_only(&mut self, now: Instant) {
+        self.udp = false;
+        self.tcp_pending = true;
+        self.streams.retain(|r| r.group == Group::Tcp);
+        self.hedges.clear();
+        self.replan(now);
+    }
+
+    /// Whether UDP techniques run.
+    pub fn uses_udp(&self) -> bool {
+        self.udp
+    }
+
+    /// A TCP punch runs beside: until [`Punch::tcp_failed`], facts that
+    /// rule out a UDP path do not end the attempt.
+    pub fn set_tcp_pending(&mut self) {
+        self.tcp_pending = true;
+    }
+
+    /// The TCP punch found no stream (`reason`, for people): a TCP-only
+    /// attempt fails with it, another goes on as UDP allows.
+    pub fn tcp_failed(&mut self, now: Instant, reason: String) {
+        self.tcp_pending = false;
+        if !self.udp && self.is_punching() {
+            self.fail(PunchFailure::Tcp { reason });
+            return;
+        }
+        self.replan(now);
+    }
+
+    /// The coordinated start.
+    pub fn start_at(&self) -> Instant {
+        self.start_at
+    }
+
+    /// Socket `socket` (ours) is a TCP stream the driver connected to the
+    /// peer at `remote`: its frames are the TCP technique's; with
+    /// `probe`, the machine probes through it (the side whose connect or
+    /// accept made it; the other side answers the first probe).
+    pub fn add_tcp_path(
+        &mut self,
+        now: Instant,
+        socket: SocketId,
+        remote: SocketAddr,
+        probe: bool,
+    ) {
+        if !self.tcp_sockets.contains(&socket) {
+            self.tcp_sockets.push(socket);
+        }
+        if !probe || !self.is_punching() {
+            return;
+        }
+        let stream = Stream {
+            strategy: Strategy::Tcp,
+            socket,
+            targets: vec![remote],
+            offset: Duration::ZERO,
+            interval: self.cfg.plan.interval,
+            rounds: u32::MAX,
+            gap: Duration::ZERO,
+            first_ttl: None,
+        };
+        self.add_streams(now, now.max(self.start_at), Group::Tcp, vec![stream]);
+        self.handle_timeout(now);
+    }
+
     /// Starts the groups the facts now call for; fails the attempt when
     /// the facts say no direct path can exist.
     fn replan(&mut self, now: Instant) {
@@ -585,6 +672,9 @@ impl Punch {
             return;
         }
         self.kind = classify(&self.me, &self.peer);
+        if !self.udp {
+            return;
+        }
         let mapped = self.peer.mapped.is_some() || self.me.mapped.is_some();
         if self.kind == PairKind::Impossible && !mapped {
             // A port mapping still being asked for (a gateway answers
@@ -594,6 +684,10 @@ impl Punch {
             let until = self.start_at + defaults::PORTMAP_WAIT;
             if asking && now < until {
                 self.held = Some(until);
+                return;
+            }
+            if self.tcp_pending {
+                // A TCP punch may still find the path.
                 return;
             }
             self.fail(PunchFailure::NoPathPossible(NoPath {
@@ -882,6 +976,9 @@ impl Punch {
     /// probe crossed it first (the peer's own probes leave from that port
     /// too, labelled with its plan's technique).
     fn path_label(&self, path: Path, label: Strategy) -> Strategy {
+        if self.tcp_sockets.contains(&path.socket) {
+            return Strategy::Tcp;
+        }
         match self.peer.mapped {
             Some(m) if m.addr == path.remote => Strategy::Portmap(m.protocol),
             _ => label,

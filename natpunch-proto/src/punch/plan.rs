@@ -189,6 +189,9 @@ pub enum Group {
     /// From the main socket to the port the peer's gateway maps for it:
     /// open to anyone, so it works whatever either NAT does.
     Portmap,
+    /// Over a punched TCP stream ([`super::tcp`]): the driver connects it,
+    /// the machine then probes through it like any other path.
+    Tcp,
 }
 
 /// The groups `me` runs for a pair of kind `kind`.
@@ -212,7 +215,7 @@ pub fn groups(kind: PairKind, me: &SideView) -> Vec<Group> {
 /// direct probes do not.
 pub fn starts_early(group: Group, me: &SideView, peer: &SideView) -> bool {
     match group {
-        Group::Lan | Group::Portmap => true,
+        Group::Lan | Group::Portmap | Group::Tcp => true,
         Group::BirthdayEasy | Group::BirthdayHard => false,
         // An easy side's probes cost it nothing. A side still measuring
         // may send to a known cone: if it turns out symmetric, that is its
@@ -255,6 +258,9 @@ pub struct PlanConfig {
     pub interval: Duration,
     /// Override of the limited TTL (`-t`).
     pub ttl: Option<u8>,
+    /// TCP's first SYNs go out with the limited TTL (off only to measure
+    /// what the openers are worth: `--tcp-openers off`).
+    pub tcp_openers: bool,
     pub seed: u64,
 }
 

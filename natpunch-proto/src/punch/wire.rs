@@ -46,6 +46,8 @@ pub enum Strategy {
     Relay,
     /// To the port a gateway maps for one side, and by which protocol.
     Portmap(MapProtocol),
+    /// A TCP stream punched by simultaneous open ([`super::tcp`]).
+    Tcp,
 }
 
 impl Strategy {
@@ -58,6 +60,7 @@ impl Strategy {
             Strategy::Birthday => "birthday",
             Strategy::Relay => "relay",
             Strategy::Portmap(_) => "portmap",
+            Strategy::Tcp => "tcp",
         }
     }
 
@@ -80,6 +83,7 @@ impl Strategy {
             Strategy::Portmap(MapProtocol::Pcp) => 7,
             Strategy::Portmap(MapProtocol::NatPmp) => 8,
             Strategy::Portmap(MapProtocol::Upnp) => 9,
+            Strategy::Tcp => 10,
         }
     }
 
@@ -93,6 +97,7 @@ impl Strategy {
             7 => Strategy::Portmap(MapProtocol::Pcp),
             8 => Strategy::Portmap(MapProtocol::NatPmp),
             9 => Strategy::Portmap(MapProtocol::Upnp),
+            10 => Strategy::Tcp,
             _ => return None,
         })
     }

@@ -1170,6 +1170,11 @@ fn vetted(info: &PeerInfo, from: SocketAddr) -> PeerInfo {
         tracing::debug!(%from, mapped = ?info.mapped, "mapped port on a foreign address dropped");
         info.mapped = None;
     }
+    if info.tcp.is_some_and(|t| t.mapped.ip() != from.ip()) {
+        // Nobody is made to send SYNs to someone else's address.
+        tracing::debug!(%from, tcp = ?info.tcp, "TCP port on a foreign address dropped");
+        info.tcp = None;
+    }
     info
 }
 

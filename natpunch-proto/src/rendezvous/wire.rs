@@ -35,8 +35,8 @@ pub const MAGIC: u8 = 0x2A;
 /// registration, facts can arrive late (`Update`/`Sync`), heartbeats.
 /// Version 3: a listener is homed on a relay node, and introductions say
 /// which node relays the session. Version 4: a peer's facts carry the
-/// port its gateway maps for it.
-pub const VERSION: u8 = 4;
+/// port its gateway maps for it. Version 5: and its TCP punching port.
+pub const VERSION: u8 = 5;
 /// Largest frame: below the 1280-byte IPv6 minimum MTU minus headers, so a
 /// frame is never fragmented.
 pub const MAX_FRAME: usize = 1200;
@@ -56,6 +56,8 @@ pub struct Pending {
     /// Our gateway is still being asked for a port mapping: a pair with
     /// no direct path otherwise waits for it (a short while).
     pub portmap: bool,
+    /// Our TCP punching port is still being measured.
+    pub tcp: bool,
 }
 
 impl Pending {
@@ -66,6 +68,7 @@ impl Pending {
         filtering: true,
         hops: true,
         portmap: false,
+        tcp: false,
     };
 
     /// A NAT fact is still being measured (the port mapping is not one).
@@ -121,6 +124,28 @@ pub struct PeerInfo {
     /// A port our gateway maps to our main socket (PCP, NAT-PMP or UPnP):
     /// the best candidate, reachable by anyone.
     pub mapped: Option<Mapped>,
+    /// Our TCP punching port, when we punch TCP too.
+    pub tcp: Option<TcpInfo>,
+}
+
+/// A peer's TCP punching port: how its NAT maps it (STUN over TCP from
+/// that very port, to two of the server's ports), and whether the peer
+/// can only use TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpInfo {
+    /// The port's mapping as the server saw it (the server drops it when
+    /// its IP is not the one the frame came from).
+    pub mapped: SocketAddr,
+    /// TCP mapping behaviour (it can differ from UDP's).
+    pub mapping: Option<Behaviour>,
+    /// TCP port allocation, and its step.
+    pub allocation: Option<AllocationKind>,
+    pub delta: Option<i32>,
+    /// The local port (LAN peers reach it at our LAN addresses).
+    pub local_port: u16,
+    /// Direct paths must be TCP: UDP is blocked here, or the user said so
+    /// (`--tcp`).
+    pub only: bool,
 }
 
 /// A stateless proof that the sender receives at its source address.
