@@ -8,6 +8,8 @@
 //! - [`batch`]: batched UDP receive and send (recvmmsg/sendmmsg).
 //! - [`peer`]: the peer driver: discovery, rendezvous, punching, relay.
 //! - [`server_tcp`]: the peer's TCP link to its server where UDP is blocked.
+//! - [`tcp`]: TCP hole punching: the punching port, simultaneous open,
+//!   punched streams as paths.
 //! - [`session`]: QUIC sessions on the punched path, and the library API
 //!   ([`session::Endpoint`]).
 
@@ -21,6 +23,7 @@ pub mod portmap;
 pub mod server_tcp;
 pub mod session;
 pub mod stun_server;
+pub mod tcp;
 pub mod ttl;
 
 pub use natpunch_proto as proto;

@@ -200,11 +200,21 @@ pub async fn udp_binding(
 /// One Binding request over TCP (RFC 8489 §6.2.2: sent once, answer within
 /// Ti); returns the mapped address.
 pub async fn tcp_binding(server: SocketAddr, ti: Duration) -> Result<SocketAddr, NatError> {
-    let tcp_err = |source| NatError::Tcp { server, source };
-    let mut stream = tokio::time::timeout(ti, TcpStream::connect(server))
+    let stream = tokio::time::timeout(ti, TcpStream::connect(server))
         .await
         .map_err(|_| NatError::NoAnswer { server, waited: ti })?
-        .map_err(tcp_err)?;
+        .map_err(|source| NatError::Tcp { server, source })?;
+    tcp_binding_on(stream, server, ti).await.map(|(m, _)| m)
+}
+
+/// One Binding request on a connected `stream` to `server`; the mapped
+/// address and the server's OTHER-ADDRESS (RFC 5780), if it has one.
+pub async fn tcp_binding_on(
+    mut stream: TcpStream,
+    server: SocketAddr,
+    ti: Duration,
+) -> Result<(SocketAddr, Option<SocketAddr>), NatError> {
+    let tcp_err = |source| NatError::Tcp { server, source };
     let mut c = Client::new();
     let req = Message::binding_request(TransactionId::new(rand::random()));
     let timing = Timing {
@@ -226,7 +236,11 @@ pub async fn tcp_binding(server: SocketAddr, ti: Duration) -> Result<SocketAddr,
             }
         }
         if let Some(ev) = c.poll_event() {
-            return outcome_to_mapped(server, ev.outcome, ti);
+            let other = match &ev.outcome {
+                Outcome::Success { response, .. } => response.other_address(),
+                _ => None,
+            };
+            return outcome_to_mapped(server, ev.outcome, ti).map(|m| (m, other));
         }
         let deadline = c.poll_timeout().unwrap_or_else(Instant::now);
         tokio::select! {
@@ -234,6 +248,9 @@ pub async fn tcp_binding(server: SocketAddr, ti: Duration) -> Result<SocketAddr,
                 let n = r.map_err(tcp_err)?;
                 if n == 0 {
                     return Err(tcp_err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before answering")));
+                }
+                if buf.len() + n > 4096 {
+                    return Err(tcp_err(io::Error::new(io::ErrorKind::InvalidData, "oversized answer")));
                 }
                 buf.extend_from_slice(&chunk[..n]);
             }

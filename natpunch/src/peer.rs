@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use natpunch_proto::coordinator::{
-    ConnectError, Host, HostConfig, HostEvent, Policy, RemoteKey, RequestId, Via,
+    ConnectError, Host, HostConfig, HostEvent, Policy, RemoteKey, RequestId, TcpMode, Via,
 };
 use natpunch_proto::identity::{Identity, PeerId};
 use natpunch_proto::nat::{DiscoveryConfig, Fact, NatReport};
@@ -77,15 +77,19 @@ pub struct PeerConfig {
     /// Ask the gateway to map the main socket's port (PCP, NAT-PMP, UPnP
     /// IGD) and announce it as our best candidate; `None`: never ask.
     pub portmap: Option<crate::portmap::PortmapConfig>,
+    /// When TCP is punched ([`crate::tcp`]).
+    pub tcp: TcpMode,
 }
 
 /// A path as events show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathView {
-    /// Straight to the peer's `remote` address from our `local` socket.
+    /// Straight to the peer's `remote` address from our `local` socket
+    /// (a punched TCP stream when `tcp`).
     Direct {
         remote: SocketAddr,
         local: Option<SocketAddr>,
+        tcp: bool,
     },
     /// Through the relay on `server`.
     Relay { server: SocketAddr },
@@ -290,6 +294,15 @@ struct Driver {
     served: Option<crate::stun_server::RunningServer>,
     members: HashMap<PeerId, usize>,
     done: bool,
+    /// Our TCP punching port (listening), when TCP is punched.
+    punch_port: Option<SocketAddr>,
+    punch_news: mpsc::UnboundedSender<crate::tcp::TcpNews>,
+    /// TCP discovery has started (it runs once).
+    tcp_measuring: bool,
+    /// TCP punches under way, by attempt.
+    tcp_punches: HashMap<u64, tokio::task::JoinHandle<()>>,
+    /// Readers of punched streams, by socket.
+    stream_tasks: HashMap<SocketId, tokio::task::JoinHandle<()>>,
 }
 
 /// Runs a peer until its [`crate::session::Endpoint`] is closed or
@@ -362,6 +375,7 @@ async fn drive(
         seed: rand::random(),
         relay: cfg.relay && !cfg.once,
         portmap: cfg.portmap.is_some(),
+        tcp: cfg.tcp,
         server_memo: cached
             .as_ref()
             .and_then(|c| c.server)
@@ -371,6 +385,22 @@ async fn drive(
     if let Some(pc) = cfg.portmap.clone() {
         *portmapper = Some(crate::portmap::Portmapper::spawn(local, pc, portmap_tx));
     }
+    let (punch_tcp_tx, mut punch_tcp) = mpsc::unbounded_channel::<crate::tcp::TcpNews>();
+    let punch_port = if cfg.tcp == TcpMode::Off {
+        None
+    } else {
+        match crate::tcp::listen(local) {
+            Ok((listener, addr)) => {
+                tokio::spawn(crate::tcp::accept_loop(listener, punch_tcp_tx.clone()));
+                Some(addr)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for TCP punching: TCP paths are off");
+                None
+            }
+        }
+    };
+    let (surveyed_tx, mut surveyed) = oneshot::channel::<()>();
     let (facts_tx, mut facts) = mpsc::unbounded_channel::<Fact>();
     let (cache_tx, cache_rx) = mpsc::unbounded_channel::<CacheNews>();
     tokio::spawn(keep_cache(entry, cached.clone(), cache_rx, facts_tx));
@@ -381,6 +411,7 @@ async fn drive(
         cached.clone(),
         cache_tx.clone(),
         shared.clone(),
+        surveyed_tx,
     ));
     let mut d = Driver {
         cfg,
@@ -403,6 +434,11 @@ async fn drive(
         tcp_news: tcp_news_tx,
         fatal: None,
         done: false,
+        punch_port,
+        punch_news: punch_tcp_tx,
+        tcp_measuring: false,
+        tcp_punches: HashMap::new(),
+        stream_tasks: HashMap::new(),
     };
     if let Some(c) = &cached {
         tracing::debug!(?c, "NAT facts from the cache");
@@ -414,6 +450,7 @@ async fn drive(
         d.serve_relay(port).await?;
     }
     d.host.start(Instant::now());
+    let mut surveyed_done = false;
     loop {
         d.flush().await;
         if let Some(e) = d.fatal.take() {
@@ -454,6 +491,13 @@ async fn drive(
                 );
             }
             Some(n) = tcp_news.recv() => d.on_link(n),
+            Some(n) = punch_tcp.recv() => d.on_tcp(n),
+            r = &mut surveyed, if !surveyed_done => {
+                surveyed_done = true;
+                if r.is_ok() {
+                    d.measure_tcp();
+                }
+            }
             Some(fact) = facts.recv() => d.host.handle_fact(Instant::now(), fact),
             Some(news) = portmap_news.recv() => d.on_portmap(news),
             Some(SocketNews::NewSource { mapped, path }) = news.recv() => {
@@ -539,6 +583,7 @@ async fn discover(
     cached: Option<nat_cache::Cached>,
     news: mpsc::UnboundedSender<CacheNews>,
     shared: Arc<Shared>,
+    surveyed: oneshot::Sender<()>,
 ) {
     let mut opts = NatOptions::new(stun);
     opts.source_ip = Some(ip);
@@ -594,7 +639,13 @@ async fn discover(
         let _ = hops_tx.send(Fact::OpenerTtl { ttl });
         ttl
     };
-    let survey = async move { tokio::join!(crate::nat::survey(opts, measured_tx), hops) };
+    let survey = async move {
+        let r = tokio::join!(crate::nat::survey(opts, measured_tx), hops);
+        // The TCP port is measured after UDP's mappings are made, so that
+        // its newest mapping is the one before the punch's own.
+        let _ = surveyed.send(());
+        r
+    };
     let ((report, opener_ttl), ()) = tokio::join!(survey, keep);
     match report {
         Ok(report) => {
@@ -668,6 +719,8 @@ impl Driver {
                     server: self.cfg.server,
                 });
                 self.host.server_over_tcp(Instant::now());
+                // UDP discovery has nothing to find here: TCP's now.
+                self.measure_tcp();
             }
             // UDP answered meanwhile: the link is not needed.
             LinkNews::Up(_) => {}
@@ -681,6 +734,54 @@ impl Driver {
                     self.socket.set_stream(None);
                 }
                 self.tcp_at = Some(Instant::now() + crate::server_tcp::RETRY_AFTER);
+            }
+        }
+    }
+
+    /// Measures the TCP punching port's mapping (once).
+    fn measure_tcp(&mut self) {
+        let Some(local) = self.punch_port.filter(|_| !self.tcp_measuring) else {
+            return;
+        };
+        self.tcp_measuring = true;
+        let server = self.cfg.stun.unwrap_or(self.cfg.server);
+        let news = self.punch_news.clone();
+        tokio::spawn(async move {
+            let facts = match crate::tcp::discover::discover(local, server).await {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::info!(error = %e, "no TCP answer from the server: TCP is not punched");
+                    None
+                }
+            };
+            let _ = news.send(crate::tcp::TcpNews::Facts(facts));
+        });
+    }
+
+    fn on_tcp(&mut self, n: crate::tcp::TcpNews) {
+        use crate::tcp::TcpNews;
+        let now = Instant::now();
+        match n {
+            TcpNews::Facts(f) => self.host.set_tcp(now, f),
+            TcpNews::Up {
+                session,
+                stream,
+                remote,
+            } => {
+                let id = self.host.stream_id();
+                let task = crate::tcp::stream::attach(
+                    id,
+                    stream,
+                    remote,
+                    self.socket.clone(),
+                    self.divert.clone(),
+                );
+                self.stream_tasks.insert(id, task);
+                self.host.tcp_stream(now, id, remote, session);
+            }
+            TcpNews::Over { session, reason } => {
+                self.tcp_punches.remove(&session);
+                self.host.tcp_over(now, session, reason);
             }
         }
     }
@@ -778,7 +879,31 @@ impl Driver {
                     self.host.socket_failed(now, id);
                 }
             }
-            HostEvent::CloseSocket { id } => self.socket.remove_socket(id),
+            HostEvent::CloseSocket { id } => {
+                self.socket.remove_socket(id);
+                if let Some(t) = self.stream_tasks.remove(&id) {
+                    t.abort();
+                }
+            }
+            HostEvent::TcpPunch { session, plan, at } => {
+                if let Some(local) = self.punch_port {
+                    let task = tokio::spawn(crate::tcp::punch::run(
+                        session,
+                        plan,
+                        local,
+                        at,
+                        self.punch_news.clone(),
+                    ));
+                    if let Some(old) = self.tcp_punches.insert(session, task) {
+                        old.abort();
+                    }
+                }
+            }
+            HostEvent::TcpStop { session } => {
+                if let Some(t) = self.tcp_punches.remove(&session) {
+                    t.abort();
+                }
+            }
             HostEvent::Learn { remote, path } => {
                 let mapped = self.socket.route_for(remote);
                 self.socket.learn(mapped, path);
@@ -824,7 +949,8 @@ impl Driver {
                     probes_sent,
                     bytes_sent,
                     reused,
-                    over_tcp: strategy == Strategy::Relay && self.tcp.is_some(),
+                    over_tcp: (strategy == Strategy::Relay && self.tcp.is_some())
+                        || self.socket.is_stream(path.socket),
                 });
                 if self.cfg.once {
                     self.done = true;
@@ -936,6 +1062,7 @@ impl Driver {
             Via::Direct(p) => PathView::Direct {
                 remote: p.remote,
                 local: self.socket.local_of(p.socket),
+                tcp: self.socket.is_stream(p.socket),
             },
             Via::Relay(r) => PathView::Relay { server: r.server },
         }

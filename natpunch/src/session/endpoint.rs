@@ -71,6 +71,8 @@ impl EndpointConfig {
                 relay: true,
                 serve_relay: None,
                 portmap: Some(crate::portmap::PortmapConfig::default()),
+                // Opt-in for now (`--tcp`, `--tcp-fallback`).
+                tcp: natpunch_proto::coordinator::TcpMode::Off,
             },
             accept: true,
             allow: None,

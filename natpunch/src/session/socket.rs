@@ -37,6 +37,13 @@
 //! ([`crate::server_tcp`]): relay frames then go down that stream, and
 //! the frames it brings back are injected here.
 //!
+//! **Punched TCP streams** ([`crate::tcp`]) are sockets too: a stream has
+//! a [`SocketId`] like a UDP socket, and a path on it is `(id, the peer's
+//! address)`. What is sent there goes down the stream one datagram per
+//! record (a full queue is loss, as on UDP); what comes up is sorted as
+//! on UDP: QUIC to quinn under the route's address, the rest (punch
+//! frames) to the driver.
+//!
 //! Receiving QUIC: a known real path gives its route's mapped address. A
 //! packet from an unknown path is matched by its destination connection
 //! ID (ours, 8 bytes, learned from packets on known paths): that is the
@@ -321,6 +328,9 @@ struct Slot {
     state: UdpSocketState,
 }
 
+/// A punched TCP stream: its record queue and its local address.
+type StreamSlot = (mpsc::Sender<Vec<u8>>, SocketAddr);
+
 /// What the socket tells the driver besides control datagrams.
 #[derive(Debug, Clone, Copy)]
 pub enum SocketNews {
@@ -348,6 +358,8 @@ pub struct PathSocket {
     stream: RwLock<Option<mpsc::Sender<Vec<u8>>>>,
     /// Relayed QUIC packets that came on the stream: (route, packet).
     injected: Mutex<VecDeque<(SocketAddr, Vec<u8>)>>,
+    /// Punched TCP streams: their record queue and local address.
+    streams: RwLock<HashMap<SocketId, StreamSlot>>,
     pub stats: MuxStats,
 }
 
@@ -386,6 +398,7 @@ impl PathSocket {
             receiver: Mutex::new(None),
             stream: RwLock::new(None),
             injected: Mutex::new(VecDeque::new()),
+            streams: RwLock::new(HashMap::new()),
             stats: MuxStats::default(),
         })
     }
@@ -505,11 +518,70 @@ impl PathSocket {
         n
     }
 
+    /// Adds the punched TCP stream `id` (local address `local`): what is
+    /// sent on it goes into `records`.
+    pub fn add_stream(&self, id: SocketId, records: mpsc::Sender<Vec<u8>>, local: SocketAddr) {
+        self.streams
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (records, local));
+    }
+
+    fn stream(&self, id: SocketId) -> Option<mpsc::Sender<Vec<u8>>> {
+        self.streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .map(|(tx, _)| tx.clone())
+    }
+
+    /// A datagram that came up stream `id` from `remote`: QUIC goes to
+    /// quinn (`true`), anything else is the caller's (`false`).
+    pub fn inject_stream(&self, id: SocketId, remote: SocketAddr, packet: &[u8]) -> bool {
+        if !packet.first().is_some_and(|&b| is_quic(b)) {
+            return false;
+        }
+        let now = Instant::now();
+        let mapped = {
+            let mut t = self.table();
+            let path = Path { socket: id, remote };
+            let mapped = self.route_in(&mut t, path, packet, now);
+            if let Some(r) = t.routes.get_mut(&mapped) {
+                if !r.on_relay && r.path == Some(path) {
+                    r.live.heard(now);
+                }
+            }
+            mapped
+        };
+        self.stats.quic_in.fetch_add(1, Ordering::Relaxed);
+        let mut q = self.injected.lock().unwrap_or_else(|e| e.into_inner());
+        if q.len() >= MAX_INJECTED {
+            self.stats.divert_overflow.fetch_add(1, Ordering::Relaxed);
+        } else {
+            q.push_back((mapped, packet.to_vec()));
+        }
+        drop(q);
+        self.wake_receiver();
+        true
+    }
+
+    /// Sends each segment of `contents` down stream `records` as a record.
+    fn send_stream(&self, records: &mpsc::Sender<Vec<u8>>, contents: &[u8], segment: usize) {
+        for chunk in contents.chunks(segment.max(1)) {
+            // A full queue is loss, as on UDP.
+            let _ = records.try_send(natpunch_proto::relay::stream::encode_record(chunk));
+        }
+    }
+
     /// Closes socket `id` (never the main one).
     pub fn remove_socket(&self, id: SocketId) {
         if id.0 == 0 {
             return;
         }
+        self.streams
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         self.slots
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -519,7 +591,23 @@ impl PathSocket {
 
     /// The local address of socket `id`.
     pub fn local_of(&self, id: SocketId) -> Option<SocketAddr> {
+        if let Some((_, local)) = self
+            .streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+        {
+            return Some(*local);
+        }
         self.slot(id).and_then(|s| s.io.local_addr().ok())
+    }
+
+    /// Whether socket `id` is a punched TCP stream.
+    pub fn is_stream(&self, id: SocketId) -> bool {
+        self.streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&id)
     }
 
     /// Sockets open now.
@@ -645,6 +733,12 @@ impl PathSocket {
         payload: &[u8],
         ttl: Option<u8>,
     ) -> io::Result<()> {
+        if let Some(records) = self.stream(id) {
+            tracing::trace!(socket = id.0, %dest, len = payload.len(), "control datagram down a punched stream");
+            // Over a stream the TTL is the kernel's.
+            self.send_stream(&records, payload, payload.len());
+            return Ok(());
+        }
         let Some(slot) = self.slot(id) else {
             return Ok(());
         };
@@ -981,7 +1075,15 @@ impl AsyncUdpSocket for PathSocket {
             return Ok(());
         };
         let Some(slot) = self.slot(path.socket) else {
-            self.stats.no_path.fetch_add(1, Ordering::Relaxed);
+            match self.stream(path.socket) {
+                Some(records) => {
+                    let seg = transmit.segment_size.unwrap_or(transmit.contents.len());
+                    self.send_stream(&records, transmit.contents, seg);
+                }
+                None => {
+                    self.stats.no_path.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             return Ok(());
         };
         let t = Transmit {
