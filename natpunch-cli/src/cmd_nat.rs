@@ -94,26 +94,72 @@ async fn portmap_report(args: &NatArgs) -> anyhow::Result<Vec<ProtocolReport>> {
     Ok(portmap::probe(local, &PortmapConfig::default()).await)
 }
 
+/// How the NAT maps one TCP port (STUN over TCP from it to two of the
+/// server's ports): what TCP hole punching works from.
+async fn tcp_report(args: &NatArgs) -> anyhow::Result<natpunch_proto::rendezvous::wire::TcpInfo> {
+    let server = resolve(&args.host, STUN_PORT, false).await?;
+    let ip = match args.source_ip {
+        Some(ip) => ip,
+        None => route_source(server)?,
+    };
+    // Held while measuring, so that every binding leaves from this port.
+    let port = natpunch::tcp::reuse_socket(SocketAddr::new(ip, 0))?;
+    let local = port
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| anyhow::anyhow!("no local TCP address"))?;
+    Ok(natpunch::tcp::discover::discover(local, server).await?)
+}
+
+fn tcp_json(t: &anyhow::Result<natpunch_proto::rendezvous::wire::TcpInfo>) -> serde_json::Value {
+    match t {
+        Ok(t) => serde_json::json!({"mapped": t.mapped, "mapping": t.mapping,
+            "allocation": {"kind": t.allocation, "delta": t.delta}}),
+        Err(e) => serde_json::json!({"error": e.to_string()}),
+    }
+}
+
+fn tcp_human(t: &anyhow::Result<natpunch_proto::rendezvous::wire::TcpInfo>) -> String {
+    match t {
+        Ok(t) => format!(
+            "TCP:       mapped {}, {} mapping, {} ports{}",
+            t.mapped,
+            t.mapping.map(|m| m.as_str()).unwrap_or("unknown"),
+            t.allocation
+                .map(|k| format!("{k:?}").to_lowercase())
+                .unwrap_or_else(|| "unknown".into()),
+            t.delta
+                .filter(|d| *d != 0)
+                .map(|d| format!(" (step {d:+})"))
+                .unwrap_or_default()
+        ),
+        Err(e) => format!("TCP:       not measured ({e})"),
+    }
+}
+
 pub fn run_nat(args: NatArgs) -> anyhow::Result<ExitCode> {
-    let (report, portmap) = crate::runtime()?.block_on(async {
+    let (report, portmap, tcp) = crate::runtime()?.block_on(async {
         if args.no_portmap {
-            return (nat_report(&args).await, None);
+            let (r, t) = tokio::join!(nat_report(&args), tcp_report(&args));
+            return (r, None, t);
         }
-        let (r, p) = tokio::join!(nat_report(&args), portmap_report(&args));
-        (r, p.ok())
+        let (r, p, t) = tokio::join!(nat_report(&args), portmap_report(&args), tcp_report(&args));
+        (r, p.ok(), t)
     });
     let report = report?;
-    match &portmap {
-        Some(p) if args.json => {
-            let mut v = json_report(&report);
+    if args.json {
+        let mut v = json_report(&report);
+        if let Some(p) = &portmap {
             v["portmap"] = portmap_json(p);
-            json_line(&v);
         }
-        Some(p) => {
-            print!("{}", human_report(&report));
+        v["tcp"] = tcp_json(&tcp);
+        json_line(&v);
+    } else {
+        print!("{}", human_report(&report));
+        println!("{}", tcp_human(&tcp));
+        if let Some(p) = &portmap {
             println!("{}", portmap_human(p));
         }
-        None => print_report(&report, args.json),
     }
     if report.classic == Classic::UdpBlocked {
         eprintln!(

@@ -17,6 +17,7 @@ use natpunch::peer::{PathView, PeerEvent};
 use natpunch::portmap::PortmapNews;
 use natpunch::session::service::Services;
 use natpunch::session::{Endpoint, EndpointConfig};
+use natpunch_proto::coordinator::TcpMode;
 use natpunch_proto::identity::PeerId;
 use natpunch_proto::portmap::MapProtocol;
 use natpunch_proto::punch::{Role, Strategy};
@@ -83,6 +84,23 @@ pub struct CommonArgs {
     /// Do not ask the gateway to map our port (--portmap none).
     #[arg(long)]
     pub no_portmap: bool,
+    /// Direct paths over TCP only: punch TCP (simultaneous open from one
+    /// port, limited-TTL first SYNs) and carry the session on the stream.
+    /// Both peers need --tcp or --tcp-fallback.
+    #[arg(long, conflicts_with_all = ["no_tcp", "tcp_fallback"])]
+    pub tcp: bool,
+    /// Punch TCP too where UDP cannot do it: at once when either side's
+    /// network blocks UDP, else beside a UDP punch that has found nothing
+    /// after 2 s.
+    #[arg(long, conflicts_with = "no_tcp")]
+    pub tcp_fallback: bool,
+    /// Never punch TCP (the default for now).
+    #[arg(long)]
+    pub no_tcp: bool,
+    /// Whether TCP's first SYN to each target leaves with the limited TTL
+    /// that opens our NAT but dies before the peer's (on, off).
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
+    pub tcp_openers: bool,
     /// Lease asked for a port mapping, in seconds (renewed at half of
     /// what the gateway grants; deleted on exit).
     #[arg(long, default_value_t = 7200, value_parser = clap::value_parser!(u64).range(2..=604800))]
@@ -281,6 +299,14 @@ pub fn run(
         cfg.peer.nat_cache = !common.no_nat_cache;
         cfg.peer.relay = !common.no_relay;
         cfg.peer.serve_relay = listen.serve_relay;
+        cfg.peer.punch.plan.tcp_openers = common.tcp_openers;
+        cfg.peer.tcp = if common.tcp {
+            TcpMode::Only
+        } else if common.tcp_fallback && !common.no_tcp {
+            TcpMode::Fallback
+        } else {
+            TcpMode::Off
+        };
         cfg.peer.portmap = (!common.no_portmap && !common.portmap.0.is_empty()).then(|| {
             natpunch::portmap::PortmapConfig {
                 lease: Duration::from_secs(common.portmap_lease),
@@ -378,10 +404,20 @@ impl Seen {
 }
 
 /// A path as JSON: `{"path": "direct"|"relay", "remote": …, "local": …}`.
+/// `"tcp"` for a punched TCP stream, else `"udp"` (a relay path's
+/// transport to the server is in `connected`).
+fn transport(p: &PathView) -> &'static str {
+    match p {
+        PathView::Direct { tcp: true, .. } => "tcp",
+        _ => "udp",
+    }
+}
+
 fn path_json(p: &PathView) -> serde_json::Value {
     match p {
-        PathView::Direct { remote, local } => {
-            serde_json::json!({"path": "direct", "remote": remote, "local": local})
+        PathView::Direct { remote, local, tcp } => {
+            serde_json::json!({"path": "direct", "remote": remote, "local": local,
+                "transport": if *tcp { "tcp" } else { "udp" }})
         }
         PathView::Relay { server } => serde_json::json!({"path": "relay", "remote": server}),
     }
@@ -493,7 +529,7 @@ fn print_event(out: &Out, ev: &PeerEvent) {
             };
             out.event(
                 json!({"event": "session", "peer_id": peer_id.to_string(), "path": path.kind(),
-                    "remote": path.remote(), "local": local}),
+                    "transport": transport(path), "remote": path.remote(), "local": local}),
                 || match path {
                     PathView::Relay { server } => {
                         format!("encrypted session with {peer_id} through the relay at {server}")
@@ -512,7 +548,7 @@ fn print_event(out: &Out, ev: &PeerEvent) {
             elapsed,
         } => {
             let (remote, local) = match to {
-                PathView::Direct { remote, local } => (*remote, *local),
+                PathView::Direct { remote, local, .. } => (*remote, *local),
                 PathView::Relay { server } => (*server, None),
             };
             out.event(
@@ -521,7 +557,7 @@ fn print_event(out: &Out, ev: &PeerEvent) {
                     "strategy": strategy.map(|s| s.as_str()),
                     "protocol": strategy.and_then(|s| s.protocol()).map(|p| p.as_str()),
                     "elapsed_ms": elapsed.map(|e| e.as_millis() as u64),
-                    "path": to.kind(), "remote": remote, "local": local}),
+                    "path": to.kind(), "transport": transport(to), "remote": remote, "local": local}),
                 || match (from, to) {
                     (Some(PathView::Relay { .. }), PathView::Direct { .. }) => {
                         format!(
@@ -573,6 +609,15 @@ fn print_event(out: &Out, ev: &PeerEvent) {
             json!({"event": "session-ended", "peer_id": peer_id.to_string(), "code": end.code()}),
         ),
         other => tracing::debug!(?other, "unprinted peer event"),
+    }
+}
+
+/// `on` or `off`.
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "yes" | "true" => Ok(true),
+        "off" | "no" | "false" => Ok(false),
+        _ => Err(format!("expected on or off, not {s:?}")),
     }
 }
 
