@@ -122,7 +122,7 @@ fn tcp_json(t: &anyhow::Result<natpunch_proto::rendezvous::wire::TcpInfo>) -> se
 fn tcp_human(t: &anyhow::Result<natpunch_proto::rendezvous::wire::TcpInfo>) -> String {
     match t {
         Ok(t) => format!(
-            "TCP:       mapped {}, {} mapping, {} ports{}",
+            "  tcp mapping       {}, {} mapping, {} ports{}",
             t.mapped,
             t.mapping.map(|m| m.as_str()).unwrap_or("unknown"),
             t.allocation
@@ -133,7 +133,7 @@ fn tcp_human(t: &anyhow::Result<natpunch_proto::rendezvous::wire::TcpInfo>) -> S
                 .map(|d| format!(" (step {d:+})"))
                 .unwrap_or_default()
         ),
-        Err(e) => format!("TCP:       not measured ({e})"),
+        Err(e) => format!("  tcp mapping       not measured ({e})"),
     }
 }
 
