@@ -60,6 +60,29 @@ impl Pair {
     }
 }
 
+/// Runs A with `args`, `data` on its stdin, within `secs`: it must exit
+/// successfully. Its events, and its whole stderr for messages.
+fn pipe_from_a(
+    p: &Pair,
+    args: &[&str],
+    data: &[u8],
+    secs: u64,
+) -> (Vec<serde_json::Value>, String) {
+    let mut c = p
+        .peer(Node::HostA, "a")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    feed(c.stdin.take(), data.to_vec());
+    let o = output_within(c, Duration::from_secs(secs)).expect("A finishes");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    (events(&o.stderr), err)
+}
+
 /// Writes `data` to a child's stdin on a thread, then closes it (a child
 /// that fails early just stops reading).
 fn feed(stdin: Option<std::process::ChildStdin>, data: Vec<u8>) {
@@ -127,24 +150,13 @@ fn tcp_punches_cone_and_sequential_symmetric_pairs_and_carries_the_session() {
         );
         let data = test_bytes(1 << 20, 7);
         let t = Instant::now();
-        let mut c = p
-            .peer(Node::HostA, "a")
-            .args(["--tcp", "--no-relay", "-d", &l.id])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        feed(c.stdin.take(), data.clone());
-        let o = output_within(c, Duration::from_secs(40)).expect("A finishes");
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(o.status.success(), "{a} × {b}: {err}");
-        let ev = events(&o.stderr);
-        let conn = event(&ev, "connected").unwrap_or_else(|| panic!("{a} × {b}: {err}"));
-        assert_eq!(conn["transport"], "tcp", "{a} × {b}: {err}");
-        assert_eq!(conn["strategy"], "tcp", "{a} × {b}: {err}");
-        let session = event(&ev, "session").unwrap_or_else(|| panic!("{a} × {b}: {err}"));
-        assert_eq!(session["transport"], "tcp", "{a} × {b}: {err}");
+        let (ev, err) = pipe_from_a(&p, &["--tcp", "--no-relay", "-d", &l.id], &data, 40);
+        let err = format!("{a} × {b}: {err}");
+        let conn = event(&ev, "connected").unwrap_or_else(|| panic!("{err}"));
+        assert_eq!(conn["transport"], "tcp", "{err}");
+        assert_eq!(conn["strategy"], "tcp", "{err}");
+        let session = event(&ev, "session").unwrap_or_else(|| panic!("{err}"));
+        assert_eq!(session["transport"], "tcp", "{err}");
         assert!(
             wait_for_len(&out, data.len() as u64, Duration::from_secs(10)),
             "{a} × {b}: the data never arrived"
@@ -244,19 +256,12 @@ fn a_udp_blocked_pair_connects_over_tcp_and_pipes_ten_megabytes() {
             .stdout(std::fs::File::create(&out).unwrap()),
     );
     let data = test_bytes(10_000_000, 11);
-    let mut c = p
-        .peer(Node::HostA, "a")
-        .args(["--no-relay", "--tcp-fallback", "-d", &l.id])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    feed(c.stdin.take(), data.clone());
-    let o = output_within(c, Duration::from_secs(60)).expect("A finishes");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
-    let ev = events(&o.stderr);
+    let (ev, err) = pipe_from_a(
+        &p,
+        &["--no-relay", "--tcp-fallback", "-d", &l.id],
+        &data,
+        60,
+    );
     assert!(event(&ev, "server-tcp").is_some(), "{err}");
     let conn = event(&ev, "connected").unwrap_or_else(|| panic!("{err}"));
     assert_eq!(conn["path"], "direct", "{err}");

@@ -114,6 +114,40 @@ pub(crate) fn spawn_writer(
     (tx, task)
 }
 
+/// Reads `rd` until it closes or brings something that is not a record,
+/// handing each record's datagram to `on` (bare STUN, which only a plain
+/// STUN client sends, is skipped). `what` names the stream in logs.
+pub(crate) async fn read_records(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    what: &str,
+    mut on: impl FnMut(Vec<u8>),
+) {
+    let mut d = Decoder::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = match rd.read(&mut chunk).await {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "{what}: read failed");
+                return;
+            }
+        };
+        d.push(&chunk[..n]);
+        loop {
+            match d.next_record() {
+                Ok(Some(Record::Datagram(data))) => on(data),
+                Ok(Some(Record::Stun(_))) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "{what}: bad stream");
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Connects to `server` from `source_ip`, and starts the tasks that read
 /// and write it. `news` is told when the connection closes.
 async fn connect(
@@ -132,43 +166,18 @@ async fn connect(
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TCP connect timed out"))??;
     let _ = stream.set_nodelay(true);
-    let (mut rd, wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
     let (tx, _writer) = spawn_writer(wr, WRITE_QUEUE);
     tokio::spawn(async move {
-        let mut d = Decoder::new();
-        let mut chunk = vec![0u8; 64 * 1024];
-        'read: loop {
-            let n = match rd.read(&mut chunk).await {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::debug!(error = %e, "TCP link to the server: read failed");
-                    break;
-                }
-            };
-            d.push(&chunk[..n]);
-            loop {
-                match d.next_record() {
-                    Ok(Some(Record::Datagram(data))) => {
-                        if is_relay(&data) && socket.inject_relayed(server, &data) {
-                            continue;
-                        }
-                        if divert.try_send((SocketId(0), server, data)).is_err() {
-                            tracing::trace!(
-                                "control queue full: datagram from the TCP link dropped"
-                            );
-                        }
-                    }
-                    // The server answers our records with records.
-                    Ok(Some(Record::Stun(_))) => {}
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "TCP link to the server: bad stream");
-                        break 'read;
-                    }
-                }
+        read_records(rd, "TCP link to the server", |data| {
+            if is_relay(&data) && socket.inject_relayed(server, &data) {
+                return;
             }
-        }
+            if divert.try_send((SocketId(0), server, data)).is_err() {
+                tracing::trace!("control queue full: datagram from the TCP link dropped");
+            }
+        })
+        .await;
         let _ = news.send(LinkNews::Closed);
     });
     Ok(ServerTcp { tx })

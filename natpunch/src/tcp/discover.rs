@@ -18,9 +18,12 @@ use crate::nat::{tcp_binding_on, NatError};
 /// real ones by 1–2 per new mapping, more under load).
 const MAX_STEP: i32 = 64;
 
-/// Each connect and answer gets this long (RFC 8489 §6.2.2's Ti is 39.5 s;
-/// discovery runs beside everything else, so a shorter bound is fine).
-pub const TI: Duration = Duration::from_secs(5);
+/// Each connect and answer gets this long: a handshake and one answer
+/// are two round trips, so 2 s is ten times a slow path's. RFC 8489
+/// §6.2.2's Ti (39.5 s) is for a client that has nothing else to do; here
+/// a server without TCP must not hold `natpunch nat` or a `--tcp` connect
+/// (which waits for these facts) for long.
+pub const TI: Duration = Duration::from_secs(2);
 
 async fn one(
     local: SocketAddr,

@@ -4,9 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use natpunch_proto::relay::stream::{Decoder, Record};
 use natpunch_proto::SocketId;
-use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -32,45 +30,19 @@ pub fn attach(
     let local = stream
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::new(remote.ip(), 0));
-    let (mut rd, wr) = stream.into_split();
+    let (rd, wr) = stream.into_split();
     let (tx, writer) = crate::server_tcp::spawn_writer(wr, WRITE_QUEUE);
     socket.add_stream(id, tx, local);
     tokio::spawn(async move {
-        let mut d = Decoder::new();
-        let mut chunk = vec![0u8; 64 * 1024];
-        'read: loop {
-            let n = match rd.read(&mut chunk).await {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) => {
-                    tracing::debug!(%remote, error = %e, "punched TCP stream: read failed");
-                    break;
-                }
-            };
-            d.push(&chunk[..n]);
-            loop {
-                match d.next_record() {
-                    Ok(Some(Record::Datagram(data))) => {
-                        tracing::trace!(%remote, socket = id.0, len = data.len(), first = data.first().copied().unwrap_or(0), "record from a punched stream");
-                        if socket.inject_stream(id, remote, &data) {
-                            continue;
-                        }
-                        if divert.try_send((id, remote, data)).is_err() {
-                            tracing::trace!(
-                                "control queue full: datagram from a TCP stream dropped"
-                            );
-                        }
-                    }
-                    // Nobody sends bare STUN on a punched stream.
-                    Ok(Some(Record::Stun(_))) => {}
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(%remote, error = %e, "punched TCP stream: bad data, closing");
-                        break 'read;
-                    }
-                }
+        crate::server_tcp::read_records(rd, "punched TCP stream", |data| {
+            if socket.inject_stream(id, remote, &data) {
+                return;
             }
-        }
+            if divert.try_send((id, remote, data)).is_err() {
+                tracing::trace!("control queue full: datagram from a TCP stream dropped");
+            }
+        })
+        .await;
         tracing::debug!(%remote, socket = id.0, "punched TCP stream closed");
         socket.remove_socket(id);
         writer.abort();
