@@ -186,6 +186,21 @@ pub struct Moved {
     pub received: u64,
 }
 
+/// A peer that stops our stream with [`RESET_CODE`] had its TCP connection
+/// reset: that is a reset, whichever of its two signals arrives first.
+fn stopped(code: VarInt) -> ServiceError {
+    if code == VarInt::from_u32(RESET_CODE) {
+        ServiceError::Reset
+    } else {
+        ServiceError::Stopped(code)
+    }
+}
+
+/// A local connection reset, seen by reading or by writing.
+fn is_local_reset(e: &ServiceError) -> bool {
+    matches!(e, ServiceError::Io(e) if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe))
+}
+
 fn is_done(e: &quinn::ConnectionError) -> bool {
     matches!(e, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == VarInt::from_u32(close::DONE))
 }
@@ -216,15 +231,11 @@ async fn upload<R: AsyncRead + Unpin>(
         let got = match read {
             Ok(0) => break,
             Ok(k) => k,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                let _ = send.reset(VarInt::from_u32(RESET_CODE));
-                return Err(e.into());
-            }
             Err(e) => return Err(e.into()),
         };
         match send.write_all(&buf[..got]).await {
             Ok(()) => n += got as u64,
-            Err(WriteError::Stopped(code)) => return Err(ServiceError::Stopped(code)),
+            Err(WriteError::Stopped(code)) => return Err(stopped(code)),
             Err(WriteError::ConnectionLost(e)) => return Err(e.into()),
             Err(e) => return Err(io::Error::from(e).into()),
         }
@@ -233,7 +244,7 @@ async fn upload<R: AsyncRead + Unpin>(
     let _ = send.finish();
     match send.stopped().await {
         Ok(None) => Ok(n),
-        Ok(Some(code)) => Err(ServiceError::Stopped(code)),
+        Ok(Some(code)) => Err(stopped(code)),
         // The peer closes with DONE only after it read our FIN.
         Err(quinn::StoppedError::ConnectionLost(e)) if is_done(&e) => Ok(n),
         Err(quinn::StoppedError::ConnectionLost(e)) => Err(e.into()),
@@ -308,7 +319,17 @@ where
         r
     };
     let up = upload(input, &mut send, end_with_peer.then_some(done_rx));
-    let (sent, received) = tokio::try_join!(up, down)?;
+    let result = tokio::try_join!(up, down);
+    if let Err(e) = &result {
+        if is_local_reset(e) {
+            // Both directions carry the reset, with the same code, so the
+            // peer sees a reset and not a plain stop (dropping `recv` would
+            // stop it with code 0), whichever frame it handles first.
+            let _ = send.reset(VarInt::from_u32(RESET_CODE));
+            let _ = recv.stop(VarInt::from_u32(RESET_CODE));
+        }
+    }
+    let (sent, received) = result?;
     Ok(Moved { sent, received })
 }
 
