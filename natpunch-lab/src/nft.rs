@@ -192,7 +192,13 @@ pub fn ruleset(spec: &NatSpec, at: &NatPlacement) -> String {
     if let Some(k) = reuse_key {
         let _ = writeln!(s, "    oifname \"{wan}\" {L4} snat ip to {public} : {k}");
     }
-    let _ = writeln!(s, "    oifname \"{wan}\" {L4} snat ip to {public}{alloc}");
+    // Only the first packet of a connection allocates: the RST the
+    // router itself sends for an unsolicited SYN is related to that SYN's
+    // entry and passes this chain too, and took a sequential port each.
+    let _ = writeln!(
+        s,
+        "    oifname \"{wan}\" ct direction original {L4} snat ip to {public}{alloc}"
+    );
     let _ = writeln!(s, "    oifname \"{wan}\" snat ip to {public}");
     if spec.hairpin {
         // Hairpinned: from inside, DNATed back inside. Give it the sender's
