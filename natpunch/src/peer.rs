@@ -738,7 +738,8 @@ impl Driver {
         }
     }
 
-    /// Measures the TCP punching port's mapping (once).
+    /// Measures the TCP punching port's mapping (one measurement at a
+    /// time; again when the host asks, [`HostEvent::MeasureTcp`]).
     fn measure_tcp(&mut self) {
         let Some(local) = self.punch_port.filter(|_| !self.tcp_measuring) else {
             return;
@@ -762,7 +763,10 @@ impl Driver {
         use crate::tcp::TcpNews;
         let now = Instant::now();
         match n {
-            TcpNews::Facts(f) => self.host.set_tcp(now, f),
+            TcpNews::Facts(f) => {
+                self.tcp_measuring = false;
+                self.host.set_tcp(now, f);
+            }
             TcpNews::Up {
                 session,
                 stream,
@@ -899,6 +903,7 @@ impl Driver {
                     }
                 }
             }
+            HostEvent::MeasureTcp => self.measure_tcp(),
             HostEvent::TcpStop { session } => {
                 if let Some(t) = self.tcp_punches.remove(&session) {
                     t.abort();

@@ -36,6 +36,7 @@ use remote::{Remote, Validator};
 
 use crate::identity::{Ephemeral, Identity, PeerId};
 use crate::nat::discovery::Fact;
+use crate::nat::Behaviour;
 use crate::portmap::{check_external, Mapped};
 use crate::punch::tcp::TcpPlan;
 use crate::punch::{make_offer, Path, Punch, PunchConfig, PunchEvent, Role, SideView, Strategy};
@@ -110,13 +111,9 @@ pub mod defaults {
     /// session's move onto a stream, with its head-of-line blocking) are
     /// spent only where UDP is slow or failing.
     pub const TCP_GRACE: Duration = Duration::from_secs(2);
-    /// When our TCP facts reached the responder after the introduction,
-    /// the initiator's SYNs wait this much longer than the server's round
-    /// trip, so that the responder has them (and has sent its openers).
-    pub const TCP_LATE_MARGIN: Duration = Duration::from_millis(50);
     /// TCP's limited-TTL openers only where the server is at least this
     /// far: a router's ICMP "time exceeded" aborts the opener's socket
-    /// within one round trip to it, and the real SYN follows only 2 ms
+    /// within one round trip to it, and the real SYN follows 2.5–5 ms
     /// after the opener; on a shorter path the peer's SYN can land in
     /// that gap, where only the listener answers it, and a NAT built on
     /// Linux conntrack drops that answer (its sequence number is not the
@@ -346,6 +343,10 @@ pub enum HostEvent {
         plan: TcpPlan,
         at: Instant,
     },
+    /// Measure the TCP punching port's mapping again ([`Host::set_tcp`]
+    /// takes the answer): a NAT that maps TCP per destination moved on
+    /// since the last measurement, and a punch predicts from it.
+    MeasureTcp,
     /// Stop punching TCP for `session` (its streams that carry nothing are
     /// closed by [`HostEvent::CloseSocket`]).
     TcpStop {
@@ -419,9 +420,14 @@ struct Attempt {
     tcp: TcpStage,
     /// A TCP stream joined the attempt (its probes decide now).
     tcp_claimed: bool,
-    /// Our Connect (or Accept) carried our TCP facts: the peer had them
-    /// at the coordinated start.
+    /// Our Connect (or Accept) carried our TCP facts.
     tcp_told: bool,
+    /// Both sides' TCP facts came with the introduction, and neither NAT
+    /// maps TCP per destination (such a side measures again before its
+    /// Connect or Accept): the TCP punch starts at the introduction's
+    /// start. Otherwise at the server's go, which comes with the Accept,
+    /// so both sides have both sides' facts by then.
+    tcp_intro: bool,
     /// When the TCP punch is due (fallback mode).
     tcp_at: Option<Instant>,
 }
@@ -515,6 +521,11 @@ pub struct Host {
     tcp: Option<TcpInfo>,
     /// Connects (`--tcp`) waiting for our TCP facts.
     tcp_waiting: Vec<(PeerId, Option<RequestId>, Option<RemoteKey>, Instant)>,
+    /// Responders (`--tcp`) whose Accept waits for our TCP facts.
+    tcp_accepting: Vec<(u64, Option<SocketAddr>)>,
+    /// A punch used our TCP facts and our NAT maps TCP per destination:
+    /// the next attempt measures again first.
+    tcp_stale: bool,
     /// Streams the driver has up that no attempt claimed yet, and since
     /// when (an accepted stream is claimed by the first punch frame on it).
     streams: HashMap<SocketId, (SocketAddr, Instant)>,
@@ -581,6 +592,8 @@ impl Host {
             refused: false,
             tcp: None,
             tcp_waiting: Vec::new(),
+            tcp_accepting: Vec::new(),
+            tcp_stale: false,
             streams: HashMap::new(),
             cfg,
         }
@@ -793,6 +806,7 @@ impl Host {
             tcp: TcpStage::Idle,
             tcp_claimed: false,
             tcp_told: false,
+            tcp_intro: false,
             tcp_at: None,
         }
     }
@@ -805,6 +819,7 @@ impl Host {
         repair: Option<RemoteKey>,
         started: Instant,
     ) {
+        self.refresh_tcp();
         if self.cfg.tcp == TcpMode::Only && self.nat.pending.tcp {
             // The introduction then carries our TCP port, and the server's
             // coordinated start is the TCP punch's too.
@@ -912,6 +927,11 @@ impl Host {
         a.fresh = fresh;
         match a.role {
             Role::Initiator => self.send_connect(now, session),
+            Role::Responder if self.cfg.tcp == TcpMode::Only && self.nat.pending.tcp => {
+                // Our Accept carries our TCP port: the server's go then
+                // reaches the initiator with it, and both punch at the go.
+                self.tcp_accepting.push((session, fresh));
+            }
             Role::Responder => {
                 a.phase = Phase::Punching;
                 if let Some(p) = a.punch.as_mut() {
@@ -1034,6 +1054,18 @@ impl Host {
         self.facts_changed(now, None);
     }
 
+    /// Asks for our TCP facts again when a punch used them up (a NAT
+    /// that maps per destination gives the next connection the next
+    /// port). Like UDP's fresh mapping, but for the one punching port.
+    fn refresh_tcp(&mut self) {
+        if !self.tcp_stale || self.cfg.tcp == TcpMode::Off || self.nat.pending.tcp {
+            return;
+        }
+        self.tcp_stale = false;
+        self.nat.pending.tcp = true;
+        self.events.push_back(HostEvent::MeasureTcp);
+    }
+
     /// Our TCP punching port's facts (STUN over TCP from it), or `None`
     /// when it could not be measured: announced to the server and to
     /// every attempt.
@@ -1046,6 +1078,9 @@ impl Host {
         self.nat.pending.tcp = false;
         for (peer, request, repair, started) in std::mem::take(&mut self.tcp_waiting) {
             self.start_initiator(now, peer, request, repair, started);
+        }
+        for (session, fresh) in std::mem::take(&mut self.tcp_accepting) {
+            self.fresh_done(now, session, fresh);
         }
         self.facts_changed(now, None);
     }
@@ -1141,8 +1176,6 @@ impl Host {
         }
         let mine = self.tcp_info();
         let mine_pending = self.nat.pending.tcp;
-        let lag =
-            self.client.rtt().unwrap_or(Duration::from_millis(200)) * 2 + defaults::TCP_LATE_MARGIN;
         let only_me = self.cfg.tcp == TcpMode::Only || self.udp_blocked;
         let mut plan_cfg = self.cfg.punch.plan.clone();
         plan_cfg.ttl = self.cfg.ttl;
@@ -1164,11 +1197,11 @@ impl Host {
             return;
         }
         let only = only_me || a.peer_tcp.is_some_and(|t| t.only);
-        let late = !a.tcp_told;
         if only && p.uses_udp() {
             tracing::debug!(session, "direct paths are TCP only");
             p.tcp_only(now);
         }
+        let mut stale = false;
         let (mine, peer) = match (mine, a.peer_tcp) {
             (Some(m), Some(p)) => (m, p),
             (None, _) if only && !mine_pending => {
@@ -1190,7 +1223,15 @@ impl Host {
             }
             _ => return,
         };
-        let start = p.start_at();
+        // Both sides must send their openers within OPENER_LIFE of each
+        // other: the introduction's start, or else the server's go.
+        let start = if a.tcp_intro {
+            p.start_at()
+        } else if let Some(go) = p.go_at() {
+            go
+        } else {
+            return;
+        };
         let at = if only {
             start
         } else {
@@ -1204,15 +1245,13 @@ impl Host {
         a.tcp_at = None;
         match crate::punch::tcp::plan(&mine, &nat, &peer, &a.peer_nat, &a.peer_lan, &plan_cfg) {
             Ok(plan) => {
-                // The initiator's own facts came after its Connect: the
-                // responder learns them one trip through the server later,
-                // and its openers must lead.
-                let at = if p.role() == Role::Initiator && late {
-                    at.max(now) + lag
-                } else {
-                    at
-                };
-                tracing::debug!(session, ?plan, "TCP punch");
+                tracing::debug!(
+                    session,
+                    ?plan,
+                    in_ms = at.saturating_duration_since(now).as_millis() as u64,
+                    "TCP punch"
+                );
+                stale = mine.mapping != Some(Behaviour::EndpointIndependent);
                 a.tcp = TcpStage::Running;
                 p.set_tcp_pending();
                 self.events
@@ -1224,6 +1263,7 @@ impl Host {
                 p.tcp_failed(now, e.to_string());
             }
         }
+        self.tcp_stale |= stale;
     }
 
     /// Our facts changed: the server and every attempt under way hear of
@@ -1786,6 +1826,13 @@ impl Host {
             return;
         };
         a.peer_tcp = info.tcp;
+        a.tcp_intro = a.tcp_told
+            && info
+                .tcp
+                .is_some_and(|t| t.mapping == Some(Behaviour::EndpointIndependent))
+            && self
+                .tcp
+                .is_some_and(|t| t.mapping == Some(Behaviour::EndpointIndependent));
         a.peer_nat = info.nat;
         a.peer_lan = info.candidates.clone();
         let peer_view = SideView {
@@ -1930,8 +1977,17 @@ impl Host {
         self.stats.attempts += 1;
         self.events.push_back(HostEvent::Incoming { peer });
         tracing::debug!(session, %peer, instance = key.instance, observed = %intro.observed, "incoming");
+        self.refresh_tcp();
         let mut a = self.new_attempt(now, peer, Role::Responder, session);
         a.peer_tcp = intro.info.tcp;
+        a.tcp_intro = !self.nat.pending.tcp
+            && intro
+                .info
+                .tcp
+                .is_some_and(|t| t.mapping == Some(Behaviour::EndpointIndependent))
+            && self
+                .tcp
+                .is_some_and(|t| t.mapping == Some(Behaviour::EndpointIndependent));
         a.peer_nat = intro.info.nat;
         a.peer_lan = intro.info.candidates.clone();
         let cfg = self.punch_cfg();

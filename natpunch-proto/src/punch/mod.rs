@@ -634,6 +634,11 @@ impl Punch {
         self.start_at
     }
 
+    /// The server's go, once known.
+    pub fn go_at(&self) -> Option<Instant> {
+        self.go_at
+    }
+
     /// Socket `socket` (ours) is a TCP stream the driver connected to the
     /// peer at `remote`: its frames are the TCP technique's; with
     /// `probe`, the machine probes through it (the side whose connect or
