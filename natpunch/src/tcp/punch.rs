@@ -2,19 +2,27 @@
 //! made the plan; the coordinator gave the limited TTL to one side only).
 //!
 //! Each target gets a SYN from the punching port at the coordinated
-//! moment. The side with an *opener* TTL sends its SYN with it: the SYN
+//! moment. A side with an *opener* TTL first sends a SYN with it: it
 //! creates our NAT's mapping and opens its filter to the peer, and dies
-//! before the peer's NAT, so a NAT that resets unsolicited SYNs never
-//! sees one; the socket's TTL goes back to normal at once, so everything
-//! after it (the answer in a simultaneous open, the kernel's own SYN
-//! retransmissions) travels the whole way. The other side sends its SYN
-//! [`natpunch_proto::coordinator::defaults::TCP_OPENER_LEAD`] later with
-//! the normal TTL; it finds the opener's mapping and reaches the socket
-//! in SYN-SENT, and the kernel completes the simultaneous open. The
-//! opener stays on one socket (one initial sequence number): a second
-//! socket on the same 4-tuple would carry another one, and the NATs'
-//! connection tracking, still holding the first, would drop its answers
-//! as out of window.
+//! before the peer's NAT, so a NAT that resets unsolicited SYNs never sees
+//! it. The real SYN follows [`OPENER_LIFE`] later from a new socket on the
+//! same 4-tuple (a router's ICMP "time exceeded" would abort the opener's
+//! socket anyway), with the normal TTL. Both sides do the same at the same
+//! moment, so each real SYN reaches the other NAT after that NAT's opener:
+//! the start skew must stay under [`OPENER_LIFE`].
+//!
+//! The gap is also bounded from above. A NAT built on Linux conntrack
+//! that sees the peer's SYN between our opener and our real SYN keeps the
+//! opener's initial sequence number, and drops our answer (not NATed, it
+//! leaks with our private source address) unless its sequence number lies
+//! within the peer's SYN window (64240 for Linux) of the opener's. With
+//! CAP_NET_ADMIN we choose both numbers (`TCP_REPAIR`, [`ISN_STEP`]
+//! apart) and the gap is [`OPENER_GAP_CHOSEN_ISN`]; without it the
+//! kernel's ISN clock (15.6 per µs) leaves about 4 ms, and the gap is
+//! [`OPENER_LIFE`]. The openers, the precise pauses and the real SYNs run
+//! on a blocking thread, not on tokio's 1 ms timer wheel: with the timer
+//! the gap was 3.2–4.5 ms in the lab, and the runs at 4.5 ms failed just
+//! so (an answer from 10.0.2.2 on the NAT's WAN).
 //!
 //! Whichever way the kernel resolves it (our connect completes, the
 //! listener accepts the peer's SYN, or the two SYNs cross) one stream
@@ -27,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use natpunch_proto::punch::tcp::TcpPlan;
 use rand::RngExt;
+use socket2::Socket;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
@@ -45,21 +54,33 @@ pub const GIVE_UP: Duration = Duration::from_secs(9);
 enum Ended {
     Up(tokio::net::TcpStream),
     Failed(std::io::Error),
-    /// An opener did its work ([`OPENER_LIFE`] passed, or a router's ICMP
-    /// killed it first): the real SYN goes now.
-    Opened,
 }
 
-/// The real SYN follows the opener this long after, from a new socket on
-/// the same 4-tuple (a router's ICMP "time exceeded" aborts the opener's
-/// socket anyway). Short, because a NAT built on Linux conntrack holds
-/// the opener's initial sequence number, and when the peer's SYN reaches
-/// that NAT before our real SYN does, our answer must fall within the
-/// peer's window (64240 bytes for Linux) of it; the kernel's ISN clock
-/// advances 15.6 per µs (RFC 6528: 4 µs ticks, Linux 64 ns), so 2 ms is
-/// 31250, half the window. It also bounds the start skew the openers
-/// absorb: the server aligns both starts within about a millisecond.
-pub const OPENER_LIFE: Duration = Duration::from_millis(2);
+/// The real SYN follows the opener this long after (see the module doc):
+/// the start skew it absorbs (the server aligns both starts to its
+/// millisecond; the lab measured 0.2–1.5 ms between the two NATs'
+/// openers) against the 4.1 ms an answer's sequence number may drift from
+/// the opener's (64240 / 15.6 per µs), with room for the pause's own
+/// overshoot and the sockets' set-up (the drift measured 2.1–2.3 ms for
+/// a 2 ms pause).
+pub const OPENER_LIFE: Duration = Duration::from_micros(3000);
+/// With chosen sequence numbers (CAP_NET_ADMIN), the real SYN's is the
+/// opener's plus this: inside the peer's SYN window (64240) of it, so a
+/// NAT that kept the opener's still passes our answer, and outside the
+/// one-number window an ICMP "time exceeded" for the opener must hit to
+/// abort the real connect (`tcp_v4_err` checks it against snd_una..snd_nxt).
+const ISN_STEP: u32 = 16384;
+/// The gap with chosen sequence numbers: only the start skew bounds it
+/// from below, and the opener's own life (a router's ICMP comes back
+/// after two access-link delays, then only the listener would answer
+/// the peer's SYN, with the kernel's number) from above.
+const OPENER_GAP_CHOSEN_ISN: Duration = Duration::from_millis(5);
+/// The openers' start is slept on tokio's timer (1 ms ticks, rounded up)
+/// to this long before it, and the rest with `nanosleep`: both sides'
+/// openers then leave within the server's alignment of each other, not
+/// within two timer ticks (the lab saw 3 ms of skew that way, and the
+/// peer's real SYN met a NAT its opener had not passed yet).
+const PRECISE_START: Duration = Duration::from_millis(3);
 
 /// Runs `plan` for `session` from `local` (the punching port) starting at
 /// `at`; streams and the end go to `news`. Cancelled by aborting its task.
@@ -70,8 +91,14 @@ pub async fn run(
     at: Instant,
     news: mpsc::UnboundedSender<TcpNews>,
 ) {
-    tokio::time::sleep_until(at.into()).await;
-    let give_up = Instant::now() + GIVE_UP;
+    // With openers, the last stretch to the start is slept on the
+    // blocking thread, to the microsecond (see `open_then_connect`).
+    let wake = match plan.opener_ttl {
+        Some(_) => at.checked_sub(PRECISE_START).unwrap_or(at),
+        None => at,
+    };
+    tokio::time::sleep_until(wake.into()).await;
+    let give_up = Instant::now().max(at) + GIVE_UP;
     let mut connects: JoinSet<(SocketAddr, Ended)> = JoinSet::new();
     let mut errors: Vec<String> = Vec::new();
     let mut due: Vec<SocketAddr> = plan.targets.clone();
@@ -91,37 +118,35 @@ pub async fn run(
         // Only the first SYN to each target is an opener.
         let ttl = plan.opener_ttl.filter(|_| first);
         first = false;
-        for target in due.drain(..) {
-            match start_connect(local, target, ttl) {
-                Ok(stream) if ttl.is_some() => {
-                    connects.spawn(async move {
-                        let until = tokio::time::Instant::now() + OPENER_LIFE;
-                        let ended = tokio::time::timeout_at(until, finish_connect(stream)).await;
-                        if let Ok(Ended::Up(s)) = ended {
-                            return (target, Ended::Up(s));
-                        }
-                        // (Dropping the socket closes it silently.) The
-                        // real SYN keeps its time after the opener even if
-                        // an ICMP ended the opener sooner.
-                        tokio::time::sleep_until(until).await;
-                        (target, Ended::Opened)
-                    });
-                }
-                Ok(stream) => {
-                    connects.spawn(async move { (target, finish_connect(stream).await) });
-                }
-                Err(e) => {
-                    tracing::debug!(session, %target, error = %e, "TCP connect not started");
-                    errors.push(format!("{target}: {}", describe(&e)));
-                    if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && !up {
-                        // The 4-tuple is taken: the peer's SYN reached our
-                        // listener first, which completes it (or not: then
-                        // try again later).
-                        retries.push((Instant::now() + RETRY, target));
-                    }
-                    // Anything else (the port cannot be bound): no retry helps.
-                }
+        if let Some(ttl) = ttl {
+            // Openers, the pause and the real SYNs, off the runtime.
+            let targets = std::mem::take(&mut due);
+            let opened =
+                tokio::task::spawn_blocking(move || open_then_connect(local, &targets, ttl, at))
+                    .await;
+            for (target, started) in opened.unwrap_or_default() {
+                started_connect(
+                    session,
+                    target,
+                    started,
+                    up,
+                    &mut connects,
+                    &mut errors,
+                    &mut retries,
+                );
             }
+        }
+        for target in due.drain(..) {
+            let started = start_connect(local, target, None, None);
+            started_connect(
+                session,
+                target,
+                started,
+                up,
+                &mut connects,
+                &mut errors,
+                &mut retries,
+            );
         }
         if connects.is_empty() && retries.is_empty() {
             break;
@@ -150,10 +175,6 @@ pub async fn run(
                         up = true;
                         retries.clear();
                     }
-                    Ended::Opened => {
-                        tracing::trace!(session, %target, "opener sent; SYN follows");
-                        retries.push((Instant::now(), target));
-                    }
                     Ended::Failed(e) => {
                         tracing::debug!(session, %target, error = %e, "TCP connect failed");
                         errors.push(format!("{target}: {}", describe(&e)));
@@ -174,14 +195,108 @@ pub async fn run(
     }
 }
 
+/// Puts a started connect to work: its end is awaited; one that could not
+/// start is retried only when its 4-tuple was taken.
+fn started_connect(
+    session: u64,
+    target: SocketAddr,
+    started: std::io::Result<Socket>,
+    up: bool,
+    connects: &mut JoinSet<(SocketAddr, Ended)>,
+    errors: &mut Vec<String>,
+    retries: &mut Vec<(Instant, SocketAddr)>,
+) {
+    match started.and_then(|s| tokio::net::TcpStream::from_std(s.into())) {
+        Ok(stream) => {
+            connects.spawn(async move { (target, finish_connect(stream).await) });
+        }
+        Err(e) => {
+            tracing::debug!(session, %target, error = %e, "TCP connect not started");
+            errors.push(format!("{target}: {}", describe(&e)));
+            if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && !up {
+                // The 4-tuple is taken: the peer's SYN reached our
+                // listener first, which completes it (or not: then try
+                // again later).
+                retries.push((Instant::now() + RETRY, target));
+            }
+            // Anything else (the port cannot be bound): no retry helps.
+        }
+    }
+}
+
+/// Blocking: at `at` to the microsecond, an opener SYN with `ttl` to
+/// each target, [`OPENER_LIFE`] of precise pause, then each target's real
+/// SYN from a new socket. An opener the peer's SYN already reached (our
+/// answer is out, or the stream is up) is kept instead.
+fn open_then_connect(
+    local: SocketAddr,
+    targets: &[SocketAddr],
+    ttl: u8,
+    at: Instant,
+) -> Vec<(SocketAddr, std::io::Result<Socket>)> {
+    // Where we may choose sequence numbers, the opener's and the real
+    // SYN's are fixed (see `ISN_STEP`), and the gap is no longer bound by
+    // the kernel's ISN clock.
+    let mut isn: u32 = rand::rng().random::<u32>() | 1;
+    let chosen = Socket::new(
+        socket2::Domain::for_address(local),
+        socket2::Type::STREAM,
+        None,
+    )
+    .and_then(|probe| preset_isn(&probe, isn))
+    .is_ok();
+    let gap = if chosen {
+        OPENER_GAP_CHOSEN_ISN
+    } else {
+        OPENER_LIFE
+    };
+    std::thread::sleep(at.saturating_duration_since(Instant::now()));
+    let openers: Vec<_> = targets
+        .iter()
+        .map(|&t| {
+            isn = isn.wrapping_add(ISN_STEP * 2);
+            let seq = chosen.then_some(isn);
+            (
+                t,
+                seq,
+                Instant::now(),
+                start_connect(local, t, Some(ttl), seq),
+            )
+        })
+        .collect();
+    openers
+        .into_iter()
+        .map(|(target, seq, sent, opener)| {
+            // Each real SYN keeps its own time after its own opener: a
+            // window of 20 targets takes a millisecond to open, too much
+            // to add to the last target's drift.
+            std::thread::sleep((sent + gap).saturating_duration_since(Instant::now()));
+            if let Ok(o) = opener {
+                // getpeername fails in SYN-SENT only: the peer answered.
+                if o.peer_addr().is_ok() && matches!(o.take_error(), Ok(None)) {
+                    return (target, Ok(o));
+                }
+                // Closing in SYN-SENT sends nothing, and frees the 4-tuple.
+                drop(o);
+            }
+            let real = seq.map(|x| x.wrapping_add(ISN_STEP));
+            (target, start_connect(local, target, None, real))
+        })
+        .collect()
+}
+
 /// Starts a connect from `local` to `target`; the SYN leaves now, with
 /// `ttl` if given (the socket's TTL is normal again right after).
 fn start_connect(
     local: SocketAddr,
     target: SocketAddr,
     ttl: Option<u8>,
-) -> std::io::Result<tokio::net::TcpStream> {
+    isn: Option<u32>,
+) -> std::io::Result<Socket> {
     let s = reuse_socket(local)?;
+    if let Some(isn) = isn {
+        preset_isn(&s, isn)?;
+    }
     let normal = match (ttl, target.is_ipv4()) {
         (Some(t), true) => {
             let n = s.ttl_v4()?;
@@ -207,7 +322,44 @@ fn start_connect(
             s.set_unicast_hops_v6(n)?;
         }
     }
-    tokio::net::TcpStream::from_std(s.into())
+    Ok(s)
+}
+
+/// The send queue, for `TCP_REPAIR_QUEUE` (linux/tcp.h: `TCP_SEND_QUEUE`;
+/// the libc crate names the option, not its values).
+const TCP_SEND_QUEUE: libc::c_int = 2;
+/// `TCP_REPAIR` off without a window probe (linux/tcp.h:
+/// `TCP_REPAIR_OFF_NO_WP`): the socket is not connected yet.
+const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
+
+/// Makes `isn` the initial sequence number of the next `connect` on the
+/// unconnected `s` (`TCP_REPAIR`, as CRIU restores sockets: a send queue
+/// sequence set while closed is kept by `tcp_v4_connect`). Needs
+/// CAP_NET_ADMIN.
+fn preset_isn(s: &Socket, isn: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let set = |opt: libc::c_int, val: libc::c_int| -> std::io::Result<()> {
+        // SAFETY: a plain int option on a socket we own.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                opt,
+                (&val as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    set(libc::TCP_REPAIR, 1)?;
+    let r = set(libc::TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+        .and_then(|()| set(libc::TCP_QUEUE_SEQ, isn as libc::c_int));
+    set(libc::TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)?;
+    r
 }
 
 /// Waits for a started connect to complete or fail.
