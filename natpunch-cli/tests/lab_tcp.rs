@@ -1,7 +1,7 @@
 //! TCP hole punching through real Linux NATs (nftables in network
 //! namespaces): simultaneous open across cone and sequential symmetric
-//! NATs, through NATs that answer unsolicited SYNs with a RST (with and
-//! without limited-TTL openers), a pair whose NAT blocks UDP, and the bad
+//! NATs, through NATs that answer unsolicited SYNs with a RST (with
+//! limited-TTL openers), a pair whose NAT blocks UDP, and the bad
 //! cases (a peer that does not punch TCP, a taken port). Needs root; in
 //! CI (CI=true) a missing capability fails loudly, elsewhere the tests
 //! skip with a loud message.
@@ -20,9 +20,15 @@ struct Pair {
     lab: Lab,
     server: String,
     dir: PathBuf,
+    /// One lab at a time: the openers' timing is measured in
+    /// milliseconds, and the tests of this file would share two cores.
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn pair(a: &str, b: &str, delay_ms: u64) -> Pair {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let topology = TopologySpec::Pair {
         a: Side::parse(a).expect("preset"),
         b: Side::parse(b).expect("preset"),
@@ -41,6 +47,7 @@ fn pair(a: &str, b: &str, delay_ms: u64) -> Pair {
         lab,
         server,
         dir: tempdir("lab-tcp"),
+        _serial: serial,
     }
 }
 
@@ -109,12 +116,11 @@ fn event<'a>(events: &'a [serde_json::Value], kind: &str) -> Option<&'a serde_js
 
 /// One punch-only connect from A over TCP: whether it connected directly
 /// over a TCP stream, and how long the process ran.
-fn punch_once(p: &Pair, id: &str, extra: &[&str]) -> (bool, Duration, String) {
+fn punch_once(p: &Pair, id: &str) -> (bool, Duration, String) {
     let t = Instant::now();
     let o = run_with_timeout(
         p.peer(Node::HostA, "a")
             .args(["--once", "--tcp", "--timeout", "5", "-d", id])
-            .args(extra)
             .stdin(Stdio::null()),
         30,
     );
@@ -176,66 +182,68 @@ fn tcp_punches_cone_and_sequential_symmetric_pairs_and_carries_the_session() {
     }
 }
 
-/// A measurement, run by hand (`--ignored`): NATs that answer unsolicited
-/// SYNs with a RST, 10 ms per access link, 20 punches per pair with and
-/// without limited-TTL openers, the counts printed. The goal is 19 of 20
-/// with openers; it is not met yet (see the README), so this is not a CI
-/// test.
+/// NATs that answer unsolicited SYNs with a RST, 10 ms per access link:
+/// 20 punches per pair with limited-TTL openers, and at least 19 must go
+/// direct over TCP. Two sequential NATs are measured and printed, not
+/// held to it: they reach 9–11 of 20 so far (the goal is not met there).
 #[test]
-#[ignore = "a measurement: the RST goal is not met yet"]
 fn tcp_punches_through_rst_sending_nats_with_limited_ttl_openers() {
     if !lab_available() {
         return;
     }
     const RUNS: usize = 20;
     let mut report = Vec::new();
-    for (a, b) in [
+    // (A, B, held to 19 of 20)
+    for (a, b, held) in [
         (
             "port-restricted-cone:inbound-tcp=rst",
             "port-restricted-cone:inbound-tcp=rst",
+            true,
         ),
         (
             "port-restricted-cone:inbound-tcp=rst",
             "symmetric-sequential:inbound-tcp=rst",
+            true,
         ),
         (
             "symmetric-sequential:inbound-tcp=rst",
             "symmetric-sequential:inbound-tcp=rst",
+            false,
         ),
     ] {
-        for openers in ["on", "off"] {
-            let p = pair(a, b, 10);
-            let l = start_listener(
-                p.peer(Node::HostB, "b")
-                    .args(["--tcp", "--keep-open", "--tcp-openers", openers])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null()),
-            );
-            let mut ok = 0;
-            let mut times = Vec::new();
-            let mut last_err = String::new();
-            for _ in 0..RUNS {
-                let (good, took, err) = punch_once(&p, &l.id, &["--tcp-openers", openers]);
-                if good {
-                    ok += 1;
-                    times.push(took.as_millis() as u64);
-                } else {
-                    last_err = err;
-                }
+        let p = pair(a, b, 10);
+        let l = start_listener(
+            p.peer(Node::HostB, "b")
+                .args(["--tcp", "--keep-open"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null()),
+        );
+        let mut ok = 0;
+        let mut times = Vec::new();
+        let mut last_err = String::new();
+        for _ in 0..RUNS {
+            let (good, took, err) = punch_once(&p, &l.id);
+            if good {
+                ok += 1;
+                times.push(took.as_millis() as u64);
+            } else {
+                last_err = err;
             }
-            times.sort_unstable();
-            let median = times.get(times.len() / 2).copied().unwrap_or(0);
-            let line = format!(
-                "{a} × {b}, openers {openers}: {ok}/{RUNS} direct over TCP (median {median} ms from process start)"
-            );
-            eprintln!("{line}");
-            report.push((openers, ok, line, last_err));
         }
+        times.sort_unstable();
+        let median = times.get(times.len() / 2).copied().unwrap_or(0);
+        let line = format!(
+            "{a} × {b}: {ok}/{RUNS} direct over TCP with openers (median {median} ms from process start to connected)"
+        );
+        eprintln!("{line}");
+        report.push((held, ok, line, last_err));
     }
-    for (openers, ok, line, last_err) in &report {
-        if *openers == "on" && *ok < 19 {
-            eprintln!("below the goal: {line}; last failure:\n{last_err}");
+    for (held, ok, line, last_err) in &report {
+        if !held {
+            eprintln!("not yet held to 19 of 20: {line}");
+            continue;
         }
+        assert!(*ok >= 19, "{line}; last failure:\n{last_err}");
     }
 }
 
