@@ -30,9 +30,16 @@ struct Pair {
     lab: Lab,
     server: String,
     dir: PathBuf,
+    /// One lab at a time: a test here compares connect and exit times
+    /// with port mapping on and off, and the others' miniupnpd start-ups
+    /// on the same two cores skewed it (CI once saw 989 ms on, 652 off).
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn pair(a: &str, b: &str, delay_ms: u64) -> Pair {
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let topology = TopologySpec::Pair {
         a: Side::parse(a).expect("preset"),
         b: Side::parse(b).expect("preset"),
@@ -51,6 +58,7 @@ fn pair(a: &str, b: &str, delay_ms: u64) -> Pair {
         lab,
         server,
         dir: tempdir("lab-portmap"),
+        _serial: serial,
     }
 }
 
