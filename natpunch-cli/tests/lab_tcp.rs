@@ -3,9 +3,8 @@
 //! NATs, through NATs that answer unsolicited SYNs with a RST (with
 //! limited-TTL openers, measured by hand), a pair whose NAT blocks UDP,
 //! and the bad cases (a peer that does not punch TCP, a taken port).
-//! Needs root; in
-//! CI (CI=true) a missing capability fails loudly, elsewhere the tests
-//! skip with a loud message.
+//! Needs root; in CI (CI=true) a missing capability fails loudly,
+//! elsewhere the tests skip with a loud message.
 
 mod common;
 

@@ -616,6 +616,13 @@ impl Punch {
     /// rule out a UDP path do not end the attempt.
     pub fn set_tcp_pending(&mut self) {
         self.tcp_pending = true;
+        // Its SYNs are not probes, but it was tried: a timeout says so.
+        if !self.attempted.contains(&Strategy::Tcp) {
+            self.attempted.push(Strategy::Tcp);
+            self.events.push_back(PunchEvent::Attempt {
+                strategy: Strategy::Tcp,
+            });
+        }
     }
 
     /// The TCP punch found no stream (`reason`, for people): a TCP-only
