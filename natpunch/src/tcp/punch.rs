@@ -63,7 +63,7 @@ enum Ended {
 /// the opener's (64240 / 15.6 per µs), with room for the pause's own
 /// overshoot and the sockets' set-up (the drift measured 2.1–2.3 ms for
 /// a 2 ms pause).
-pub const OPENER_LIFE: Duration = Duration::from_micros(3000);
+pub const OPENER_LIFE: Duration = Duration::from_micros(2500);
 /// With chosen sequence numbers (CAP_NET_ADMIN), the real SYN's is the
 /// opener's plus this: inside the peer's SYN window (64240) of it, so a
 /// NAT that kept the opener's still passes our answer, and outside the
