@@ -1251,7 +1251,7 @@ impl Host {
                     in_ms = at.saturating_duration_since(now).as_millis() as u64,
                     "TCP punch"
                 );
-                stale = mine.mapping != Some(Behaviour::EndpointIndependent);
+                stale = !maps_once(Some(mine));
                 a.tcp = TcpStage::Running;
                 p.set_tcp_pending();
                 self.events
@@ -1826,13 +1826,7 @@ impl Host {
             return;
         };
         a.peer_tcp = info.tcp;
-        a.tcp_intro = a.tcp_told
-            && info
-                .tcp
-                .is_some_and(|t| t.mapping == Some(Behaviour::EndpointIndependent))
-            && self
-                .tcp
-                .is_some_and(|t| t.mapping == Some(Behaviour::EndpointIndependent));
+        a.tcp_intro = a.tcp_told && maps_once(info.tcp) && maps_once(self.tcp);
         a.peer_nat = info.nat;
         a.peer_lan = info.candidates.clone();
         let peer_view = SideView {
@@ -1980,14 +1974,7 @@ impl Host {
         self.refresh_tcp();
         let mut a = self.new_attempt(now, peer, Role::Responder, session);
         a.peer_tcp = intro.info.tcp;
-        a.tcp_intro = !self.nat.pending.tcp
-            && intro
-                .info
-                .tcp
-                .is_some_and(|t| t.mapping == Some(Behaviour::EndpointIndependent))
-            && self
-                .tcp
-                .is_some_and(|t| t.mapping == Some(Behaviour::EndpointIndependent));
+        a.tcp_intro = !self.nat.pending.tcp && maps_once(intro.info.tcp) && maps_once(self.tcp);
         a.peer_nat = intro.info.nat;
         a.peer_lan = intro.info.candidates.clone();
         let cfg = self.punch_cfg();
@@ -2536,6 +2523,12 @@ impl Host {
 const NO_SOCKET: SocketId = SocketId(usize::MAX);
 
 /// A punch probe (paced), as opposed to acks and confirms (sent at once).
+/// Known TCP facts of a NAT that maps TCP once per local port (not per
+/// destination): they stay true from one punch to the next.
+fn maps_once(tcp: Option<TcpInfo>) -> bool {
+    tcp.is_some_and(|t| t.mapping == Some(Behaviour::EndpointIndependent))
+}
+
 fn is_probe(payload: &[u8]) -> bool {
     crate::punch::wire::is_punch(payload) && payload.get(2) == Some(&1)
 }
