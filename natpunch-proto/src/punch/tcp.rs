@@ -9,7 +9,18 @@
 //! mapping; a predictable symmetric NAT at the window of its next ports,
 //! in creation order, so that two symmetric sides line up their k-th new
 //! mappings (Wei et al. 2008, "A New Method for Symmetric NAT Traversal
-//! in UDP and TCP"). A random symmetric NAT cannot be punched over TCP:
+//! in UDP and TCP").
+//!
+//! Lining up exactly breaks as soon as any other new flow passes either
+//! NAT between its measurement and the punch (another host behind it, a
+//! UDP query of our own: the lab's CI runs saw one such flow in about
+//! half of the attempts). So between two sequential symmetric NATs one
+//! side *sweeps*: its k-th SYN aims at the peer's (2k + 1)-th next port
+//! instead of its (k + 1)-th, while the other side aims steadily. If `a`
+//! and `b` other flows took ports at the two NATs, the sweeper's k-th
+//! mapping meets the steady side's (k + a)-th exactly when k = a + b (see
+//! [`sweep`]): any a + b below the window finds its pair, and with no
+//! other flow the first SYNs meet as before. A random symmetric NAT cannot be punched over TCP:
 //! birthday probing would need hundreds of listening sockets and SYNs.
 //!
 //! The limited-TTL first SYN is the paper's answer to NATs that reset an
@@ -94,7 +105,14 @@ pub fn plan(
             t
         }
         PairKind::Cone => vec![peer.mapped],
-        PairKind::Predict | PairKind::Ttl if peer_v.hard() => predicted(&peer_v, cfg.window),
+        PairKind::Predict | PairKind::Ttl if peer_v.hard() => {
+            let targets = predicted(&peer_v, cfg.window);
+            if me_v.hard() && sweeps(me, peer) {
+                sweep(&targets, cfg.window)
+            } else {
+                targets
+            }
+        }
         PairKind::Predict | PairKind::Ttl | PairKind::Undecided => vec![peer.mapped],
         PairKind::Birthday => return Err(TcpPlanError::RandomPorts),
         PairKind::Impossible => {
@@ -110,6 +128,38 @@ pub fn plan(
         opener_ttl: ttl.filter(|_| kind != PairKind::Lan),
         kind,
     })
+}
+
+/// Which of two sequential symmetric sides sweeps: the one whose mapped
+/// address sorts higher (both sides decide the same from the same facts).
+fn sweeps(me: &TcpInfo, peer: &TcpInfo) -> bool {
+    (me.mapped.ip(), me.mapped.port()) > (peer.mapped.ip(), peer.mapped.port())
+}
+
+/// The sweeper's order of the peer's predicted ports (`targets`: the
+/// `window` next ones in creation order, then the few behind): its k-th
+/// SYN goes to the peer's (2k + 1)-th next port.
+///
+/// Why it meets: say `a` other flows took ports at the sweeper's NAT and
+/// `b` at the steady side's after they were measured. The sweeper's k-th
+/// SYN then leaves from its (k + 1 + a)-th next port to the peer's
+/// (2k + 1)-th; the steady side's m-th leaves from its (m + 1 + b)-th
+/// next port to the sweeper's (m + 1)-th. They are one 4-tuple when
+/// m = k + a and 2k = m + b, that is k = a + b: one pair meets for every
+/// a + b with 2(a + b) + a below the window.
+fn sweep(targets: &[SocketAddr], window: u16) -> Vec<SocketAddr> {
+    let ahead = usize::from(window).min(targets.len());
+    let (next, behind) = targets.split_at(ahead);
+    let (Some(first), Some(second)) = (next.first(), next.get(1)) else {
+        return targets.to_vec();
+    };
+    let delta = i32::from(second.port()) - i32::from(first.port());
+    let mut order: Vec<SocketAddr> = (0..ahead as i32)
+        .map_while(|k| super::plan::port_step(first.port(), delta, 2 * k))
+        .map(|p| SocketAddr::new(first.ip(), p))
+        .collect();
+    order.extend_from_slice(behind);
+    order
 }
 
 #[cfg(test)]
@@ -182,6 +232,48 @@ mod tests {
         assert_eq!(pa.targets[0].port(), 10021);
         assert_eq!(pb.targets[0].port(), 10011);
         assert_eq!(pa.targets[5].port(), 10026);
+    }
+
+    #[test]
+    fn one_sequential_side_sweeps_so_other_flows_at_either_nat_still_meet() {
+        let a = info(
+            "198.51.100.2:10010",
+            Behaviour::AddressAndPortDependent,
+            AllocationKind::Sequential,
+            1,
+        );
+        let b = info(
+            "198.51.100.18:10020",
+            Behaviour::AddressAndPortDependent,
+            AllocationKind::Sequential,
+            1,
+        );
+        let pa = plan(&a, &nat(), &b, &nat(), &[], &cfg()).unwrap();
+        let pb = plan(&b, &nat(), &a, &nat(), &[], &cfg()).unwrap();
+        // B sorts higher and sweeps; A aims steadily.
+        assert_eq!(pa.targets[0].port(), 10021);
+        assert_eq!(pa.targets[5].port(), 10026);
+        let ports: Vec<u16> = pb.targets.iter().map(|t| t.port()).take(4).collect();
+        assert_eq!(ports, [10011, 10013, 10015, 10017]);
+        let window = usize::from(cfg().window);
+        let unique: std::collections::HashSet<_> = pb.targets.iter().collect();
+        assert_eq!(unique.len(), pb.targets.len(), "no 4-tuple twice");
+        // Each side's SYNs leave in order from its next ports, after `x`
+        // and `y` other flows took some: a pair meets for every x + y the
+        // window allows.
+        for x in 0..4u16 {
+            for y in 0..4u16 {
+                let from_a: Vec<(u16, u16)> = (0..window as u16)
+                    .map(|m| (10011 + m + x, pa.targets[usize::from(m)].port()))
+                    .collect();
+                let met = (0..window as u16).any(|k| {
+                    let b_from = 10021 + k + y;
+                    let b_to = pb.targets[usize::from(k)].port();
+                    from_a.contains(&(b_to, b_from))
+                });
+                assert!(met, "{x} other flows at A's NAT, {y} at B's: no pair meets");
+            }
+        }
     }
 
     #[test]
