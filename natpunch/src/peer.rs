@@ -889,13 +889,19 @@ impl Driver {
                     t.abort();
                 }
             }
-            HostEvent::TcpPunch { session, plan, at } => {
+            HostEvent::TcpPunch {
+                session,
+                plan,
+                at,
+                until,
+            } => {
                 if let Some(local) = self.punch_port {
                     let task = tokio::spawn(crate::tcp::punch::run(
                         session,
                         plan,
                         local,
                         at,
+                        until,
                         self.punch_news.clone(),
                     ));
                     if let Some(old) = self.tcp_punches.insert(session, task) {

@@ -111,6 +111,11 @@ pub mod defaults {
     /// session's move onto a stream, with its head-of-line blocking) are
     /// spent only where UDP is slow or failing.
     pub const TCP_GRACE: Duration = Duration::from_secs(2);
+    /// A TCP punch gives up this long before its attempt's deadline, so
+    /// that its connects' errors (refused, unreachable) are the attempt's
+    /// reason instead of a bare timeout: the driver's report reaches the
+    /// coordinator in-process, in well under a millisecond.
+    pub const TCP_REPORT_MARGIN: Duration = Duration::from_millis(200);
     /// TCP's limited-TTL openers only where the server is at least this
     /// far: a router's ICMP "time exceeded" aborts the opener's socket
     /// within one round trip to it, and the real SYN follows 2.5–5 ms
@@ -342,6 +347,9 @@ pub enum HostEvent {
         session: u64,
         plan: TcpPlan,
         at: Instant,
+        /// Give up by then (just before the attempt's own deadline) and
+        /// report why.
+        until: Instant,
     },
     /// Measure the TCP punching port's mapping again ([`Host::set_tcp`]
     /// takes the answer): a NAT that maps TCP per destination moved on
@@ -1254,8 +1262,17 @@ impl Host {
                 stale = !maps_once(Some(mine));
                 a.tcp = TcpStage::Running;
                 p.set_tcp_pending();
-                self.events
-                    .push_back(HostEvent::TcpPunch { session, plan, at });
+                let until = p
+                    .deadline()
+                    .checked_sub(defaults::TCP_REPORT_MARGIN)
+                    .unwrap_or(at)
+                    .max(at);
+                self.events.push_back(HostEvent::TcpPunch {
+                    session,
+                    plan,
+                    at,
+                    until,
+                });
             }
             Err(e) => {
                 tracing::debug!(session, error = %e, "no TCP punch");

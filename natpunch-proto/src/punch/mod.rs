@@ -636,6 +636,11 @@ impl Punch {
         self.replan(now);
     }
 
+    /// When the attempt gives up.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
     /// The coordinated start.
     pub fn start_at(&self) -> Instant {
         self.start_at

@@ -27,8 +27,10 @@
 //! Whichever way the kernel resolves it (our connect completes, the
 //! listener accepts the peer's SYN, or the two SYNs cross) one stream
 //! results. A connect refused (a RST) or unreachable is tried again on a
-//! new socket after a short jittered pause; one still pending is left to
-//! the kernel's SYN retransmission.
+//! new socket: with openers on the next round of the coordinated start
+//! (both sides retry on the same rounds, behind openers again), without
+//! them after a short jittered pause; one still pending is left to the
+//! kernel's SYN retransmission.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -41,13 +43,18 @@ use tokio::task::JoinSet;
 
 use super::{reuse_socket, TcpNews};
 
-/// A failed connect is tried again after this, plus up to [`JITTER`]: a
-/// RST from a NAT that had no mapping yet comes back in one round trip,
-/// and the peer's own SYN has usually opened its NAT by then.
+/// A failed connect is tried again on the next round, rounds this far
+/// apart from the coordinated start (with openers; see [`retry_at`]), or
+/// after this plus up to [`JITTER`] (without): a RST from a NAT that had
+/// no mapping yet comes back in one round trip (tens of ms), and a round
+/// of 20 targets takes a few ms to send.
 pub const RETRY: Duration = Duration::from_millis(250);
+/// Spread of the retries without openers, so two sides do not retry in
+/// lockstep into each other's RSTs forever.
 pub const JITTER: Duration = Duration::from_millis(150);
-/// The whole punch gives up after this (the attempt's own deadline is
-/// 10 s, [`natpunch_proto::punch::defaults::TIMEOUT`]).
+/// The whole punch gives up after this at most (the attempt's own
+/// deadline is 10 s, [`natpunch_proto::punch::defaults::TIMEOUT`], and the
+/// coordinator's `until` is just before it).
 pub const GIVE_UP: Duration = Duration::from_secs(9);
 
 /// How one connect ended.
@@ -83,60 +90,62 @@ const OPENER_GAP_CHOSEN_ISN: Duration = Duration::from_millis(5);
 const PRECISE_START: Duration = Duration::from_millis(3);
 
 /// Runs `plan` for `session` from `local` (the punching port) starting at
-/// `at`; streams and the end go to `news`. Cancelled by aborting its task.
+/// `at` and giving up by `until`; streams and the end go to `news`.
+/// Cancelled by aborting its task.
 pub async fn run(
     session: u64,
     plan: TcpPlan,
     local: SocketAddr,
     at: Instant,
+    until: Instant,
     news: mpsc::UnboundedSender<TcpNews>,
 ) {
-    // With openers, the last stretch to the start is slept on the
+    // With openers, the last stretch to each round is slept on the
     // blocking thread, to the microsecond (see `open_then_connect`).
-    let wake = match plan.opener_ttl {
-        Some(_) => at.checked_sub(PRECISE_START).unwrap_or(at),
-        None => at,
+    let lead = match plan.opener_ttl {
+        Some(_) => PRECISE_START,
+        None => Duration::ZERO,
     };
-    tokio::time::sleep_until(wake.into()).await;
-    let give_up = Instant::now().max(at) + GIVE_UP;
+    tokio::time::sleep_until(at.checked_sub(lead).unwrap_or(at).into()).await;
+    let give_up = (Instant::now().max(at) + GIVE_UP).min(until);
     let mut connects: JoinSet<(SocketAddr, Ended)> = JoinSet::new();
     let mut errors: Vec<String> = Vec::new();
     let mut due: Vec<SocketAddr> = plan.targets.clone();
     let mut retries: Vec<(Instant, SocketAddr)> = Vec::new();
-    let mut first = true;
+    let mut round = at;
     let mut up = false;
     loop {
         let now = Instant::now();
         retries.retain(|(when, t)| {
-            if *when <= now {
+            if *when <= now + lead {
                 due.push(*t);
+                round = *when;
                 false
             } else {
                 true
             }
         });
-        // Only the first SYN to each target is an opener.
-        let ttl = plan.opener_ttl.filter(|_| first);
-        first = false;
-        let started: Vec<_> = match ttl {
+        let started: Vec<_> = match plan.opener_ttl {
             // Openers, the pauses and the real SYNs, off the runtime.
-            Some(ttl) => {
+            Some(ttl) if !due.is_empty() => {
                 let targets = std::mem::take(&mut due);
-                tokio::task::spawn_blocking(move || open_then_connect(local, &targets, ttl, at))
+                tokio::task::spawn_blocking(move || open_then_connect(local, &targets, ttl, round))
                     .await
                     .unwrap_or_default()
             }
-            None => due
+            _ => due
                 .drain(..)
                 .map(|t| (t, start_connect(local, t, None, None)))
                 .collect(),
         };
+        let again = retry_at(at, lead, plan.opener_ttl.is_some());
         for (target, started) in started {
             started_connect(
                 session,
                 target,
                 started,
                 up,
+                again,
                 &mut connects,
                 &mut errors,
                 &mut retries,
@@ -149,6 +158,7 @@ pub async fn run(
             .iter()
             .map(|(w, _)| *w)
             .min()
+            .map(|w| w.checked_sub(lead).unwrap_or(w))
             .unwrap_or(give_up)
             .min(give_up);
         if Instant::now() >= give_up {
@@ -175,8 +185,7 @@ pub async fn run(
                         if up {
                             continue;
                         }
-                        let pause = RETRY + JITTER.mul_f64(rand::rng().random::<f64>());
-                        retries.push((Instant::now() + pause, target));
+                        retries.push((retry_at(at, lead, plan.opener_ttl.is_some()), target));
                     }
                 }
             }
@@ -184,9 +193,26 @@ pub async fn run(
         }
     }
     if !up {
-        let reason = summary(&plan, &errors);
+        let reason = summary(&plan, &errors, Instant::now().saturating_duration_since(at));
         let _ = news.send(TcpNews::Over { session, reason });
     }
+}
+
+/// When a failed connect is tried again. With openers, at the next round
+/// of the coordinated start (`at` + k × [`RETRY`], at least `lead` away):
+/// the peer's connects fail and retry on the same rounds, so every round
+/// is again a simultaneous open behind openers; a lone retry would meet
+/// the peer's NAT with no mapping and its RST would close ours (through
+/// two NATs that answer with a RST, unaligned retries never met). Without
+/// openers, after [`RETRY`] plus up to [`JITTER`].
+fn retry_at(at: Instant, lead: Duration, openers: bool) -> Instant {
+    let now = Instant::now();
+    if !openers {
+        return now + RETRY + JITTER.mul_f64(rand::rng().random::<f64>());
+    }
+    let past = (now + lead).saturating_duration_since(at);
+    let rounds = past.as_nanos() / RETRY.as_nanos() + 1;
+    at + RETRY * u32::try_from(rounds).unwrap_or(u32::MAX)
 }
 
 /// Puts a started connect to work: its end is awaited; one that could not
@@ -196,6 +222,7 @@ fn started_connect(
     target: SocketAddr,
     started: std::io::Result<Socket>,
     up: bool,
+    again: Instant,
     connects: &mut JoinSet<(SocketAddr, Ended)>,
     errors: &mut Vec<String>,
     retries: &mut Vec<(Instant, SocketAddr)>,
@@ -211,7 +238,7 @@ fn started_connect(
                 // The 4-tuple is taken: the peer's SYN reached our
                 // listener first, which completes it (or not: then try
                 // again later).
-                retries.push((Instant::now() + RETRY, target));
+                retries.push((again, target));
             }
             // Anything else (the port cannot be bound): no retry helps.
         }
@@ -385,7 +412,8 @@ fn describe(e: &std::io::Error) -> String {
 }
 
 /// Why the punch ended without a stream, in one line.
-fn summary(plan: &TcpPlan, errors: &[String]) -> String {
+fn summary(plan: &TcpPlan, errors: &[String], spent: Duration) -> String {
+    let secs = format!("{:.1}", spent.as_secs_f64());
     let targets = match plan.targets.as_slice() {
         [one] => one.to_string(),
         many => format!(
@@ -396,10 +424,9 @@ fn summary(plan: &TcpPlan, errors: &[String]) -> String {
     };
     match errors.last() {
         Some(last) => format!(
-            "{} s of SYNs to {targets} ({} failed connects; last: {last})",
-            GIVE_UP.as_secs(),
+            "{secs} s of SYNs to {targets} ({} failed connects; last: {last})",
             errors.len()
         ),
-        None => format!("{} s of SYNs to {targets} got no answer", GIVE_UP.as_secs()),
+        None => format!("{secs} s of SYNs to {targets} got no answer"),
     }
 }
