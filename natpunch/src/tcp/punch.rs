@@ -144,8 +144,7 @@ pub async fn run(
                 session,
                 target,
                 started,
-                up,
-                again,
+                (!up).then_some(again),
                 &mut connects,
                 &mut errors,
                 &mut retries,
@@ -216,13 +215,13 @@ fn retry_at(at: Instant, lead: Duration, openers: bool) -> Instant {
 }
 
 /// Puts a started connect to work: its end is awaited; one that could not
-/// start is retried only when its 4-tuple was taken.
+/// start is retried at `again` (none once a stream is up) only when its
+/// 4-tuple was taken.
 fn started_connect(
     session: u64,
     target: SocketAddr,
     started: std::io::Result<Socket>,
-    up: bool,
-    again: Instant,
+    again: Option<Instant>,
     connects: &mut JoinSet<(SocketAddr, Ended)>,
     errors: &mut Vec<String>,
     retries: &mut Vec<(Instant, SocketAddr)>,
@@ -234,7 +233,7 @@ fn started_connect(
         Err(e) => {
             tracing::debug!(session, %target, error = %e, "TCP connect not started");
             errors.push(format!("{target}: {}", describe(&e)));
-            if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && !up {
+            if let (Some(again), Some(libc::EADDRNOTAVAIL)) = (again, e.raw_os_error()) {
                 // The 4-tuple is taken: the peer's SYN reached our
                 // listener first, which completes it (or not: then try
                 // again later).
@@ -423,6 +422,13 @@ fn summary(plan: &TcpPlan, errors: &[String], spent: Duration) -> String {
         ),
     };
     match errors.last() {
+        // Over at once (no route, the port cannot be bound): the error
+        // itself, which names its target.
+        Some(last) if errors.len() == 1 && spent < RETRY => last.clone(),
+        Some(last) if spent < RETRY => format!(
+            "{} connects to {targets} failed at once; last: {last}",
+            errors.len()
+        ),
         Some(last) => format!(
             "{secs} s of SYNs to {targets} ({} failed connects; last: {last})",
             errors.len()
