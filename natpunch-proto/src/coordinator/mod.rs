@@ -1231,8 +1231,8 @@ impl Host {
             }
             _ => return,
         };
-        // Both sides must send their openers within OPENER_LIFE of each
-        // other: the introduction's start, or else the server's go.
+        // Both sides must send their openers within an opener's life of
+        // each other: the introduction's start, or else the server's go.
         let start = if a.tcp_intro {
             p.start_at()
         } else if let Some(go) = p.go_at() {

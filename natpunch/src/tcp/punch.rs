@@ -5,24 +5,27 @@
 //! moment. A side with an *opener* TTL first sends a SYN with it: it
 //! creates our NAT's mapping and opens its filter to the peer, and dies
 //! before the peer's NAT, so a NAT that resets unsolicited SYNs never sees
-//! it. The real SYN follows [`OPENER_LIFE`] later from a new socket on the
-//! same 4-tuple (a router's ICMP "time exceeded" would abort the opener's
-//! socket anyway), with the normal TTL. Both sides do the same at the same
-//! moment, so each real SYN reaches the other NAT after that NAT's opener:
-//! the start skew must stay under [`OPENER_LIFE`].
+//! it. The real SYN follows from a new socket on the same 4-tuple, with
+//! the normal TTL, once the opener is over. Both sides do the same at the
+//! same moment, so each real SYN reaches the other NAT after that NAT's
+//! opener: the start skew must stay under the opener's life.
 //!
-//! The gap is also bounded from above. A NAT built on Linux conntrack
-//! that sees the peer's SYN between our opener and our real SYN keeps the
+//! That life is bounded from above. A NAT built on Linux conntrack that
+//! sees the peer's SYN between our opener and our real SYN keeps the
 //! opener's initial sequence number, and drops our answer (not NATed, it
 //! leaks with our private source address) unless its sequence number lies
 //! within the peer's SYN window (64240 for Linux) of the opener's. With
 //! CAP_NET_ADMIN we choose both numbers (`TCP_REPAIR`, [`ISN_STEP`]
-//! apart) and the gap is [`OPENER_GAP_CHOSEN_ISN`]; without it the
-//! kernel's ISN clock (15.6 per µs) leaves about 4 ms, and the gap is
-//! [`OPENER_LIFE`]. The openers, the precise pauses and the real SYNs run
-//! on a blocking thread, not on tokio's 1 ms timer wheel: with the timer
-//! the gap was 3.2–4.5 ms in the lab, and the runs at 4.5 ms failed just
-//! so (an answer from 10.0.2.2 on the NAT's WAN).
+//! apart), and the opener lives until the router past our NAT answers it
+//! with ICMP "time exceeded", which aborts its socket (until then that
+//! socket answers an early peer SYN itself, with the number our NAT saw),
+//! or [`OPENER_MAX_LIFE_CHOSEN_ISN`]; without it the kernel's ISN clock
+//! (15.6 per µs) leaves about 4 ms, and the opener lives [`OPENER_LIFE`]
+//! (or less, if its ICMP comes sooner). The openers, the precise waits and
+//! the real SYNs run on a blocking thread (`ppoll` on the openers'
+//! sockets), not on tokio's 1 ms timer wheel: with the timer the gap was
+//! 3.2–4.5 ms in the lab, and the runs at 4.5 ms failed just so (an
+//! answer from 10.0.2.2 on the NAT's WAN).
 //!
 //! Whichever way the kernel resolves it (our connect completes, the
 //! listener accepts the peer's SYN, or the two SYNs cross) one stream
@@ -63,8 +66,8 @@ enum Ended {
     Failed(std::io::Error),
 }
 
-/// The real SYN follows the opener this long after (see the module doc):
-/// the start skew it absorbs (the server aligns both starts to its
+/// Without chosen sequence numbers the real SYN follows the opener at most
+/// this long after (see the module doc): the start skew it absorbs (the server aligns both starts to its
 /// millisecond; the lab measured 0.2–1.5 ms between the two NATs'
 /// openers) against the 4.1 ms an answer's sequence number may drift from
 /// the opener's (64240 / 15.6 per µs), with room for the pause's own
@@ -77,11 +80,14 @@ pub const OPENER_LIFE: Duration = Duration::from_micros(2500);
 /// one-number window an ICMP "time exceeded" for the opener must hit to
 /// abort the real connect (`tcp_v4_err` checks it against snd_una..snd_nxt).
 const ISN_STEP: u32 = 16384;
-/// The gap with chosen sequence numbers: only the start skew bounds it
-/// from below, and the opener's own life (a router's ICMP comes back
-/// after two access-link delays, then only the listener would answer
-/// the peer's SYN, with the kernel's number) from above.
-const OPENER_GAP_CHOSEN_ISN: Duration = Duration::from_millis(5);
+/// With chosen sequence numbers the real SYN waits for the opener's ICMP
+/// "time exceeded" (the opener's socket answers an early peer SYN until
+/// then, with the number our NAT saw), so the start skew the pair absorbs
+/// is the round trip to the router past our NAT (20 ms in the lab, whose
+/// access links carry the delay), not a fixed few ms; a router that sends
+/// no ICMP (or rate-limits it: Linux allows bursts of 6) leaves the
+/// opener this long at most.
+const OPENER_MAX_LIFE_CHOSEN_ISN: Duration = Duration::from_millis(30);
 /// The openers' start is slept on tokio's timer (1 ms ticks, rounded up)
 /// to this long before it, and the rest with `nanosleep`: both sides'
 /// openers then leave within the server's alignment of each other, not
@@ -245,9 +251,11 @@ fn started_connect(
 }
 
 /// Blocking: at `at` to the microsecond, an opener SYN with `ttl` to
-/// each target, [`OPENER_LIFE`] of precise pause, then each target's real
-/// SYN from a new socket. An opener the peer's SYN already reached (our
-/// answer is out, or the stream is up) is kept instead.
+/// each target, then each target's real SYN from a new socket as soon as
+/// its opener is over: the router past our NAT answered it with ICMP
+/// "time exceeded" (which aborts the opener's socket), or its longest
+/// life ran out. An opener the peer's SYN already reached (our answer is
+/// out, or the stream is up) is kept instead.
 fn open_then_connect(
     local: SocketAddr,
     targets: &[SocketAddr],
@@ -265,44 +273,70 @@ fn open_then_connect(
     )
     .and_then(|probe| preset_isn(&probe, isn))
     .is_ok();
-    let gap = if chosen {
-        OPENER_GAP_CHOSEN_ISN
+    let life = if chosen {
+        OPENER_MAX_LIFE_CHOSEN_ISN
     } else {
         OPENER_LIFE
     };
     std::thread::sleep(at.saturating_duration_since(Instant::now()));
-    let openers: Vec<_> = targets
-        .iter()
-        .map(|&t| {
-            isn = isn.wrapping_add(ISN_STEP * 2);
-            let seq = chosen.then_some(isn);
-            (
-                t,
-                seq,
-                Instant::now(),
-                start_connect(local, t, Some(ttl), seq),
+    let mut waiting = Vec::new();
+    let mut out = Vec::new();
+    for &t in targets {
+        isn = isn.wrapping_add(ISN_STEP * 2);
+        let seq = chosen.then_some(isn);
+        match start_connect(local, t, Some(ttl), seq) {
+            Ok(o) => waiting.push((t, seq, Instant::now() + life, o)),
+            Err(e) => out.push((t, Err(e))),
+        }
+    }
+    while !waiting.is_empty() {
+        let now = Instant::now();
+        let next = waiting.iter().map(|w| w.2).min().unwrap_or(now);
+        let mut fds: Vec<libc::pollfd> = waiting
+            .iter()
+            .map(|w| libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&w.3),
+                events: libc::POLLOUT,
+                revents: 0,
+            })
+            .collect();
+        let wait = next.saturating_duration_since(now);
+        let ts = libc::timespec {
+            tv_sec: wait.as_secs() as libc::time_t,
+            tv_nsec: libc::c_long::from(wait.subsec_nanos() as i32),
+        };
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the
+        // call's duration; a null sigmask leaves the mask unchanged.
+        let ready = unsafe {
+            libc::ppoll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
             )
-        })
-        .collect();
-    openers
-        .into_iter()
-        .map(|(target, seq, sent, opener)| {
-            // Each real SYN keeps its own time after its own opener: a
-            // window of 20 targets takes a millisecond to open, too much
-            // to add to the last target's drift.
-            std::thread::sleep((sent + gap).saturating_duration_since(Instant::now()));
-            if let Ok(o) = opener {
-                // getpeername fails in SYN-SENT only: the peer answered.
-                if o.peer_addr().is_ok() && matches!(o.take_error(), Ok(None)) {
-                    return (target, Ok(o));
-                }
-                // Closing in SYN-SENT sends nothing, and frees the 4-tuple.
-                drop(o);
+        };
+        let now = Instant::now();
+        let mut k = 0;
+        while k < waiting.len() {
+            let over = ready > 0 && fds[k].revents != 0;
+            if !over && waiting[k].2 > now {
+                k += 1;
+                continue;
             }
+            fds.remove(k);
+            let (target, seq, _, opener) = waiting.remove(k);
+            // getpeername fails in SYN-SENT only: the peer answered.
+            if opener.peer_addr().is_ok() && matches!(opener.take_error(), Ok(None)) {
+                out.push((target, Ok(opener)));
+                continue;
+            }
+            // Closing in SYN-SENT sends nothing, and frees the 4-tuple.
+            drop(opener);
             let real = seq.map(|x| x.wrapping_add(ISN_STEP));
-            (target, start_connect(local, target, None, real))
-        })
-        .collect()
+            out.push((target, start_connect(local, target, None, real)));
+        }
+    }
+    out
 }
 
 /// Starts a connect from `local` to `target`; the SYN leaves now, with
