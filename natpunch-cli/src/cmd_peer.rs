@@ -91,10 +91,10 @@ pub struct CommonArgs {
     pub tcp: bool,
     /// Punch TCP too where UDP cannot do it: at once when either side's
     /// network blocks UDP, else beside a UDP punch that has found nothing
-    /// after 2 s.
+    /// after 2 s (the default; the flag is kept for scripts).
     #[arg(long, conflicts_with = "no_tcp")]
     pub tcp_fallback: bool,
-    /// Never punch TCP (the default for now).
+    /// Never punch TCP (no TCP port is measured or listened on).
     #[arg(long)]
     pub no_tcp: bool,
     /// Whether TCP's first SYN to each target leaves with the limited TTL
@@ -302,10 +302,10 @@ pub fn run(
         cfg.peer.punch.plan.tcp_openers = common.tcp_openers;
         cfg.peer.tcp = if common.tcp {
             TcpMode::Only
-        } else if common.tcp_fallback && !common.no_tcp {
-            TcpMode::Fallback
-        } else {
+        } else if common.no_tcp {
             TcpMode::Off
+        } else {
+            TcpMode::Fallback
         };
         cfg.peer.portmap = (!common.no_portmap && !common.portmap.0.is_empty()).then(|| {
             natpunch::portmap::PortmapConfig {

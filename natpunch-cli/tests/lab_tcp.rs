@@ -259,7 +259,7 @@ fn punches(p: &Pair, id: &str, runs: usize, extra: &[&str]) -> (usize, u64, Vec<
 }
 
 /// A's NAT lets no UDP through: A reaches the server over TCP, both sides
-/// (`--tcp-fallback`) punch TCP because of it, and 10 MB cross the stream
+/// (TCP fallback is the default) punch TCP because of it, and 10 MB cross the stream
 /// with their checksum verified.
 #[test]
 fn a_udp_blocked_pair_connects_over_tcp_and_pipes_ten_megabytes() {
@@ -270,17 +270,12 @@ fn a_udp_blocked_pair_connects_over_tcp_and_pipes_ten_megabytes() {
     let out = p.dir.join("out");
     let l = start_listener(
         p.peer(Node::HostB, "b")
-            .args(["--no-relay", "--tcp-fallback"])
+            .args(["--no-relay"])
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out).unwrap()),
     );
     let data = test_bytes(10_000_000, 11);
-    let (ev, err) = pipe_from_a(
-        &p,
-        &["--no-relay", "--tcp-fallback", "-d", &l.id],
-        &data,
-        60,
-    );
+    let (ev, err) = pipe_from_a(&p, &["--no-relay", "-d", &l.id], &data, 60);
     assert!(event(&ev, "server-tcp").is_some(), "{err}");
     let conn = event(&ev, "connected").unwrap_or_else(|| panic!("{err}"));
     assert_eq!(conn["path"], "direct", "{err}");
@@ -305,7 +300,7 @@ fn a_udp_blocked_pair_connects_over_tcp_and_pipes_ten_megabytes() {
 }
 
 /// The bad cases end with one clear line and no hang: a peer that never
-/// punches TCP (the default) against `--tcp`.
+/// punches TCP (`--no-tcp`) against `--tcp`.
 #[test]
 fn a_peer_that_only_speaks_udp_gives_a_clear_error_and_no_hang() {
     if !lab_available() {
@@ -314,7 +309,7 @@ fn a_peer_that_only_speaks_udp_gives_a_clear_error_and_no_hang() {
     let p = pair("port-restricted-cone", "port-restricted-cone", 0);
     let l = start_listener(
         p.peer(Node::HostB, "b")
-            .args(["--keep-open"])
+            .args(["--keep-open", "--no-tcp"])
             .stdin(Stdio::null())
             .stdout(Stdio::null()),
     );

@@ -580,6 +580,22 @@ pub fn session_pairs() -> Result<Vec<GridPair>, SpecError> {
     Ok(v)
 }
 
+/// Whether TCP punching connects a pair where UDP is blocked: every NAT
+/// maps TCP once for all destinations, or predictably (the lab's NATs map
+/// TCP as they map UDP; TCP has no birthday probing).
+fn tcp_punchable(t: &TopologySpec) -> bool {
+    let ok = |s: &Side| {
+        let e = expected(s);
+        e.mapping == natpunch_proto::nat::Behaviour::EndpointIndependent
+            || e.allocation != natpunch_proto::nat::AllocationKind::Random
+    };
+    match t {
+        TopologySpec::Pair { a, b } => ok(a) && ok(b),
+        TopologySpec::SameNat { .. } => true,
+        TopologySpec::SharedCarrier { .. } => false,
+    }
+}
+
 /// A side behind a home NAT behind a carrier NAT that maps per
 /// destination.
 fn symmetric_carrier(t: &TopologySpec) -> bool {
@@ -625,8 +641,14 @@ fn grid_session(opts: &LabOptions, pair: &GridPair, row: &mut GridRow) -> Result
     let (mut want, mut reason) = expected_connect(&pair.topology);
     let mut birthday_may_win = false;
     if udp_blocked(&pair.topology) {
-        want = None;
-        reason = "a side's network drops all UDP: relayed over TCP".into();
+        if tcp_punchable(&pair.topology) {
+            want = Some(Strategy::Tcp);
+            reason = "a side's network drops all UDP: relayed over TCP, then a punched TCP stream"
+                .into();
+        } else {
+            want = None;
+            reason = "a side's network drops all UDP, and a NAT picks TCP ports at random: relayed over TCP".into();
+        }
     } else if symmetric_carrier(&pair.topology) {
         // The punching grid has no such pair: birthday probing rarely
         // gets through a home NAT behind a symmetric carrier (0 of 4 in
