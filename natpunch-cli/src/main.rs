@@ -7,6 +7,7 @@ mod cmd_nat;
 mod cmd_peer;
 mod cmd_server;
 mod cmd_session;
+mod cmd_turn;
 mod demo;
 mod lab;
 mod output;
@@ -59,6 +60,8 @@ enum Command {
     Nat(cmd_nat::NatArgs),
     /// Ask a STUN server once for this host's public address.
     Stun(cmd_nat::StunArgs),
+    /// Allocate a relayed address on a TURN server and report it.
+    Turn(cmd_turn::TurnArgs),
     /// Show natpunch working end to end on this machine.
     Demo(demo::DemoArgs),
     /// Measure natpunch against a reference in the same run.
@@ -152,6 +155,7 @@ fn run_command(command: Command) -> anyhow::Result<ExitCode> {
         Command::Server(a) => cmd_server::run(a),
         Command::Nat(a) => cmd_nat::run_nat(a),
         Command::Stun(a) => cmd_nat::run_stun(a),
+        Command::Turn(a) => cmd_turn::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Bench(b) => bench::run(b),
         Command::Lab(l) => lab::run(l),

@@ -58,10 +58,6 @@ impl Drop for LabPair {
     }
 }
 
-fn event<'a>(events: &'a [serde_json::Value], kind: &str) -> Option<&'a serde_json::Value> {
-    events.iter().find(|e| e["event"] == kind)
-}
-
 /// A TCP echo server in `ns` on 127.0.0.1:`port`: every byte back, then EOF.
 fn echo_server(ns: &str, port: u16) {
     let l = in_netns(ns, move || {

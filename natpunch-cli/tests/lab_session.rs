@@ -77,10 +77,6 @@ impl Drop for LabPair {
     }
 }
 
-fn event<'a>(events: &'a [serde_json::Value], kind: &str) -> Option<&'a serde_json::Value> {
-    events.iter().find(|e| e["event"] == kind)
-}
-
 /// 10 MB from A to B through the punched pipe (`--no-relay`: the bytes
 /// take the punched path, not the relay first); checks every byte and the
 /// strategy.

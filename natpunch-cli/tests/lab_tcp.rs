@@ -88,7 +88,7 @@ fn pipe_from_a(
     let o = output_within(c, Duration::from_secs(secs)).expect("A finishes");
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
-    (events(&o.stderr), err)
+    (stderr_events(&o.stderr), err)
 }
 
 /// Writes `data` to a child's stdin on a thread, then closes it (a child
@@ -99,20 +99,6 @@ fn feed(stdin: Option<std::process::ChildStdin>, data: Vec<u8>) {
             let _ = w.write_all(&data);
         });
     }
-}
-
-/// The JSON events among a child's stderr lines (a blocked network also
-/// gets plain warnings there).
-fn events(stderr: &[u8]) -> Vec<serde_json::Value> {
-    String::from_utf8_lossy(stderr)
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn event<'a>(events: &'a [serde_json::Value], kind: &str) -> Option<&'a serde_json::Value> {
-    events.iter().find(|e| e["event"] == kind)
 }
 
 /// One punch-only connect from A over TCP: whether it connected directly
@@ -127,7 +113,7 @@ fn punch_once(p: &Pair, id: &str, extra: &[&str]) -> (bool, Duration, String) {
         30,
     );
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    let ev = events(&o.stderr);
+    let ev = stderr_events(&o.stderr);
     let ok = o.status.success()
         && event(&ev, "connected").is_some_and(|c| {
             c["path"] == "direct" && c["transport"] == "tcp" && c["strategy"] == "tcp"
@@ -245,7 +231,7 @@ fn punches(p: &Pair, id: &str, runs: usize, extra: &[&str]) -> (usize, u64, Vec<
         if good {
             times.push(took.as_millis() as u64);
         } else {
-            let ev = events(err.as_bytes());
+            let ev = stderr_events(err.as_bytes());
             failures.push(
                 event(&ev, "failed")
                     .map(|f| f["reason"].to_string())
@@ -327,7 +313,7 @@ fn a_peer_that_only_speaks_udp_gives_a_clear_error_and_no_hang() {
         "took {:?}",
         t.elapsed()
     );
-    let ev = events(&o.stderr);
+    let ev = stderr_events(&o.stderr);
     let f = event(&ev, "failed").unwrap_or_else(|| panic!("{err}"));
     eprintln!(
         "--tcp against a UDP-only peer: {} after {:?}",
@@ -378,7 +364,7 @@ fn a_taken_tcp_port_punches_from_another_one() {
         30,
     );
     let err = String::from_utf8_lossy(&o.stderr).to_string();
-    let ev = events(&o.stderr);
+    let ev = stderr_events(&o.stderr);
     assert!(o.status.success(), "{err}");
     let conn = event(&ev, "connected").unwrap_or_else(|| panic!("{err}"));
     assert_eq!(conn["transport"], "tcp", "{err}");
@@ -425,7 +411,7 @@ fn no_route_to_the_peer_is_a_clear_error_within_the_timeout() {
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(took < Duration::from_secs(9), "took {took:?}: {err}");
-    let ev = events(&o.stderr);
+    let ev = stderr_events(&o.stderr);
     let f = event(&ev, "failed").unwrap_or_else(|| panic!("{err}"));
     let reason = f["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("no route"), "{reason}");

@@ -29,6 +29,7 @@ pub mod ratelimit;
 pub mod relay;
 pub mod rendezvous;
 pub mod stun;
+pub mod turn;
 
 /// Names one of the caller's sockets. Machines that use several sockets
 /// (NAT discovery, birthday probing) say which one sends each datagram, and

@@ -10,6 +10,7 @@
 //! - [`server_tcp`]: the peer's TCP link to its server where UDP is blocked.
 //! - [`tcp`]: TCP hole punching: the punching port, simultaneous open,
 //!   punched streams as paths.
+//! - [`turn`]: allocations on TURN servers (RFC 8656) over UDP, TCP or TLS.
 //! - [`session`]: QUIC sessions on the punched path, and the library API
 //!   ([`session::Endpoint`]).
 
@@ -25,5 +26,6 @@ pub mod session;
 pub mod stun_server;
 pub mod tcp;
 pub mod ttl;
+pub mod turn;
 
 pub use natpunch_proto as proto;

@@ -164,6 +164,21 @@ pub fn tempdir(tag: &str) -> std::path::PathBuf {
     d
 }
 
+/// The JSON events among a child's stderr lines (warnings and logs in
+/// between are skipped).
+pub fn stderr_events(stderr: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(stderr)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The first event of `kind`.
+pub fn event<'a>(events: &'a [serde_json::Value], kind: &str) -> Option<&'a serde_json::Value> {
+    events.iter().find(|e| e["event"] == kind)
+}
+
 /// Every line of `out` parsed as one JSON object.
 pub fn json_lines(out: &[u8]) -> Vec<serde_json::Value> {
     String::from_utf8_lossy(out)

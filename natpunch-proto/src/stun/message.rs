@@ -647,6 +647,24 @@ fn decode_attribute(
     Ok(Some(a))
 }
 
+/// The value of an XOR'ed address attribute for `tid` (TURN's
+/// XOR-PEER-ADDRESS and XOR-RELAYED-ADDRESS use XOR-MAPPED-ADDRESS's form,
+/// RFC 8656 §18.3 and §18.5).
+pub fn xor_address_value(a: &SocketAddr, tid: &TransactionId) -> Vec<u8> {
+    let mut v = Vec::with_capacity(20);
+    encode_address(a, Some(tid), &mut v);
+    v
+}
+
+/// Decodes the value of an XOR'ed address attribute of type `kind`.
+pub fn decode_xor_address(
+    kind: u16,
+    value: &[u8],
+    tid: &TransactionId,
+) -> Result<SocketAddr, DecodeError> {
+    decode_address(kind, value, Some(tid))
+}
+
 fn encode_address(a: &SocketAddr, xor: Option<&TransactionId>, out: &mut Vec<u8>) {
     let key = xor.map(TransactionId::xor_key);
     let mut port = a.port();

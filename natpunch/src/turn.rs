@@ -1,0 +1,399 @@
+//! TURN allocations (RFC 8656) over UDP, TCP or TLS: binds
+//! [`natpunch_proto::turn::Client`] to a socket and its timers.
+//!
+//! [`Allocation::start`] resolves the server of a `turn:`/`turns:` URI,
+//! connects (TCP, or TLS with rustls: the system's usual web roots, or a
+//! CA file for a private server), and runs the client on its own task.
+//! The caller asks for permissions, channels and sends through the handle,
+//! and reads the client's events and the peers' data from it. Dropping
+//! the handle releases the allocation (best effort); [`Allocation::release`]
+//! waits for the server's answer.
+//!
+//! Credentials live in the client and never reach a log line: `Debug`
+//! of [`natpunch_proto::turn::Credentials`] hides the password.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use natpunch_proto::turn::client::{Event, PeerData};
+use natpunch_proto::turn::{stream_frame_len, Client, Credentials, Transport, TurnError, TurnUri};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+
+use crate::net::resolve;
+
+/// Connecting to the TURN server (TCP handshake, TLS handshake) gives up
+/// after this: ten times a slow path's round trip.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A release waits this long for the server's answer (one UDP
+/// retransmission schedule is 15.5 s; an exiting process should not).
+pub const RELEASE_WAIT: Duration = Duration::from_secs(2);
+/// Largest frame or datagram from the server: a STUN message or
+/// ChannelData is at most 4 + 65535 bytes.
+const MAX_FRAME: usize = 4 + 65_536;
+
+/// Why an allocation could not start or ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TurnDriverError {
+    #[error("TURN server: {0}")]
+    Resolve(#[from] crate::net::NetError),
+    #[error("cannot reach the TURN server {server} over {transport}: {source}")]
+    Connect {
+        server: SocketAddr,
+        transport: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS with the TURN server {server} failed: {source}")]
+    Tls {
+        server: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the CA file {path}: {why}")]
+    Ca { path: String, why: String },
+    #[error(transparent)]
+    Turn(#[from] TurnError),
+}
+
+/// What the caller asks of a running allocation.
+#[derive(Debug)]
+enum Command {
+    Permit(IpAddr),
+    Bind(SocketAddr),
+    Send(SocketAddr, Vec<u8>),
+    Release,
+}
+
+/// What a running allocation reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    Event(Event),
+    Data(PeerData),
+}
+
+/// A TURN server to allocate on.
+#[derive(Debug, Clone)]
+pub struct TurnServer {
+    pub uri: TurnUri,
+    pub credentials: Credentials,
+    /// Extra trust anchors for `turns:` (PEM); without, the web's roots.
+    pub ca: Option<std::path::PathBuf>,
+}
+
+/// A handle on one allocation's task.
+pub struct Allocation {
+    server: SocketAddr,
+    transport: Transport,
+    commands: mpsc::UnboundedSender<Command>,
+    reports: mpsc::UnboundedReceiver<Report>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Allocation {
+    /// Connects to `server` and starts allocating; the first report is
+    /// [`Event::Allocated`] or [`Event::Failed`].
+    pub async fn start(server: &TurnServer) -> Result<Allocation, TurnDriverError> {
+        let uri = &server.uri;
+        let addr = resolve(&uri.host, uri.port, false).await?;
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (report_tx, reports) = mpsc::unbounded_channel();
+        let task = match uri.transport {
+            Transport::Udp => {
+                let sock = async {
+                    let s = UdpSocket::bind(SocketAddr::new(unspecified(addr), 0)).await?;
+                    s.connect(addr).await?;
+                    Ok::<_, std::io::Error>(s)
+                }
+                .await
+                .map_err(|source| TurnDriverError::Connect {
+                    server: addr,
+                    transport: "udp",
+                    source,
+                })?;
+                let client = Client::new(
+                    addr,
+                    Transport::Udp,
+                    server.credentials.clone(),
+                    Instant::now(),
+                );
+                tokio::spawn(run_udp(client, sock, command_rx, report_tx))
+            }
+            Transport::Tcp | Transport::Tls => {
+                let connect = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr));
+                let tcp = match connect.await {
+                    Ok(r) => r,
+                    Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+                }
+                .map_err(|source| TurnDriverError::Connect {
+                    server: addr,
+                    transport: uri.transport.as_str(),
+                    source,
+                })?;
+                let _ = tcp.set_nodelay(true);
+                let client = Client::new(
+                    addr,
+                    uri.transport,
+                    server.credentials.clone(),
+                    Instant::now(),
+                );
+                if uri.transport == Transport::Tls {
+                    let tls = tls_connect(tcp, addr, &uri.host, server.ca.as_deref()).await?;
+                    tokio::spawn(run_stream(client, tls, command_rx, report_tx))
+                } else {
+                    tokio::spawn(run_stream(client, tcp, command_rx, report_tx))
+                }
+            }
+        };
+        Ok(Allocation {
+            server: addr,
+            transport: uri.transport,
+            commands,
+            reports,
+            task: Some(task),
+        })
+    }
+
+    pub fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// The next event or peer data; `None` once the allocation's task ended.
+    pub async fn next(&mut self) -> Option<Report> {
+        self.reports.recv().await
+    }
+
+    pub fn permit(&self, ip: IpAddr) {
+        let _ = self.commands.send(Command::Permit(ip));
+    }
+
+    pub fn bind(&self, peer: SocketAddr) {
+        let _ = self.commands.send(Command::Bind(peer));
+    }
+
+    pub fn send(&self, peer: SocketAddr, data: Vec<u8>) {
+        let _ = self.commands.send(Command::Send(peer, data));
+    }
+
+    /// Deletes the allocation and waits (up to [`RELEASE_WAIT`]) for the
+    /// server to confirm: whether it did.
+    pub async fn release(mut self) -> bool {
+        let _ = self.commands.send(Command::Release);
+        let wait = async {
+            while let Some(r) = self.reports.recv().await {
+                match r {
+                    Report::Event(Event::Released) => return true,
+                    Report::Event(Event::Failed(_)) => return false,
+                    _ => {}
+                }
+            }
+            false
+        };
+        let done = tokio::time::timeout(RELEASE_WAIT, wait)
+            .await
+            .unwrap_or(false);
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+        done
+    }
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        // The task sends the release and ends on its own (while the
+        // runtime lives).
+        let _ = self.commands.send(Command::Release);
+    }
+}
+
+fn unspecified(server: SocketAddr) -> IpAddr {
+    match server {
+        SocketAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+/// Applies a command; what it wraps for the server goes to `out`.
+fn apply(client: &mut Client, now: Instant, cmd: Command, out: &mut Vec<Vec<u8>>) {
+    match cmd {
+        Command::Permit(ip) => client.permit(now, ip),
+        Command::Bind(peer) => client.bind(now, peer),
+        Command::Send(peer, data) => {
+            let mut buf = Vec::with_capacity(data.len() + 36);
+            match client.send(peer, &data, &mut buf) {
+                Ok(()) => out.push(buf),
+                Err(e) => tracing::debug!(%peer, error = %e, "TURN: not sent"),
+            }
+        }
+        Command::Release => client.release(now),
+    }
+}
+
+/// Hands the client's events on; whether the client is done.
+fn report_events(client: &mut Client, reports: &mpsc::UnboundedSender<Report>) -> bool {
+    while let Some(e) = client.poll_event() {
+        tracing::debug!(server = %client.server(), event = ?e, "TURN");
+        let _ = reports.send(Report::Event(e));
+    }
+    client.is_closed()
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run_udp(
+    mut client: Client,
+    sock: UdpSocket,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    reports: mpsc::UnboundedSender<Report>,
+) {
+    let mut buf = vec![0u8; MAX_FRAME];
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    loop {
+        out.extend(std::iter::from_fn(|| client.poll_transmit()));
+        for b in out.drain(..) {
+            if let Err(e) = sock.send(&b).await {
+                tracing::debug!(error = %e, "TURN: send to the server failed");
+            }
+        }
+        if report_events(&mut client, &reports) {
+            return;
+        }
+        tokio::select! {
+            r = sock.recv(&mut buf) => match r {
+                Ok(n) => {
+                    if let Some(d) = client.handle_input(Instant::now(), &buf[..n]) {
+                        let _ = reports.send(Report::Data(d));
+                    }
+                }
+                // An ICMP error from the server's address; the
+                // retransmissions decide.
+                Err(e) => tracing::debug!(error = %e, "TURN: receive failed"),
+            },
+            cmd = commands.recv() => match cmd {
+                Some(c) => apply(&mut client, Instant::now(), c, &mut out),
+                None => client.release(Instant::now()),
+            },
+            _ = sleep_until(client.poll_timeout()) => client.handle_timeout(Instant::now()),
+        }
+    }
+}
+
+async fn run_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    mut client: Client,
+    stream: S,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    reports: mpsc::UnboundedSender<Report>,
+) {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut inbuf: Vec<u8> = Vec::with_capacity(MAX_FRAME);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let server = client.server();
+    loop {
+        out.extend(std::iter::from_fn(|| client.poll_transmit()));
+        for b in out.drain(..) {
+            if let Err(e) = wr.write_all(&b).await {
+                tracing::debug!(error = %e, "TURN: write to the server failed");
+                let _ = reports.send(Report::Event(Event::Failed(TurnError::Closed { server })));
+                return;
+            }
+        }
+        if report_events(&mut client, &reports) {
+            let _ = wr.shutdown().await;
+            return;
+        }
+        tokio::select! {
+            r = rd.read(&mut chunk) => match r {
+                Ok(0) | Err(_) => {
+                    let _ = reports.send(Report::Event(Event::Failed(TurnError::Closed { server })));
+                    return;
+                }
+                Ok(n) => {
+                    inbuf.extend_from_slice(&chunk[..n]);
+                    loop {
+                        match stream_frame_len(&inbuf) {
+                            Ok(Some(len)) if inbuf.len() >= len => {
+                                let frame: Vec<u8> = inbuf.drain(..len).collect();
+                                if let Some(d) = client.handle_input(Instant::now(), &frame) {
+                                    let _ = reports.send(Report::Data(d));
+                                }
+                            }
+                            Ok(_) => break,
+                            Err(e) => {
+                                tracing::debug!(error = %e, "TURN: stream out of step");
+                                let _ = reports.send(Report::Event(Event::Failed(TurnError::Closed { server })));
+                                return;
+                            }
+                        }
+                    }
+                }
+            },
+            cmd = commands.recv() => match cmd {
+                Some(c) => apply(&mut client, Instant::now(), c, &mut out),
+                None => client.release(Instant::now()),
+            },
+            _ = sleep_until(client.poll_timeout()) => client.handle_timeout(Instant::now()),
+        }
+    }
+}
+
+/// TLS 1.2/1.3 to the server (rustls with ring), its name checked
+/// against the web's roots or the given CA file.
+async fn tls_connect(
+    tcp: TcpStream,
+    server: SocketAddr,
+    host: &str,
+    ca: Option<&Path>,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, TurnDriverError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let ca_err = |why: String| TurnDriverError::Ca {
+                path: path.display().to_string(),
+                why,
+            };
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .map_err(|e| ca_err(e.to_string()))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| ca_err(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(ca_err("no certificate in it".into()));
+            }
+            for c in certs {
+                roots.add(c).map_err(|e| ca_err(e.to_string()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let tls_err = |source| TurnDriverError::Tls { server, source };
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| tls_err(std::io::Error::other(e)))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| tls_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    match tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, tcp)).await {
+        Ok(r) => r.map_err(tls_err),
+        Err(_) => Err(tls_err(std::io::ErrorKind::TimedOut.into())),
+    }
+}
