@@ -29,6 +29,29 @@ pub enum BenchCommand {
     /// same access links, the relay's CPU per GB, and the time to the first
     /// relayed byte vs its floor (root, Linux).
     Relay(RelayBench),
+    /// TCP hole punching per NAT pair, with and without limited-TTL
+    /// openers, through NATs that answer unsolicited SYNs with a RST by
+    /// default: success counts and time to a direct TCP stream (root, Linux).
+    Tcp(TcpBench),
+}
+
+#[derive(Debug, Args)]
+pub struct TcpBench {
+    /// Punches per pair and per mode (with openers, without).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+    /// Pairs, as for `natpunch lab grid --pairs`.
+    #[arg(
+        long,
+        default_value = "port-restricted-cone:inbound-tcp=rst/port-restricted-cone:inbound-tcp=rst,port-restricted-cone:inbound-tcp=rst/symmetric-sequential:inbound-tcp=rst,symmetric-sequential:inbound-tcp=rst/symmetric-sequential:inbound-tcp=rst"
+    )]
+    pub pairs: String,
+    /// One-way delay on each access link (ms).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    pub delay_ms: u64,
+    /// Print one JSON object per row.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -151,7 +174,52 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
         BenchCommand::Punch(b) => punch(b),
         BenchCommand::Session(b) => session(b),
         BenchCommand::Relay(b) => relay(b),
+        BenchCommand::Tcp(b) => tcp(b),
     }
+}
+
+fn tcp(b: TcpBench) -> anyhow::Result<ExitCode> {
+    use natpunch_lab::runner;
+    natpunch_lab::topology::preflight()?;
+    let pairs = runner::parse_pairs(&b.pairs)?;
+    let link = natpunch_lab::LinkSpec {
+        delay: (b.delay_ms > 0).then(|| Duration::from_millis(b.delay_ms)),
+        ..Default::default()
+    };
+    let opts = natpunch_lab::LabOptions {
+        natpunch: std::env::current_exe()?,
+        links: natpunch_lab::Links { a: link, b: link },
+    };
+    if !b.json {
+        println!(
+            "TCP hole punching (--tcp --once), {} punches per pair and mode, {} ms one-way on each access link; time from the connector's process start to `connected`",
+            b.runs, b.delay_ms
+        );
+        println!(
+            "  {:<80} {:<8} {:>7} {:>8} {:>8}",
+            "pair", "openers", "direct", "median", "p95"
+        );
+    }
+    runner::run_tcp_bench(&opts, &pairs, b.runs, |r| {
+        if b.json {
+            crate::output::json_line(&serde_json::to_value(r).unwrap_or_default());
+        } else {
+            let ms = |v: Option<u64>| v.map(|x| format!("{x} ms")).unwrap_or_else(|| "-".into());
+            println!(
+                "  {:<80} {:<8} {:>4}/{:<2} {:>8} {:>8}",
+                format!("{} / {}", r.a, r.b),
+                if r.openers { "on" } else { "off" },
+                r.direct,
+                r.runs,
+                ms(r.median_ms),
+                ms(r.p95_ms),
+            );
+            if let (Some(f), true) = (&r.last_failure, r.direct < r.runs) {
+                println!("      last failure: {f}");
+            }
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn relay(b: RelayBench) -> anyhow::Result<ExitCode> {

@@ -942,8 +942,12 @@ impl Drop for BenchListener {
 }
 
 /// Starts a listener on B that has measured its NAT (warm), keys in
-/// `keys`.
-pub fn bench_listener(lab: &Lab, keys: &std::path::Path) -> Result<BenchListener, LabError> {
+/// `keys`, with `extra` arguments.
+pub fn bench_listener(
+    lab: &Lab,
+    keys: &std::path::Path,
+    extra: &[&str],
+) -> Result<BenchListener, LabError> {
     let server = lab.server_addr().to_string();
     let mut listen = lab.natpunch(Node::HostB);
     listen
@@ -958,6 +962,7 @@ pub fn bench_listener(lab: &Lab, keys: &std::path::Path) -> Result<BenchListener
             "--key",
         ])
         .arg(keys.join("b"))
+        .args(extra)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
     let (mut child, rx) = spawn_lines(listen)?;
@@ -991,19 +996,22 @@ pub fn bench_listener(lab: &Lab, keys: &std::path::Path) -> Result<BenchListener
     }
 }
 
-/// One cold connect from A: `natpunch connect ID --once --json`, timed from
-/// the spawn to its `connected` (or `failed`) line. The event and the time.
+/// One cold connect from A: `natpunch connect ID --once --json` with
+/// `extra` arguments, timed from the spawn to its `connected` (or
+/// `failed`) line. The event and the time.
 pub fn cold_connect(
     lab: &Lab,
     id: &str,
     key: &std::path::Path,
     cache: Option<&std::path::Path>,
+    extra: &[&str],
 ) -> Result<(Option<serde_json::Value>, std::time::Duration), LabError> {
     let server = lab.server_addr().to_string();
     let mut connect = lab.natpunch(Node::HostA);
     connect
         .args(["connect", id, "-s", &server, "--json", "--once", "--key"])
         .arg(key)
+        .args(extra)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
     match cache {
@@ -1045,7 +1053,7 @@ pub fn run_punch_bench(
         let floor_ms = (ra + rb) / 2 + (ra + rb);
         let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
         let _ = std::fs::create_dir_all(&keys);
-        let listener = bench_listener(&lab, &keys)?;
+        let listener = bench_listener(&lab, &keys, &[])?;
         let (mut probes, mut bytes) = (Vec::new(), Vec::new());
         let mut strategy = None;
         // Repeated use (the cache the first run of the series left), then
@@ -1063,7 +1071,7 @@ pub fn run_punch_bench(
                 if !cached {
                     std::thread::sleep(ICMP_REFILL);
                 }
-                let Ok((Some(ev), took)) = cold_connect(&lab, &listener.id, &key, dir) else {
+                let Ok((Some(ev), took)) = cold_connect(&lab, &listener.id, &key, dir, &[]) else {
                     continue;
                 };
                 if ev["event"] == "connected" {
@@ -1236,4 +1244,83 @@ fn short(r: &NatReport) -> String {
         other => other,
     }
     .to_string()
+}
+
+/// One row of the TCP punching benchmark: a pair, with or without
+/// limited-TTL openers.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpBenchRow {
+    pub a: String,
+    pub b: String,
+    pub openers: bool,
+    pub runs: u32,
+    /// Punches that went direct over a TCP stream.
+    pub direct: u32,
+    /// From the connector's process start to its `connected` event.
+    pub median_ms: Option<u64>,
+    pub p95_ms: Option<u64>,
+    /// The last failure's reason, if any failed.
+    pub last_failure: Option<String>,
+}
+
+/// `runs` TCP-only punches (`--tcp --once`) per pair from cold processes
+/// (the network's NAT facts cached), with openers and then without
+/// (`--tcp-openers off`).
+pub fn run_tcp_bench(
+    opts: &LabOptions,
+    pairs: &[GridPair],
+    runs: u32,
+    mut progress: impl FnMut(&TcpBenchRow),
+) -> Result<Vec<TcpBenchRow>, LabError> {
+    let mut out = Vec::new();
+    for pair in pairs {
+        let mut lab = Lab::build(&pair.topology, opts)?;
+        lab.start_server()?;
+        let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
+        let _ = std::fs::create_dir_all(&keys);
+        let listener = bench_listener(&lab, &keys, &["--tcp"])?;
+        let cache = keys.join("cache");
+        for openers in [true, false] {
+            let extra: &[&str] = if openers {
+                &["--tcp", "--timeout", "5"]
+            } else {
+                &["--tcp", "--timeout", "5", "--tcp-openers", "off"]
+            };
+            let (mut times, mut last_failure) = (Vec::new(), None);
+            for i in 0..runs {
+                let key = keys.join(format!("a{i}"));
+                let Ok((ev, took)) = cold_connect(&lab, &listener.id, &key, Some(&cache), extra)
+                else {
+                    continue;
+                };
+                match ev {
+                    Some(e)
+                        if e["event"] == "connected"
+                            && e["transport"] == "tcp"
+                            && e["path"] == "direct" =>
+                    {
+                        times.push(took.as_millis() as u64)
+                    }
+                    Some(e) => last_failure = e["reason"].as_str().map(str::to_string),
+                    None => last_failure = Some("no event".into()),
+                }
+            }
+            let direct = times.len() as u32;
+            let row = TcpBenchRow {
+                a: pair.a.clone(),
+                b: pair.b.clone(),
+                openers,
+                runs,
+                direct,
+                median_ms: median(times.clone()),
+                p95_ms: p95(times),
+                last_failure,
+            };
+            progress(&row);
+            out.push(row);
+        }
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&keys);
+    }
+    Ok(out)
 }
