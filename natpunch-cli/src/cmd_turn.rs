@@ -23,8 +23,9 @@ const SECRET_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 const PEER_PINGS: u32 = 3;
 const PEER_WAIT: Duration = Duration::from_secs(3);
 
-/// How to log in to a TURN server (also used by peers' `--turn`).
-#[derive(Debug, Clone, Default, Args)]
+/// How to log in to a TURN server. `Debug` hides the password and the
+/// secret.
+#[derive(Clone, Default, Args)]
 pub struct TurnCredArgs {
     /// Username for the TURN server's long-term credentials (with
     /// --turn-pass), or the user part of time-limited ones (with
@@ -42,6 +43,18 @@ pub struct TurnCredArgs {
     /// the web's usual roots)
     #[arg(long = "turn-ca", value_name = "FILE")]
     pub ca: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for TurnCredArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |v: &Option<String>| v.as_ref().map(|_| "<hidden>");
+        f.debug_struct("TurnCredArgs")
+            .field("user", &self.user)
+            .field("pass", &hidden(&self.pass))
+            .field("secret", &hidden(&self.secret))
+            .field("ca", &self.ca)
+            .finish()
+    }
 }
 
 impl TurnCredArgs {
@@ -109,62 +122,39 @@ pub fn run(args: TurnArgs) -> anyhow::Result<ExitCode> {
     };
     let out = Out::new(args.json, false);
     crate::runtime()?.block_on(async move {
-        let started = Instant::now();
-        let mut alloc = Allocation::start(&server).await?;
-        let transport = alloc.transport().as_str();
-        let relayed = loop {
-            match alloc.next().await {
-                Some(Report::Event(Event::Allocated {
-                    relayed,
-                    mapped,
-                    lifetime,
-                })) => {
-                    let ms = started.elapsed().as_millis() as u64;
-                    out.event(
-                        serde_json::json!({
-                            "event": "turn-allocated", "server": alloc.server(), "transport": transport,
-                            "relayed": relayed, "mapped": mapped, "lifetime_s": lifetime.as_secs(),
-                            "elapsed_ms": ms,
-                        }),
-                        || {
-                            format!(
-                                "{} ({transport}): relayed address {relayed} for {} s, in {ms} ms{}",
-                                alloc.server(),
-                                lifetime.as_secs(),
-                                mapped.map(|m| format!("; it sees us at {m}")).unwrap_or_default()
-                            )
-                        },
-                    );
-                    break relayed;
-                }
-                Some(Report::Event(Event::Failed(e))) => anyhow::bail!(e),
-                Some(_) => {}
-                None => anyhow::bail!("the TURN client stopped"),
-            }
-        };
-        let hold = tokio::time::sleep(Duration::from_secs(args.hold));
-        tokio::pin!(hold);
+        // Ctrl-C at any point ends with the allocation released.
         let ctrl_c = tokio::signal::ctrl_c();
         tokio::pin!(ctrl_c);
-        let interrupted = loop {
-            tokio::select! {
-                _ = &mut hold => break false,
-                _ = &mut ctrl_c => break true,
-                r = alloc.next() => match r {
-                    Some(Report::Event(Event::Refreshed { lifetime })) => out.event(
-                        serde_json::json!({"event": "turn-refreshed", "lifetime_s": lifetime.as_secs()}),
-                        || format!("allocation refreshed for {} s", lifetime.as_secs()),
-                    ),
-                    Some(Report::Event(Event::Failed(e))) => anyhow::bail!(e),
-                    Some(_) => {}
-                    None => anyhow::bail!("the TURN client stopped"),
-                },
-            }
+        let started = Instant::now();
+        let mut alloc = tokio::select! {
+            a = Allocation::start(&server) => a?,
+            _ = &mut ctrl_c => return Ok(ExitCode::SUCCESS),
         };
-        // After the hold: the allocation still relays.
-        if let (Some(peer), false) = (args.peer, interrupted) {
-            ping_peer(&mut alloc, &out, relayed, peer).await?;
+        let relayed = tokio::select! {
+            r = allocated(&mut alloc, &out, started) => Some(r?),
+            _ = &mut ctrl_c => None,
+        };
+        let mut result = Ok(());
+        if let Some(relayed) = relayed {
+            let hold = tokio::time::sleep(Duration::from_secs(args.hold));
+            tokio::pin!(hold);
+            let interrupted = tokio::select! {
+                _ = &mut hold => false,
+                _ = &mut ctrl_c => true,
+                r = held(&mut alloc, &out) => {
+                    result = r;
+                    true
+                }
+            };
+            // After the hold: the allocation still relays.
+            if let (Some(peer), false) = (args.peer, interrupted) {
+                result = tokio::select! {
+                    r = ping_peer(&mut alloc, &out, relayed, peer) => r,
+                    _ = &mut ctrl_c => Ok(()),
+                };
+            }
         }
+        // Released whatever happened (a failed --peer too).
         let released = alloc.release().await;
         out.event(
             serde_json::json!({"event": "turn-released", "confirmed": released}),
@@ -176,8 +166,65 @@ pub fn run(args: TurnArgs) -> anyhow::Result<ExitCode> {
                 }
             },
         );
-        Ok(ExitCode::SUCCESS)
+        result.map(|()| ExitCode::SUCCESS)
     })
+}
+
+/// Waits for the allocation; reports it.
+async fn allocated(
+    alloc: &mut Allocation,
+    out: &Out,
+    started: Instant,
+) -> anyhow::Result<SocketAddr> {
+    let transport = alloc.transport().as_str();
+    loop {
+        match alloc.next().await {
+            Some(Report::Event(Event::Allocated {
+                relayed,
+                mapped,
+                lifetime,
+            })) => {
+                let ms = started.elapsed().as_millis() as u64;
+                out.event(
+                    serde_json::json!({
+                        "event": "turn-allocated", "server": alloc.server(), "transport": transport,
+                        "relayed": relayed, "mapped": mapped, "lifetime_s": lifetime.as_secs(),
+                        "elapsed_ms": ms,
+                    }),
+                    || {
+                        format!(
+                            "{} ({transport}): relayed address {relayed} for {} s, in {ms} ms{}",
+                            alloc.server(),
+                            lifetime.as_secs(),
+                            mapped
+                                .map(|m| format!("; it sees us at {m}"))
+                                .unwrap_or_default()
+                        )
+                    },
+                );
+                return Ok(relayed);
+            }
+            Some(Report::Event(Event::Failed(e))) => anyhow::bail!(e),
+            Some(_) => {}
+            None => anyhow::bail!("the TURN client stopped"),
+        }
+    }
+}
+
+/// Reports refreshes while the allocation is held; returns only when it
+/// failed.
+async fn held(alloc: &mut Allocation, out: &Out) -> anyhow::Result<()> {
+    loop {
+        match alloc.next().await {
+            Some(Report::Event(Event::Refreshed { lifetime })) => out.event(
+                serde_json::json!({"event": "turn-refreshed", "lifetime_s": lifetime.as_secs()}),
+                || format!("allocation refreshed for {} s", lifetime.as_secs()),
+            ),
+            Some(Report::Event(Event::Failed(e))) => anyhow::bail!(e),
+            Some(_) => {}
+            None => anyhow::bail!("the TURN client stopped"),
+        }
+    }
 }
 
 /// Binds `peer` to a channel and sends it [`PEER_PINGS`] datagrams: each

@@ -34,6 +34,13 @@ pub const RELEASE_WAIT: Duration = Duration::from_secs(2);
 /// Largest frame or datagram from the server: a STUN message or
 /// ChannelData is at most 4 + 65535 bytes.
 const MAX_FRAME: usize = 4 + 65_536;
+/// Reports (events and peer data) waiting for the caller at most; peer
+/// data beyond is dropped and counted (the peer's transport sees loss),
+/// events wait for room. 1024 datagrams are about 1.5 MB.
+const MAX_REPORTS: usize = 1024;
+/// A write to the server that does not finish within this ends the
+/// allocation (a server that stopped reading).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why an allocation could not start or ended.
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +97,7 @@ pub struct Allocation {
     server: SocketAddr,
     transport: Transport,
     commands: mpsc::UnboundedSender<Command>,
-    reports: mpsc::UnboundedReceiver<Report>,
+    reports: mpsc::Receiver<Report>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -101,7 +108,7 @@ impl Allocation {
         let uri = &server.uri;
         let addr = resolve(&uri.host, uri.port, false).await?;
         let (commands, command_rx) = mpsc::unbounded_channel();
-        let (report_tx, reports) = mpsc::unbounded_channel();
+        let (report_tx, reports) = mpsc::channel(MAX_REPORTS);
         let task = match uri.transport {
             Transport::Udp => {
                 let sock = async {
@@ -238,13 +245,25 @@ fn apply(client: &mut Client, now: Instant, cmd: Command, out: &mut Vec<Vec<u8>>
     }
 }
 
-/// Hands the client's events on; whether the client is done.
-fn report_events(client: &mut Client, reports: &mpsc::UnboundedSender<Report>) -> bool {
+/// Hands the client's events on (waiting for room: none is lost);
+/// whether the client is done.
+async fn report_events(client: &mut Client, reports: &mpsc::Sender<Report>) -> bool {
     while let Some(e) = client.poll_event() {
         tracing::debug!(server = %client.server(), event = ?e, "TURN");
-        let _ = reports.send(Report::Event(e));
+        let _ = reports.send(Report::Event(e)).await;
     }
     client.is_closed()
+}
+
+/// Hands peer data on, or drops it when the caller is that far behind.
+fn report_data(data: PeerData, reports: &mpsc::Sender<Report>, dropped: &mut u64) {
+    if reports.try_send(Report::Data(data)).is_err() {
+        *dropped += 1;
+        tracing::trace!(
+            dropped = *dropped,
+            "TURN: peer data dropped, the reader is behind"
+        );
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -258,10 +277,11 @@ async fn run_udp(
     mut client: Client,
     sock: UdpSocket,
     mut commands: mpsc::UnboundedReceiver<Command>,
-    reports: mpsc::UnboundedSender<Report>,
+    reports: mpsc::Sender<Report>,
 ) {
     let mut buf = vec![0u8; MAX_FRAME];
     let mut out: Vec<Vec<u8>> = Vec::new();
+    let (mut open, mut dropped) = (true, 0u64);
     loop {
         out.extend(std::iter::from_fn(|| client.poll_transmit()));
         for b in out.drain(..) {
@@ -269,23 +289,27 @@ async fn run_udp(
                 tracing::debug!(error = %e, "TURN: send to the server failed");
             }
         }
-        if report_events(&mut client, &reports) {
+        if report_events(&mut client, &reports).await {
             return;
         }
         tokio::select! {
             r = sock.recv(&mut buf) => match r {
                 Ok(n) => {
                     if let Some(d) = client.handle_input(Instant::now(), &buf[..n]) {
-                        let _ = reports.send(Report::Data(d));
+                        report_data(d, &reports, &mut dropped);
                     }
                 }
                 // An ICMP error from the server's address; the
                 // retransmissions decide.
                 Err(e) => tracing::debug!(error = %e, "TURN: receive failed"),
             },
-            cmd = commands.recv() => match cmd {
+            cmd = commands.recv(), if open => match cmd {
                 Some(c) => apply(&mut client, Instant::now(), c, &mut out),
-                None => client.release(Instant::now()),
+                // The handle is gone: release, and wait for the answer.
+                None => {
+                    open = false;
+                    client.release(Instant::now());
+                }
             },
             _ = sleep_until(client.poll_timeout()) => client.handle_timeout(Instant::now()),
         }
@@ -296,55 +320,73 @@ async fn run_stream<S: AsyncRead + AsyncWrite + Unpin>(
     mut client: Client,
     stream: S,
     mut commands: mpsc::UnboundedReceiver<Command>,
-    reports: mpsc::UnboundedSender<Report>,
+    reports: mpsc::Sender<Report>,
 ) {
     let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut inbuf: Vec<u8> = Vec::with_capacity(MAX_FRAME);
+    let mut inbuf: Vec<u8> = Vec::with_capacity(2 * MAX_FRAME);
     let mut chunk = vec![0u8; 64 * 1024];
     let mut out: Vec<Vec<u8>> = Vec::new();
     let server = client.server();
+    let (mut open, mut dropped) = (true, 0u64);
+    let closed = || Report::Event(Event::Failed(TurnError::Closed { server }));
     loop {
         out.extend(std::iter::from_fn(|| client.poll_transmit()));
-        for b in out.drain(..) {
-            if let Err(e) = wr.write_all(&b).await {
-                tracing::debug!(error = %e, "TURN: write to the server failed");
-                let _ = reports.send(Report::Event(Event::Failed(TurnError::Closed { server })));
+        if !out.is_empty() {
+            let write = async {
+                for b in out.drain(..) {
+                    wr.write_all(&b).await?;
+                }
+                // TLS may hold records until flushed.
+                wr.flush().await
+            };
+            let done = tokio::time::timeout(WRITE_TIMEOUT, write).await;
+            if !matches!(done, Ok(Ok(()))) {
+                tracing::debug!(?done, "TURN: write to the server failed");
+                let _ = reports.send(closed()).await;
                 return;
             }
         }
-        if report_events(&mut client, &reports) {
+        if report_events(&mut client, &reports).await {
             let _ = wr.shutdown().await;
             return;
         }
         tokio::select! {
             r = rd.read(&mut chunk) => match r {
                 Ok(0) | Err(_) => {
-                    let _ = reports.send(Report::Event(Event::Failed(TurnError::Closed { server })));
+                    let _ = reports.send(closed()).await;
                     return;
                 }
                 Ok(n) => {
                     inbuf.extend_from_slice(&chunk[..n]);
+                    // Frames are handled in place; what is left is moved to
+                    // the front once per read.
+                    let mut at = 0;
                     loop {
-                        match stream_frame_len(&inbuf) {
-                            Ok(Some(len)) if inbuf.len() >= len => {
-                                let frame: Vec<u8> = inbuf.drain(..len).collect();
-                                if let Some(d) = client.handle_input(Instant::now(), &frame) {
-                                    let _ = reports.send(Report::Data(d));
+                        match stream_frame_len(&inbuf[at..]) {
+                            Ok(Some(len)) if inbuf.len() - at >= len => {
+                                let frame = &inbuf[at..at + len];
+                                at += len;
+                                if let Some(d) = client.handle_input(Instant::now(), frame) {
+                                    report_data(d, &reports, &mut dropped);
                                 }
                             }
                             Ok(_) => break,
                             Err(e) => {
                                 tracing::debug!(error = %e, "TURN: stream out of step");
-                                let _ = reports.send(Report::Event(Event::Failed(TurnError::Closed { server })));
+                                let _ = reports.send(closed()).await;
                                 return;
                             }
                         }
                     }
+                    inbuf.drain(..at);
                 }
             },
-            cmd = commands.recv() => match cmd {
+            cmd = commands.recv(), if open => match cmd {
                 Some(c) => apply(&mut client, Instant::now(), c, &mut out),
-                None => client.release(Instant::now()),
+                None => {
+                    open = false;
+                    client.release(Instant::now());
+                }
             },
             _ = sleep_until(client.poll_timeout()) => client.handle_timeout(Instant::now()),
         }

@@ -115,6 +115,15 @@ enum Request {
 }
 
 impl Request {
+    fn method(&self) -> u16 {
+        match self {
+            Request::Allocate => method::ALLOCATE,
+            Request::Refresh { .. } => method::REFRESH,
+            Request::Permission(_) => method::CREATE_PERMISSION,
+            Request::Channel(..) => method::CHANNEL_BIND,
+        }
+    }
+
     fn what(&self) -> &'static str {
         match self {
             Request::Allocate => "Allocate",
@@ -135,6 +144,8 @@ struct Pending {
     started: Instant,
     /// Sent with our credentials (a 401 then means they are wrong).
     authenticated: bool,
+    /// Stale-nonce (438) answers this request already had.
+    nonce_retries: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +153,10 @@ enum State {
     Allocating,
     Allocated {
         relayed: SocketAddr,
-        refresh_at: Instant,
+        /// When to refresh; none while a Refresh is out.
+        refresh_at: Option<Instant>,
+        /// When the server drops the allocation unless refreshed.
+        expires: Instant,
     },
     Releasing,
     Closed,
@@ -178,7 +192,6 @@ pub struct Client {
     realm: Option<Vec<u8>>,
     nonce: Option<Vec<u8>>,
     key: Option<[u8; 16]>,
-    nonce_retries: u32,
     state: State,
     pending: HashMap<TransactionId, Pending>,
     permissions: HashMap<IpAddr, Grant>,
@@ -206,7 +219,6 @@ impl Client {
             realm: None,
             nonce: None,
             key: None,
-            nonce_retries: 0,
             state: State::Allocating,
             pending: HashMap::new(),
             permissions: HashMap::new(),
@@ -362,16 +374,16 @@ impl Client {
     /// When [`Client::handle_timeout`] is due.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let pending = self.pending.values().map(|p| p.next);
-        let refresh = match self.state {
-            State::Allocated { refresh_at, .. } => Some(refresh_at),
-            _ => None,
+        let State::Allocated { refresh_at, .. } = self.state else {
+            // Allocating or releasing: only the request out has a timer.
+            return pending.min();
         };
         let grants = self
             .permissions
             .values()
             .filter_map(|g| g.refresh_at)
             .chain(self.channels.values().filter_map(|c| c.grant.refresh_at));
-        pending.chain(refresh).chain(grants).min()
+        pending.chain(refresh_at).chain(grants).min()
     }
 
     /// Retransmissions, timeouts and refreshes that are due.
@@ -396,6 +408,17 @@ impl Client {
         }
         for tid in expired {
             if let Some(p) = self.pending.remove(&tid) {
+                // An unanswered refresh is sent again while the
+                // allocation still has a whole retransmission schedule
+                // left: the server keeps it until it expires.
+                if let (Request::Refresh { lifetime: None }, State::Allocated { expires, .. }) =
+                    (p.request, self.state)
+                {
+                    if expires.saturating_duration_since(now) > STREAM_TIMEOUT {
+                        self.request(now, p.request);
+                        continue;
+                    }
+                }
                 let error = TurnError::NoAnswer {
                     server: self.server,
                     what: p.request.what(),
@@ -404,8 +427,18 @@ impl Client {
                 self.failed(p.request, error);
             }
         }
-        if let State::Allocated { refresh_at, .. } = self.state {
-            if refresh_at <= now && !self.refresh_pending() {
+        if let State::Allocated {
+            relayed,
+            refresh_at: Some(at),
+            expires,
+        } = self.state
+        {
+            if at <= now {
+                self.state = State::Allocated {
+                    relayed,
+                    refresh_at: None,
+                    expires,
+                };
                 self.request(now, Request::Refresh { lifetime: None });
             }
         }
@@ -449,14 +482,22 @@ impl Client {
         if msg.class == Class::Indication {
             return self.data_indication(&msg);
         }
-        let Some(p) = self.pending.get(&msg.transaction) else {
+        // Only answers, of the method asked (a reflected request of ours
+        // is not one).
+        let p = self
+            .pending
+            .get(&msg.transaction)
+            .filter(|_| matches!(msg.class, Class::Success | Class::Error))
+            .filter(|p| msg.method == p.request.method());
+        let Some(p) = p else {
             self.stats.dropped += 1;
             tracing::trace!("TURN: an answer to nothing we asked");
             return None;
         };
         // Answers to authenticated requests must carry our integrity
-        // (RFC 8489 §9.2.4), except the 401/438 that restart the exchange.
-        let challenge = matches!(msg.error_code(), Some(401 | 438));
+        // (RFC 8489 §9.2.4), except the error answers 401 and 438 that
+        // restart the exchange.
+        let challenge = msg.class == Class::Error && matches!(msg.error_code(), Some(401 | 438));
         if p.authenticated && !challenge {
             let ok = self
                 .key
@@ -474,12 +515,6 @@ impl Client {
             _ => self.stats.dropped += 1,
         }
         None
-    }
-
-    fn refresh_pending(&self) -> bool {
-        self.pending
-            .values()
-            .any(|p| matches!(p.request, Request::Refresh { .. }))
     }
 
     fn channel_data(&mut self, buf: &[u8]) -> Option<PeerData> {
@@ -522,7 +557,6 @@ impl Client {
     }
 
     fn success(&mut self, now: Instant, p: Pending, msg: &Message) {
-        self.nonce_retries = 0;
         match p.request {
             Request::Allocate => {
                 if self.state != State::Allocating {
@@ -542,7 +576,8 @@ impl Client {
                 let lifetime = lifetime(msg);
                 self.state = State::Allocated {
                     relayed,
-                    refresh_at: now + refresh_after(lifetime),
+                    refresh_at: Some(now + refresh_after(lifetime)),
+                    expires: now + lifetime,
                 };
                 self.events.push_back(Event::Allocated {
                     relayed,
@@ -568,7 +603,8 @@ impl Client {
                 if let State::Allocated { relayed, .. } = self.state {
                     self.state = State::Allocated {
                         relayed,
-                        refresh_at: now + refresh_after(lifetime),
+                        refresh_at: Some(now + refresh_after(lifetime)),
+                        expires: now + lifetime,
                     };
                     self.events.push_back(Event::Refreshed { lifetime });
                 }
@@ -617,15 +653,14 @@ impl Client {
         let retry = match code {
             // The challenge: learn the realm and nonce, ask again with
             // our credentials (once: a 401 to those means they are wrong).
-            401 if !p.authenticated && realm.is_some() && nonce.is_some() => true,
+            401 if !p.authenticated && realm.is_some() && nonce.is_some() => Some(0),
             // A new nonce (RFC 8489 §9.2.5): ask again with it.
-            438 if nonce.is_some() && self.nonce_retries < MAX_NONCE_RETRIES => {
-                self.nonce_retries += 1;
-                true
+            438 if nonce.is_some() && p.nonce_retries < MAX_NONCE_RETRIES => {
+                Some(p.nonce_retries + 1)
             }
-            _ => false,
+            _ => None,
         };
-        if retry {
+        if let Some(nonce_retries) = retry {
             if let Some(r) = realm {
                 self.key = Some(
                     self.credentials
@@ -634,7 +669,7 @@ impl Client {
                 self.realm = Some(r);
             }
             self.nonce = nonce;
-            self.request(now, p.request);
+            self.send_request(now, p.request, nonce_retries);
             return;
         }
         let reason = msg
@@ -692,6 +727,10 @@ impl Client {
 
     /// Sends `request` (with our credentials once the realm is known).
     fn request(&mut self, now: Instant, request: Request) {
+        self.send_request(now, request, 0);
+    }
+
+    fn send_request(&mut self, now: Instant, request: Request, nonce_retries: u32) {
         if self.state == State::Closed {
             return;
         }
@@ -792,6 +831,7 @@ impl Client {
                 next: now + first_wait,
                 started: now,
                 authenticated,
+                nonce_retries,
             },
         );
     }

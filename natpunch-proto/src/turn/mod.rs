@@ -270,10 +270,14 @@ impl std::str::FromStr for TurnUri {
                 None => return Err(err("junk after ]")),
             }
         } else {
-            match hostport.rsplit_once(':') {
+            let (h, p) = match hostport.rsplit_once(':') {
                 Some((h, p)) => (h, p.parse().map_err(|_| err("bad port"))?),
                 None => (hostport, default),
+            };
+            if h.contains(':') {
+                return Err(err("an IPv6 address goes in brackets"));
             }
+            (h, p)
         };
         if host.is_empty() || host.contains('/') || host.contains('@') {
             return Err(err("no host"));

@@ -304,3 +304,80 @@ fn release_deletes_with_lifetime_zero() {
     assert_eq!(events(&mut c), vec![Event::Released]);
     assert!(c.is_closed());
 }
+
+#[test]
+fn a_refresh_out_leaves_no_timer_in_the_past() {
+    let (mut c, _s, t0) = allocated(Transport::Udp);
+    let at = t0 + Duration::from_secs(15);
+    c.handle_timeout(at);
+    assert!(c.poll_transmit().is_some(), "the Refresh");
+    // Its retransmission is the next timer, not the refresh time again.
+    assert_eq!(c.poll_timeout(), Some(at + RTO));
+}
+
+#[test]
+fn an_unanswered_refresh_is_sent_again_while_the_allocation_lives() {
+    let t0 = Instant::now();
+    let mut c = Client::new(server(), Transport::Udp, creds(), t0);
+    let mut s = Script::new();
+    s.lifetime = 600;
+    exchange(&mut c, &mut s, t0);
+    events(&mut c);
+    let mut now = t0 + Duration::from_secs(300);
+    c.handle_timeout(now);
+    // The server is gone: the first Refresh's 15.5 s pass, then another.
+    let mut refreshes = 0;
+    while now < t0 + Duration::from_secs(600) && !c.is_closed() {
+        while let Some(t) = c.poll_transmit() {
+            if Message::decode(&t).is_ok_and(|m| m.method == method::REFRESH) {
+                refreshes += 1;
+            }
+        }
+        now = c.poll_timeout().expect("a timer");
+        c.handle_timeout(now);
+    }
+    assert!(refreshes > TRANSMITS as usize * 2, "{refreshes} sends");
+    assert!(matches!(
+        events(&mut c).as_slice(),
+        [Event::Failed(TurnError::NoAnswer {
+            what: "Refresh",
+            ..
+        })]
+    ));
+    assert!(
+        now > t0 + Duration::from_secs(580),
+        "failed at {:?}",
+        now - t0
+    );
+}
+
+#[test]
+fn forged_or_reflected_answers_are_dropped() {
+    let t0 = Instant::now();
+    let mut c = Client::new(server(), Transport::Udp, creds(), t0);
+    let first = c.poll_transmit().unwrap();
+    // Our own request reflected back (an echo service on the port).
+    assert_eq!(c.handle_input(t0, &first), None);
+    assert!(c.poll_timeout().is_some(), "the Allocate is still out");
+    // Past the challenge, a Success that carries ERROR-CODE 401 and no
+    // integrity must not pass as the allocation.
+    let mut s = Script::new();
+    let challenge = s.answer(&first);
+    c.handle_input(t0, &challenge);
+    let authed = c.poll_transmit().unwrap();
+    let tid = Message::decode(&authed).unwrap().transaction;
+    let forged = Message::new(Class::Success, method::ALLOCATE, tid)
+        .with(Attribute::ErrorCode {
+            code: 401,
+            reason: "x".into(),
+        })
+        .with(Attribute::Unknown {
+            kind: attr::XOR_RELAYED_ADDRESS,
+            value: xor_address_value(&"203.0.113.66:1".parse().unwrap(), &tid),
+        })
+        .to_bytes();
+    assert_eq!(c.handle_input(t0, &forged), None);
+    assert_eq!(c.relayed(), None);
+    assert_eq!(c.stats().bad_integrity, 1);
+    assert_eq!(c.stats().dropped, 1);
+}
