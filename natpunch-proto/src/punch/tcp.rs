@@ -18,8 +18,8 @@
 //! side *sweeps*: its k-th SYN aims at the peer's (2k + 1)-th next port
 //! instead of its (k + 1)-th, while the other side aims steadily. If `a`
 //! and `b` other flows took ports at the two NATs, the sweeper's k-th
-//! mapping meets the steady side's (k + a)-th exactly when k = a + b (see
-//! [`sweep`]): any a + b below the window finds its pair, and with no
+//! mapping meets the steady side's (2a + b)-th exactly when k = a + b (see
+//! [`sweep`]): any 2a + b below the window finds its pair, and with no
 //! other flow the first SYNs meet as before. A random symmetric NAT cannot be punched over TCP:
 //! birthday probing would need hundreds of listening sockets and SYNs.
 //!
@@ -107,8 +107,11 @@ pub fn plan(
         PairKind::Cone => vec![peer.mapped],
         PairKind::Predict | PairKind::Ttl if peer_v.hard() => {
             let targets = predicted(&peer_v, cfg.window);
-            if me_v.hard() && sweeps(me, peer) {
-                sweep(&targets, cfg.window)
+            // Only between two sequential NATs: a port-preserving one
+            // sends every SYN from one port, which a sweep would miss.
+            let stepping = |t: &TcpInfo| t.delta.is_some_and(|d| d != 0);
+            if me_v.hard() && stepping(me) && stepping(peer) && sweeps(me, peer) {
+                sweep(peer, cfg.window, &targets)
             } else {
                 targets
             }
@@ -136,29 +139,30 @@ fn sweeps(me: &TcpInfo, peer: &TcpInfo) -> bool {
     (me.mapped.ip(), me.mapped.port()) > (peer.mapped.ip(), peer.mapped.port())
 }
 
-/// The sweeper's order of the peer's predicted ports (`targets`: the
-/// `window` next ones in creation order, then the few behind): its k-th
-/// SYN goes to the peer's (2k + 1)-th next port.
+/// The sweeper's order of the peer's ports: its k-th SYN goes to the
+/// peer's (2k + 1)-th next port (for `window` SYNs), then the ports just
+/// behind the peer's measured one that `predicted` lists.
 ///
 /// Why it meets: say `a` other flows took ports at the sweeper's NAT and
 /// `b` at the steady side's after they were measured. The sweeper's k-th
 /// SYN then leaves from its (k + 1 + a)-th next port to the peer's
 /// (2k + 1)-th; the steady side's m-th leaves from its (m + 1 + b)-th
 /// next port to the sweeper's (m + 1)-th. They are one 4-tuple when
-/// m = k + a and 2k = m + b, that is k = a + b: one pair meets for every
-/// a + b with 2(a + b) + a below the window.
-fn sweep(targets: &[SocketAddr], window: u16) -> Vec<SocketAddr> {
-    let ahead = usize::from(window).min(targets.len());
-    let (next, behind) = targets.split_at(ahead);
-    let (Some(first), Some(second)) = (next.first(), next.get(1)) else {
-        return targets.to_vec();
+/// m = k + a and 2k = m + b, that is k = a + b and m = 2a + b: one pair
+/// meets for every 2a + b below the window.
+fn sweep(peer: &TcpInfo, window: u16, predicted: &[SocketAddr]) -> Vec<SocketAddr> {
+    let (Some(delta), fresh) = (peer.delta, peer.mapped) else {
+        return predicted.to_vec();
     };
-    let delta = i32::from(second.port()) - i32::from(first.port());
-    let mut order: Vec<SocketAddr> = (0..ahead as i32)
-        .map_while(|k| super::plan::port_step(first.port(), delta, 2 * k))
-        .map(|p| SocketAddr::new(first.ip(), p))
+    let mut order: Vec<SocketAddr> = (0..i32::from(window))
+        .map_while(|k| super::plan::port_step(fresh.port(), delta, 2 * k + 1))
+        .map(|p| SocketAddr::new(fresh.ip(), p))
         .collect();
-    order.extend_from_slice(behind);
+    // The ports behind the measured one, as `predicted` has them.
+    let behind = |a: &&SocketAddr| {
+        (i32::from(a.port()) - i32::from(fresh.port())).signum() == -delta.signum()
+    };
+    order.extend(predicted.iter().filter(behind));
     order
 }
 
@@ -274,6 +278,27 @@ mod tests {
                 assert!(met, "{x} other flows at A's NAT, {y} at B's: no pair meets");
             }
         }
+    }
+
+    #[test]
+    fn a_port_preserving_symmetric_side_never_sweeps() {
+        // It sorts higher, but sends every SYN from one port: a sweep
+        // would meet the steady side only for an even count of flows.
+        let keep = info(
+            "198.51.100.18:4000",
+            Behaviour::AddressAndPortDependent,
+            AllocationKind::Preserving,
+            0,
+        );
+        let seq = info(
+            "198.51.100.2:10010",
+            Behaviour::AddressAndPortDependent,
+            AllocationKind::Sequential,
+            1,
+        );
+        let p = plan(&keep, &nat(), &seq, &nat(), &[], &cfg()).unwrap();
+        let ports: Vec<u16> = p.targets.iter().map(|t| t.port()).take(3).collect();
+        assert_eq!(ports, [10011, 10012, 10013]);
     }
 
     #[test]

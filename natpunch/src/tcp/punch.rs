@@ -112,6 +112,13 @@ pub async fn run(
         Some(_) => PRECISE_START,
         None => Duration::ZERO,
     };
+    if until <= at {
+        let _ = news.send(TcpNews::Over {
+            session,
+            reason: "no time was left before the attempt's deadline".into(),
+        });
+        return;
+    }
     tokio::time::sleep_until(at.checked_sub(lead).unwrap_or(at).into()).await;
     let give_up = (Instant::now().max(at) + GIVE_UP).min(until);
     let mut connects: JoinSet<(SocketAddr, Ended)> = JoinSet::new();
@@ -318,7 +325,12 @@ fn open_then_connect(
         let now = Instant::now();
         let mut k = 0;
         while k < waiting.len() {
-            let over = ready > 0 && fds[k].revents != 0;
+            // Without chosen numbers the opener keeps its fixed life even
+            // past its ICMP: the listener's kernel ISN would answer an early
+            // peer SYN no worse than the real socket's, and a short first
+            // hop must not shrink the skew the pair absorbs.
+            let answered = waiting[k].3.peer_addr().is_ok();
+            let over = ready > 0 && fds[k].revents != 0 && (chosen || answered);
             if !over && waiting[k].2 > now {
                 k += 1;
                 continue;
