@@ -182,6 +182,24 @@ mod tests {
         }
     }
 
+    fn cone(mapped: &str) -> TcpInfo {
+        info(
+            mapped,
+            Behaviour::EndpointIndependent,
+            AllocationKind::Preserving,
+            0,
+        )
+    }
+
+    fn sequential(mapped: &str, delta: i32) -> TcpInfo {
+        info(
+            mapped,
+            Behaviour::AddressAndPortDependent,
+            AllocationKind::Sequential,
+            delta,
+        )
+    }
+
     fn nat() -> NatSummary {
         NatSummary {
             nat: Some(true),
@@ -196,18 +214,8 @@ mod tests {
 
     #[test]
     fn cones_connect_to_each_others_mapping_behind_openers() {
-        let a = info(
-            "198.51.100.2:4000",
-            Behaviour::EndpointIndependent,
-            AllocationKind::Preserving,
-            0,
-        );
-        let b = info(
-            "198.51.100.18:5000",
-            Behaviour::EndpointIndependent,
-            AllocationKind::Preserving,
-            0,
-        );
+        let a = cone("198.51.100.2:4000");
+        let b = cone("198.51.100.18:5000");
         let p = plan(&a, &nat(), &b, &nat(), &[], &cfg()).unwrap();
         assert_eq!(p.kind, PairKind::Cone);
         assert_eq!(p.targets, vec![b.mapped]);
@@ -216,18 +224,8 @@ mod tests {
 
     #[test]
     fn two_sequential_symmetric_nats_aim_at_the_same_rank_of_new_ports() {
-        let a = info(
-            "198.51.100.2:10010",
-            Behaviour::AddressAndPortDependent,
-            AllocationKind::Sequential,
-            1,
-        );
-        let b = info(
-            "198.51.100.18:10020",
-            Behaviour::AddressAndPortDependent,
-            AllocationKind::Sequential,
-            1,
-        );
+        let a = sequential("198.51.100.2:10010", 1);
+        let b = sequential("198.51.100.18:10020", 1);
         let pa = plan(&a, &nat(), &b, &nat(), &[], &cfg()).unwrap();
         let pb = plan(&b, &nat(), &a, &nat(), &[], &cfg()).unwrap();
         assert_eq!(pa.kind, PairKind::Ttl);
@@ -240,18 +238,8 @@ mod tests {
 
     #[test]
     fn one_sequential_side_sweeps_so_other_flows_at_either_nat_still_meet() {
-        let a = info(
-            "198.51.100.2:10010",
-            Behaviour::AddressAndPortDependent,
-            AllocationKind::Sequential,
-            1,
-        );
-        let b = info(
-            "198.51.100.18:10020",
-            Behaviour::AddressAndPortDependent,
-            AllocationKind::Sequential,
-            1,
-        );
+        let a = sequential("198.51.100.2:10010", 1);
+        let b = sequential("198.51.100.18:10020", 1);
         let pa = plan(&a, &nat(), &b, &nat(), &[], &cfg()).unwrap();
         let pb = plan(&b, &nat(), &a, &nat(), &[], &cfg()).unwrap();
         // B sorts higher and sweeps; A aims steadily.
@@ -290,12 +278,7 @@ mod tests {
             AllocationKind::Preserving,
             0,
         );
-        let seq = info(
-            "198.51.100.2:10010",
-            Behaviour::AddressAndPortDependent,
-            AllocationKind::Sequential,
-            1,
-        );
+        let seq = sequential("198.51.100.2:10010", 1);
         let p = plan(&keep, &nat(), &seq, &nat(), &[], &cfg()).unwrap();
         let ports: Vec<u16> = p.targets.iter().map(|t| t.port()).take(3).collect();
         assert_eq!(ports, [10011, 10012, 10013]);
@@ -303,18 +286,8 @@ mod tests {
 
     #[test]
     fn the_cone_aims_at_the_window_and_the_symmetric_side_at_the_cone() {
-        let cone = info(
-            "198.51.100.2:4000",
-            Behaviour::EndpointIndependent,
-            AllocationKind::Preserving,
-            0,
-        );
-        let sym = info(
-            "198.51.100.18:10020",
-            Behaviour::AddressAndPortDependent,
-            AllocationKind::Sequential,
-            2,
-        );
+        let cone = cone("198.51.100.2:4000");
+        let sym = sequential("198.51.100.18:10020", 2);
         let pc = plan(&cone, &nat(), &sym, &nat(), &[], &cfg()).unwrap();
         assert_eq!(pc.kind, PairKind::Predict);
         assert_eq!(pc.targets[0].port(), 10022);
@@ -325,12 +298,7 @@ mod tests {
 
     #[test]
     fn random_ports_get_no_tcp_plan() {
-        let cone = info(
-            "198.51.100.2:4000",
-            Behaviour::EndpointIndependent,
-            AllocationKind::Preserving,
-            0,
-        );
+        let cone = cone("198.51.100.2:4000");
         let rnd = info(
             "198.51.100.18:31337",
             Behaviour::AddressAndPortDependent,
