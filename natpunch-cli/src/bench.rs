@@ -178,18 +178,25 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Lab options with `delay_ms` one way and `loss_percent` on both access
+/// links, running this very binary.
+fn same_links(delay_ms: u64, loss_percent: f64) -> anyhow::Result<natpunch_lab::LabOptions> {
+    let link = natpunch_lab::LinkSpec {
+        delay: (delay_ms > 0).then(|| Duration::from_millis(delay_ms)),
+        loss: loss_percent / 100.0,
+        ..Default::default()
+    };
+    Ok(natpunch_lab::LabOptions {
+        natpunch: std::env::current_exe()?,
+        links: natpunch_lab::Links { a: link, b: link },
+    })
+}
+
 fn tcp(b: TcpBench) -> anyhow::Result<ExitCode> {
     use natpunch_lab::runner;
     natpunch_lab::topology::preflight()?;
     let pairs = runner::parse_pairs(&b.pairs)?;
-    let link = natpunch_lab::LinkSpec {
-        delay: (b.delay_ms > 0).then(|| Duration::from_millis(b.delay_ms)),
-        ..Default::default()
-    };
-    let opts = natpunch_lab::LabOptions {
-        natpunch: std::env::current_exe()?,
-        links: natpunch_lab::Links { a: link, b: link },
-    };
+    let opts = same_links(b.delay_ms, 0.0)?;
     if !b.json {
         println!(
             "TCP hole punching (--tcp --once), {} punches per pair and mode, {} ms one-way on each access link; time from the connector's process start to `connected`",
@@ -798,15 +805,7 @@ fn punch(b: PunchBench) -> anyhow::Result<ExitCode> {
         "--loss is a percentage below 100"
     );
     let pairs = runner::parse_pairs(&b.pairs)?;
-    let link = natpunch_lab::LinkSpec {
-        delay: (b.delay_ms > 0).then(|| Duration::from_millis(b.delay_ms)),
-        loss: b.loss / 100.0,
-        ..Default::default()
-    };
-    let opts = natpunch_lab::LabOptions {
-        natpunch: std::env::current_exe()?,
-        links: natpunch_lab::Links { a: link, b: link },
-    };
+    let opts = same_links(b.delay_ms, b.loss)?;
     if !b.json {
         println!(
             "time to a direct path, {} cold and {} warm connects per pair, {} ms one-way on each access link{}",

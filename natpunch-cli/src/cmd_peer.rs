@@ -86,7 +86,7 @@ pub struct CommonArgs {
     pub no_portmap: bool,
     /// Direct paths over TCP only: punch TCP (simultaneous open from one
     /// port, limited-TTL first SYNs) and carry the session on the stream.
-    /// Both peers need --tcp or --tcp-fallback.
+    /// The other peer must not run --no-tcp.
     #[arg(long, conflicts_with_all = ["no_tcp", "tcp_fallback"])]
     pub tcp: bool,
     /// Punch TCP too where UDP cannot do it: at once when either side's

@@ -46,16 +46,16 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TurnDriverError {
-    #[error("TURN server: {0}")]
+    #[error(transparent)]
     Resolve(#[from] crate::net::NetError),
-    #[error("cannot reach the TURN server {server} over {transport}: {source}")]
+    #[error("cannot reach the TURN server {server} over {transport}")]
     Connect {
         server: SocketAddr,
         transport: &'static str,
         #[source]
         source: std::io::Error,
     },
-    #[error("TLS with the TURN server {server} failed: {source}")]
+    #[error("TLS with the TURN server {server} failed")]
     Tls {
         server: SocketAddr,
         #[source]
@@ -229,20 +229,27 @@ fn unspecified(server: SocketAddr) -> IpAddr {
     }
 }
 
-/// Applies a command; what it wraps for the server goes to `out`.
-fn apply(client: &mut Client, now: Instant, cmd: Command, out: &mut Vec<Vec<u8>>) {
+/// Applies a command (what it wraps for the server goes to `out`); `None`
+/// means the handle is gone: release, and wait for the answer. Whether
+/// commands may still come.
+fn apply(client: &mut Client, now: Instant, cmd: Option<Command>, out: &mut Vec<Vec<u8>>) -> bool {
     match cmd {
-        Command::Permit(ip) => client.permit(now, ip),
-        Command::Bind(peer) => client.bind(now, peer),
-        Command::Send(peer, data) => {
+        Some(Command::Permit(ip)) => client.permit(now, ip),
+        Some(Command::Bind(peer)) => client.bind(now, peer),
+        Some(Command::Send(peer, data)) => {
             let mut buf = Vec::with_capacity(data.len() + 36);
             match client.send(peer, &data, &mut buf) {
                 Ok(()) => out.push(buf),
                 Err(e) => tracing::debug!(%peer, error = %e, "TURN: not sent"),
             }
         }
-        Command::Release => client.release(now),
+        Some(Command::Release) => client.release(now),
+        None => {
+            client.release(now);
+            return false;
+        }
     }
+    true
 }
 
 /// Hands the client's events on (waiting for room: none is lost);
@@ -303,14 +310,9 @@ async fn run_udp(
                 // retransmissions decide.
                 Err(e) => tracing::debug!(error = %e, "TURN: receive failed"),
             },
-            cmd = commands.recv(), if open => match cmd {
-                Some(c) => apply(&mut client, Instant::now(), c, &mut out),
-                // The handle is gone: release, and wait for the answer.
-                None => {
-                    open = false;
-                    client.release(Instant::now());
-                }
-            },
+            cmd = commands.recv(), if open => {
+                open = apply(&mut client, Instant::now(), cmd, &mut out);
+            }
             _ = sleep_until(client.poll_timeout()) => client.handle_timeout(Instant::now()),
         }
     }
@@ -381,13 +383,9 @@ async fn run_stream<S: AsyncRead + AsyncWrite + Unpin>(
                     inbuf.drain(..at);
                 }
             },
-            cmd = commands.recv(), if open => match cmd {
-                Some(c) => apply(&mut client, Instant::now(), c, &mut out),
-                None => {
-                    open = false;
-                    client.release(Instant::now());
-                }
-            },
+            cmd = commands.recv(), if open => {
+                open = apply(&mut client, Instant::now(), cmd, &mut out);
+            }
             _ = sleep_until(client.poll_timeout()) => client.handle_timeout(Instant::now()),
         }
     }
