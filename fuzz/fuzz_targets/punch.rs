@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
         relay: true,
         portmap: false,
         tcp: natpunch_proto::coordinator::TcpMode::Off,
+        turn: 0,
     });
     host.handle_datagram(now, SocketId(0), "198.51.100.9:777".parse().unwrap(), data);
     host.handle_datagram(now, SocketId(3), "198.51.100.9:777".parse().unwrap(), data);

@@ -52,6 +52,7 @@ fuzz_target!(|data: &[u8]| {
         relay: true,
         portmap: false,
         tcp: natpunch_proto::coordinator::TcpMode::Off,
+        turn: 0,
     });
     host.start(now);
     host.handle_datagram(now, SocketId(0), local, data);

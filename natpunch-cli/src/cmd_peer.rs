@@ -105,6 +105,14 @@ pub struct CommonArgs {
     /// what the gateway grants; deleted on exit).
     #[arg(long, default_value_t = 7200, value_parser = clap::value_parser!(u64).range(2..=604800))]
     pub portmap_lease: u64,
+    /// A TURN server to relay through when nothing direct works:
+    /// turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT] (TLS).
+    /// Repeatable; one set of credentials for all (--turn-user with
+    /// --turn-pass, or --turn-secret). The allocation is released on exit.
+    #[arg(long = "turn", value_name = "URI")]
+    pub turn: Vec<String>,
+    #[command(flatten)]
+    pub turn_creds: crate::cmd_turn::TurnCredArgs,
 }
 
 /// Options of the listening side.
@@ -288,7 +296,18 @@ pub fn run(
             Some(h) => Some(resolve(h, DEFAULT_PORT, server.is_ipv6()).await?),
             None => None,
         };
+        let mut turn = Vec::new();
+        for uri in &common.turn {
+            match common.turn_creds.server(uri) {
+                Ok(t) => turn.push(t),
+                Err(line) => {
+                    eprintln!("natpunch: --turn {uri}: {line}");
+                    return Ok(ExitCode::from(2));
+                }
+            }
+        }
         let mut cfg = EndpointConfig::new(identity, server);
+        cfg.peer.turn = turn;
         cfg.peer.stun = stun;
         cfg.peer.source_ip = common.source_ip;
         cfg.peer.source_port = common.source_port;
@@ -420,6 +439,9 @@ fn path_json(p: &PathView) -> serde_json::Value {
                 "transport": if *tcp { "tcp" } else { "udp" }})
         }
         PathView::Relay { server } => serde_json::json!({"path": "relay", "remote": server}),
+        PathView::Turn { remote, relayed } => {
+            serde_json::json!({"path": "relay", "via": "turn", "remote": remote, "relayed": relayed})
+        }
     }
 }
 
@@ -486,7 +508,8 @@ fn print_event(out: &Out, ev: &PeerEvent) {
             over_tcp,
         } => out.event(
             json!({"event": "connected", "peer_id": peer_id.to_string(),
-                "path": if *strategy == Strategy::Relay { "relay" } else { "direct" },
+                "path": if matches!(strategy, Strategy::Relay | Strategy::Turn) { "relay" } else { "direct" },
+                "via": (*strategy == Strategy::Turn).then_some("turn"),
                 "transport": if *over_tcp { "tcp" } else { "udp" },
                 "strategy": strategy.as_str(), "protocol": strategy.protocol().map(|p| p.as_str()),
                 "remote": remote,
@@ -499,6 +522,11 @@ fn print_event(out: &Out, ev: &PeerEvent) {
                 } else if *strategy == Strategy::Relay {
                     format!(
                         "connected to {peer_id} through the relay at {remote} in {} ms; punching for a direct path",
+                        elapsed.as_millis()
+                    )
+                } else if *strategy == Strategy::Turn {
+                    format!(
+                        "connected to {peer_id} through TURN at {remote} in {} ms; punching for a direct path",
                         elapsed.as_millis()
                     )
                 } else {
@@ -525,14 +553,19 @@ fn print_event(out: &Out, ev: &PeerEvent) {
         PeerEvent::SessionStarted { peer_id, path } => {
             let local = match path {
                 PathView::Direct { local, .. } => *local,
+                PathView::Turn { relayed, .. } => *relayed,
                 PathView::Relay { .. } => None,
             };
             out.event(
                 json!({"event": "session", "peer_id": peer_id.to_string(), "path": path.kind(),
+                    "via": path.via(),
                     "transport": transport(path), "remote": path.remote(), "local": local}),
                 || match path {
                     PathView::Relay { server } => {
                         format!("encrypted session with {peer_id} through the relay at {server}")
+                    }
+                    PathView::Turn { remote, .. } => {
+                        format!("encrypted session with {peer_id} through TURN ({remote})")
                     }
                     PathView::Direct { remote, .. } => {
                         format!("encrypted session with {peer_id} at {remote}")
@@ -550,6 +583,7 @@ fn print_event(out: &Out, ev: &PeerEvent) {
             let (remote, local) = match to {
                 PathView::Direct { remote, local, .. } => (*remote, *local),
                 PathView::Relay { server } => (*server, None),
+                PathView::Turn { remote, relayed } => (*remote, *relayed),
             };
             out.event(
                 json!({"event": "path-changed", "peer_id": peer_id.to_string(),
@@ -557,9 +591,12 @@ fn print_event(out: &Out, ev: &PeerEvent) {
                     "strategy": strategy.map(|s| s.as_str()),
                     "protocol": strategy.and_then(|s| s.protocol()).map(|p| p.as_str()),
                     "elapsed_ms": elapsed.map(|e| e.as_millis() as u64),
-                    "path": to.kind(), "transport": transport(to), "remote": remote, "local": local}),
+                    "path": to.kind(), "via": to.via(), "transport": transport(to), "remote": remote, "local": local}),
                 || match (from, to) {
-                    (Some(PathView::Relay { .. }), PathView::Direct { .. }) => {
+                    (_, PathView::Turn { .. }) => {
+                        format!("path to {peer_id} moved to TURN ({remote}); punching for a direct path")
+                    }
+                    (Some(PathView::Relay { .. } | PathView::Turn { .. }), PathView::Direct { .. }) => {
                         format!(
                             "path to {peer_id} moved from the relay to a direct path at {remote}{}{}",
                             strategy.map(|s| format!(" (by {})", technique(&s))).unwrap_or_default(),
@@ -604,6 +641,23 @@ fn print_event(out: &Out, ev: &PeerEvent) {
         PeerEvent::Stalled { peer_id } => out.event(
             json!({"event": "stalled", "peer_id": peer_id.to_string()}),
             || format!("path to {peer_id} stopped answering; punching again"),
+        ),
+        PeerEvent::TurnAllocated {
+            server,
+            transport,
+            relayed,
+            elapsed,
+        } => out.event(
+            json!({"event": "turn-allocated", "server": server, "transport": transport,
+                "relayed": relayed, "elapsed_ms": elapsed.as_millis() as u64}),
+            || format!("TURN server {server} ({transport}) relays {relayed} to us"),
+        ),
+        PeerEvent::TurnLost { error } => out.warn(
+            json!({"event": "turn-lost", "reason": error}),
+            &format!("TURN allocation lost: {error}"),
+        ),
+        PeerEvent::TurnReleased { confirmed } => out.json_only(
+            json!({"event": "turn-released", "confirmed": confirmed}),
         ),
         PeerEvent::SessionEnded { peer_id, end } => out.json_only(
             json!({"event": "session-ended", "peer_id": peer_id.to_string(), "code": end.code()}),

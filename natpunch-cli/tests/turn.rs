@@ -8,7 +8,7 @@
 mod common;
 
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -52,25 +52,6 @@ impl Coturn {
 }
 
 /// A CA and a certificate for 127.0.0.1 signed by it, as PEM files.
-fn certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
-}
 
 /// coturn on 127.0.0.1 with `auth` (`--lt-cred-mech …` or
 /// `--use-auth-secret …`), TLS on the next port, loopback peers allowed,
@@ -81,7 +62,7 @@ fn coturn(auth: &[&str], extra: &[&str]) -> Option<Coturn> {
     }
     let port = free_port_pair();
     let dir = tempdir("coturn-turn");
-    let (ca, cert, key) = certificates(&dir);
+    let (ca, cert, key) = tls_certificates(&dir, "127.0.0.1");
     let log = dir.join("turnserver.log");
     let mut cmd = Command::new("turnserver");
     cmd.args(["-n", "--listening-ip=127.0.0.1", "--relay-ip=127.0.0.1"])

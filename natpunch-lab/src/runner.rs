@@ -1183,6 +1183,7 @@ pub fn expected_connect(t: &TopologySpec) -> (Option<Strategy>, String) {
                     addr,
                     protocol: natpunch_proto::portmap::MapProtocol::Pcp,
                 }),
+            turn: vec![],
         }
     };
     let (a, b) = match t {

@@ -96,6 +96,7 @@ fn info(mapping_known: bool) -> PeerInfo {
         candidates: vec![],
         mapped: None,
         tcp: None,
+        turn: vec![],
     }
 }
 

@@ -211,6 +211,7 @@ impl World {
             relay: spec.relay,
             portmap: spec.portmap.is_some(),
             tcp: natpunch_proto::coordinator::TcpMode::Off,
+            turn: 0,
         });
         let facts_at = spec.facts_after.map(|after| self.now + after);
         let mut sockets = HashMap::new();

@@ -79,6 +79,10 @@ pub struct PeerConfig {
     pub portmap: Option<crate::portmap::PortmapConfig>,
     /// When TCP is punched ([`crate::tcp`]).
     pub tcp: TcpMode,
+    /// TURN servers to allocate on ([`crate::turn`]): each relayed address
+    /// is announced to peers, and a session goes through it when nothing
+    /// direct works. An allocation that cannot be made stops the run.
+    pub turn: Vec<crate::turn::TurnServer>,
 }
 
 /// A path as events show it.
@@ -93,6 +97,13 @@ pub enum PathView {
     },
     /// Through the relay on `server`.
     Relay { server: SocketAddr },
+    /// Through a TURN server: to the peer's `remote` address from our
+    /// allocation (which the server relays to us at `relayed`), or to the
+    /// peer's relayed address `remote` from our main socket.
+    Turn {
+        remote: SocketAddr,
+        relayed: Option<SocketAddr>,
+    },
 }
 
 impl PathView {
@@ -100,8 +111,13 @@ impl PathView {
     pub fn kind(&self) -> &'static str {
         match self {
             PathView::Direct { .. } => "direct",
-            PathView::Relay { .. } => "relay",
+            PathView::Relay { .. } | PathView::Turn { .. } => "relay",
         }
+    }
+
+    /// What relays it: `"turn"` for a TURN server, `None` otherwise.
+    pub fn via(&self) -> Option<&'static str> {
+        matches!(self, PathView::Turn { .. }).then_some("turn")
     }
 
     /// The address the traffic goes to (the peer, or the relay).
@@ -109,6 +125,7 @@ impl PathView {
         match self {
             PathView::Direct { remote, .. } => *remote,
             PathView::Relay { server } => *server,
+            PathView::Turn { remote, .. } => *remote,
         }
     }
 }
@@ -225,6 +242,22 @@ pub enum PeerEvent {
         peer_id: PeerId,
         end: SessionEnd,
     },
+    /// A TURN allocation is made: peers are told to reach us at `relayed`.
+    TurnAllocated {
+        server: SocketAddr,
+        transport: &'static str,
+        relayed: SocketAddr,
+        elapsed: Duration,
+    },
+    /// A TURN allocation was lost; peers are no longer told of it.
+    TurnLost {
+        error: String,
+    },
+    /// A TURN allocation was released at the end (`confirmed`: the server
+    /// answered).
+    TurnReleased {
+        confirmed: bool,
+    },
 }
 
 /// Errors that stop the peer.
@@ -244,6 +277,9 @@ pub enum PeerError {
     /// that has registered once keeps trying instead, and says so).
     #[error("no answer from the rendezvous server {server}: it is down, the address is wrong, or UDP is blocked")]
     ServerUnreachable { server: SocketAddr },
+    /// A `--turn` allocation could not be made.
+    #[error(transparent)]
+    Turn(#[from] crate::turn::TurnDriverError),
 }
 
 impl PeerError {
@@ -256,6 +292,7 @@ impl PeerError {
             PeerError::Socket(_) => "socket",
             PeerError::Serve(_) => "serve-relay",
             PeerError::ServerUnreachable { .. } => "server-unreachable",
+            PeerError::Turn(_) => "turn",
         }
     }
 }
@@ -303,6 +340,12 @@ struct Driver {
     tcp_punches: HashMap<u64, tokio::task::JoinHandle<()>>,
     /// Readers of punched streams, by socket.
     stream_tasks: HashMap<SocketId, tokio::task::JoinHandle<()>>,
+    /// TURN allocations serving as sockets, and those made so far (with
+    /// the addresses they relay).
+    turn: Vec<crate::turn::TurnPath>,
+    turn_ready: Vec<(SocketId, SocketAddr)>,
+    /// Paths through a TURN server (for how events show them).
+    turn_paths: std::collections::HashSet<Path>,
 }
 
 /// Runs a peer until its [`crate::session::Endpoint`] is closed or
@@ -376,6 +419,7 @@ async fn drive(
         relay: cfg.relay && !cfg.once,
         portmap: cfg.portmap.is_some(),
         tcp: cfg.tcp,
+        turn: cfg.turn.len(),
         server_memo: cached
             .as_ref()
             .and_then(|c| c.server)
@@ -439,7 +483,20 @@ async fn drive(
         tcp_measuring: false,
         tcp_punches: HashMap::new(),
         stream_tasks: HashMap::new(),
+        turn: Vec::new(),
+        turn_ready: Vec::new(),
+        turn_paths: Default::default(),
     };
+    let (turn_tx, mut turn_news) = mpsc::unbounded_channel::<crate::turn::PathNews>();
+    for server in d.cfg.turn.clone() {
+        let id = d.host.stream_id();
+        d.turn.push(crate::turn::TurnPath::spawn(
+            server,
+            id,
+            d.socket.clone(),
+            turn_tx.clone(),
+        ));
+    }
     if let Some(c) = &cached {
         tracing::debug!(?c, "NAT facts from the cache");
         for f in c.facts() {
@@ -454,6 +511,7 @@ async fn drive(
     loop {
         d.flush().await;
         if let Some(e) = d.fatal.take() {
+            d.close_turn().await;
             return Err(e);
         }
         if d.done {
@@ -500,6 +558,7 @@ async fn drive(
             }
             Some(fact) = facts.recv() => d.host.handle_fact(Instant::now(), fact),
             Some(news) = portmap_news.recv() => d.on_portmap(news),
+            Some(news) = turn_news.recv() => d.on_turn(news),
             Some(SocketNews::NewSource { mapped, path }) = news.recv() => {
                 if let Some(key) = d.socket.key_of(mapped) {
                     d.host.new_source(Instant::now(), key, path);
@@ -844,6 +903,56 @@ impl Driver {
         if let Some(s) = self.served.take() {
             s.shutdown().await;
         }
+        self.close_turn().await;
+    }
+
+    /// Releases every TURN allocation, each waiting for its server.
+    async fn close_turn(&mut self) {
+        let paths = std::mem::take(&mut self.turn);
+        let closing: Vec<_> = paths.into_iter().map(|p| tokio::spawn(p.close())).collect();
+        for c in closing {
+            if let Ok(Some(confirmed)) = c.await {
+                self.emit(PeerEvent::TurnReleased { confirmed });
+            }
+        }
+    }
+
+    fn on_turn(&mut self, news: crate::turn::PathNews) {
+        use crate::turn::PathNews;
+        let now = Instant::now();
+        match news {
+            PathNews::Allocated {
+                id,
+                relayed,
+                server,
+                transport,
+                elapsed,
+            } => {
+                self.turn_ready.push((id, relayed));
+                self.emit(PeerEvent::TurnAllocated {
+                    server,
+                    transport: transport.as_str(),
+                    relayed,
+                    elapsed,
+                });
+                self.host.set_turn(now, self.turn_ready.clone());
+            }
+            PathNews::Failed { id, error } => {
+                if !self.turn_ready.iter().any(|(t, _)| *t == id) {
+                    // Never made: the user asked for this server, and
+                    // its answer (a wrong password, say) is the reason.
+                    self.fatal = Some(PeerError::Turn(error));
+                    return;
+                }
+                tracing::warn!(error = %error, "TURN allocation lost");
+                self.turn_ready.retain(|(t, _)| *t != id);
+                self.turn.retain(|p| p.id != id);
+                self.emit(PeerEvent::TurnLost {
+                    error: error.to_string(),
+                });
+                self.host.set_turn(now, self.turn_ready.clone());
+            }
+        }
     }
 
     async fn flush(&mut self) {
@@ -932,6 +1041,13 @@ impl Driver {
                 self.socket.use_relay(mapped);
                 self.nudge(remote);
             }
+            HostEvent::TurnPermit { ips } => {
+                for p in &self.turn {
+                    for ip in &ips {
+                        p.permit(*ip);
+                    }
+                }
+            }
             HostEvent::DirectFailed { remote, error } => self.emit(PeerEvent::Relayed {
                 peer_id: remote.peer,
                 error,
@@ -951,6 +1067,9 @@ impl Driver {
                 bytes_sent,
                 reused,
             } => {
+                if strategy == Strategy::Turn {
+                    self.turn_paths.insert(path);
+                }
                 self.emit(PeerEvent::Connected {
                     peer_id: remote.peer,
                     strategy,
@@ -1040,6 +1159,9 @@ impl Driver {
                 elapsed,
             } => {
                 self.nudge(remote);
+                if let Via::Turn(p) = to {
+                    self.turn_paths.insert(p);
+                }
                 self.emit(PeerEvent::PathChanged {
                     peer_id: remote.peer,
                     from: from.map(|v| self.view(v)),
@@ -1070,12 +1192,25 @@ impl Driver {
 
     fn view(&self, via: Via) -> PathView {
         match via {
+            Via::Turn(p) => self.turn_view(p),
+            Via::Direct(p) if self.turn_paths.contains(&p) => self.turn_view(p),
             Via::Direct(p) => PathView::Direct {
                 remote: p.remote,
                 local: self.socket.local_of(p.socket),
                 tcp: self.socket.is_stream(p.socket),
             },
             Via::Relay(r) => PathView::Relay { server: r.server },
+        }
+    }
+
+    fn turn_view(&self, p: Path) -> PathView {
+        PathView::Turn {
+            remote: p.remote,
+            relayed: self
+                .socket
+                .is_turn(p.socket)
+                .then(|| self.socket.local_of(p.socket))
+                .flatten(),
         }
     }
 

@@ -24,6 +24,8 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
 use crate::net::resolve;
+use crate::session::socket::PathSocket;
+use natpunch_proto::SocketId;
 
 /// Connecting to the TURN server (TCP handshake, TLS handshake) gives up
 /// after this: ten times a slow path's round trip.
@@ -436,4 +438,167 @@ async fn tls_connect(
         Ok(r) => r.map_err(tls_err),
         Err(_) => Err(tls_err(std::io::ErrorKind::TimedOut.into())),
     }
+}
+
+/// Datagrams from the path table to one allocation waiting at most; beyond,
+/// they are dropped (QUIC sees loss), as a full UDP send buffer would.
+const PATH_QUEUE: usize = 1024;
+
+/// What a TURN allocation under a peer's path table tells its driver.
+#[derive(Debug)]
+pub(crate) enum PathNews {
+    /// Peers reach us at `relayed`, through `server`, `elapsed` after the
+    /// allocation started.
+    Allocated {
+        id: SocketId,
+        relayed: SocketAddr,
+        server: SocketAddr,
+        transport: Transport,
+        elapsed: Duration,
+    },
+    /// The allocation could not be made, or was lost.
+    Failed {
+        id: SocketId,
+        error: TurnDriverError,
+    },
+}
+
+/// One allocation serving as socket `id` of a peer's path table
+/// ([`crate::session::socket::PathSocket::add_turn`]): what the table sends
+/// there is relayed to its destination, and what the server relays to us
+/// comes back in sorted like a UDP socket's datagrams.
+pub(crate) struct TurnPath {
+    pub id: SocketId,
+    permits: mpsc::UnboundedSender<IpAddr>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Ends with whether a release was confirmed (`None`: nothing was
+    /// left to release).
+    task: tokio::task::JoinHandle<Option<bool>>,
+}
+
+impl TurnPath {
+    pub fn spawn(
+        server: TurnServer,
+        id: SocketId,
+        socket: Arc<PathSocket>,
+        news: mpsc::UnboundedSender<PathNews>,
+    ) -> Self {
+        let (permits, permit_rx) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(carry(server, id, socket, news, permit_rx, stop_rx));
+        Self {
+            id,
+            permits,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Lets datagrams from `ip` through (queued until the allocation exists).
+    pub fn permit(&self, ip: IpAddr) {
+        let _ = self.permits.send(ip);
+    }
+
+    /// Releases the allocation and waits for the server's answer (at most
+    /// [`RELEASE_WAIT`] after the request): whether it confirmed, or
+    /// `None` when there was no allocation to release.
+    pub async fn close(mut self) -> Option<bool> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        // The task releases and ends; a little over the release's own wait.
+        let wait = RELEASE_WAIT + Duration::from_millis(500);
+        let r = tokio::time::timeout(wait, &mut self.task).await;
+        self.task.abort();
+        match r {
+            Ok(Ok(done)) => done,
+            _ => Some(false),
+        }
+    }
+}
+
+async fn carry(
+    server: TurnServer,
+    id: SocketId,
+    socket: Arc<PathSocket>,
+    news: mpsc::UnboundedSender<PathNews>,
+    mut permits: mpsc::UnboundedReceiver<IpAddr>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) -> Option<bool> {
+    let started = Instant::now();
+    let allocate = async {
+        let mut alloc = Allocation::start(&server).await?;
+        loop {
+            match alloc.next().await {
+                Some(Report::Event(Event::Allocated { relayed, .. })) => {
+                    return Ok((alloc, relayed))
+                }
+                Some(Report::Event(Event::Failed(e))) => return Err(TurnDriverError::Turn(e)),
+                Some(_) => {}
+                None => {
+                    return Err(TurnDriverError::Turn(TurnError::Closed {
+                        server: alloc.server(),
+                    }))
+                }
+            }
+        }
+    };
+    let (mut alloc, relayed) = tokio::select! {
+        r = allocate => match r {
+            Ok(a) => a,
+            Err(error) => {
+                let _ = news.send(PathNews::Failed { id, error });
+                return None;
+            }
+        },
+        // Closed while allocating: nothing to release (dropping the
+        // handle releases one that was just being made).
+        _ = &mut stop => return None,
+    };
+    let (out, mut out_rx) = mpsc::channel(PATH_QUEUE);
+    socket.add_turn(id, out, relayed);
+    let _ = news.send(PathNews::Allocated {
+        id,
+        relayed,
+        server: alloc.server(),
+        transport: alloc.transport(),
+        elapsed: started.elapsed(),
+    });
+    // Peers given a channel (ChannelData: 4 bytes of header instead of a
+    // Send indication's 36, and it installs the permission too).
+    let mut bound: std::collections::HashSet<SocketAddr> = Default::default();
+    loop {
+        tokio::select! {
+            Some((peer, data)) = out_rx.recv() => {
+                if bound.len() < natpunch_proto::turn::client::MAX_PEERS && bound.insert(peer) {
+                    alloc.bind(peer);
+                }
+                alloc.send(peer, data);
+            }
+            Some(ip) = permits.recv() => alloc.permit(ip),
+            r = alloc.next() => match r {
+                Some(Report::Data(PeerData { peer, data })) => {
+                    if !socket.inject_stream(id, peer, &data) {
+                        socket.divert_turn(id, peer, &data);
+                    }
+                }
+                Some(Report::Event(Event::Failed(e))) => {
+                    let _ = news.send(PathNews::Failed { id, error: TurnDriverError::Turn(e) });
+                    break;
+                }
+                Some(Report::Event(e)) => tracing::trace!(socket = id.0, event = ?e, "TURN"),
+                None => {
+                    let error = TurnDriverError::Turn(TurnError::Closed { server: alloc.server() });
+                    let _ = news.send(PathNews::Failed { id, error });
+                    break;
+                }
+            },
+            _ = &mut stop => {
+                socket.remove_socket(id);
+                return Some(alloc.release().await);
+            }
+        }
+    }
+    socket.remove_socket(id);
+    None
 }

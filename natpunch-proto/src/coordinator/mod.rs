@@ -166,6 +166,9 @@ pub struct RelayPath {
 pub enum Via {
     Direct(Path),
     Relay(RelayPath),
+    /// Through a TURN server: from our allocation's socket to the peer,
+    /// or from our main socket to the peer's relayed address.
+    Turn(Path),
 }
 
 /// Names a user's connect, so its answer finds its way back.
@@ -209,6 +212,10 @@ pub struct HostConfig {
     pub portmap: bool,
     /// When TCP is punched; our TCP facts come with [`Host::set_tcp`].
     pub tcp: TcpMode,
+    /// TURN allocations the driver is making; their relayed addresses
+    /// come with [`Host::set_turn`], and until then peers hear that they
+    /// are on their way.
+    pub turn: usize,
 }
 
 /// The rendezvous server's address cookie and round trip, as an earlier
@@ -253,6 +260,11 @@ pub enum HostEvent {
     /// The direct path died: send `remote`'s traffic on its relay.
     UseRelay {
         remote: RemoteKey,
+    },
+    /// A peer we punch with may send from these IPs: each TURN allocation
+    /// lets them in (RFC 8656 §9: permissions are per IP address).
+    TurnPermit {
+        ips: Vec<std::net::IpAddr>,
     },
     /// A new address cookie from the rendezvous server: keep it (with the
     /// round trip) for the next process on this network.
@@ -537,6 +549,9 @@ pub struct Host {
     /// Streams the driver has up that no attempt claimed yet, and since
     /// when (an accepted stream is claimed by the first punch frame on it).
     streams: HashMap<SocketId, (SocketAddr, Instant)>,
+    /// Our TURN allocations: the driver's socket for each, and the address
+    /// the server relays to us.
+    allocations: Vec<(SocketId, SocketAddr)>,
 }
 
 impl std::fmt::Debug for Host {
@@ -555,11 +570,13 @@ impl Host {
         let mut nat = NatSummary::measuring();
         nat.pending.portmap = cfg.portmap;
         nat.pending.tcp = cfg.tcp != TcpMode::Off;
+        nat.pending.turn = cfg.turn > 0;
         let info = PeerInfo {
             nat,
             candidates: vec![cfg.local],
             mapped: None,
             tcp: None,
+            turn: Vec::new(),
         };
         let client = RendezvousClient::new(
             cfg.identity.clone(),
@@ -603,6 +620,7 @@ impl Host {
             tcp_accepting: Vec::new(),
             tcp_stale: false,
             streams: HashMap::new(),
+            allocations: Vec::new(),
             cfg,
         }
     }
@@ -666,6 +684,36 @@ impl Host {
             candidates: vec![self.cfg.local],
             mapped: self.announced(),
             tcp: self.tcp_info(),
+            turn: self.turn_addrs(),
+        }
+    }
+
+    /// The addresses our TURN allocations relay to us.
+    fn turn_addrs(&self) -> Vec<SocketAddr> {
+        self.allocations
+            .iter()
+            .map(|(_, a)| *a)
+            .take(crate::rendezvous::wire::MAX_TURN)
+            .collect()
+    }
+
+    /// The punch's local IDs of our TURN sockets.
+    fn turn_locals(&self) -> Vec<SocketId> {
+        (0..self.allocations.len())
+            .map(|k| SocketId(TURN_LOCAL + k))
+            .collect()
+    }
+
+    /// Lets a peer's addresses through our TURN allocations.
+    fn permit(&mut self, addrs: impl IntoIterator<Item = SocketAddr>) {
+        if self.allocations.is_empty() && !self.nat.pending.turn {
+            return;
+        }
+        let mut ips: Vec<std::net::IpAddr> = addrs.into_iter().map(|a| a.ip()).collect();
+        ips.sort();
+        ips.dedup();
+        if !ips.is_empty() {
+            self.events.push_back(HostEvent::TurnPermit { ips });
         }
     }
 
@@ -702,6 +750,7 @@ impl Host {
             fresh,
             candidates: vec![self.cfg.local],
             mapped: self.announced(),
+            turn: self.turn_addrs(),
         }
     }
 
@@ -1093,6 +1142,25 @@ impl Host {
         self.facts_changed(now, None);
     }
 
+    /// Our TURN allocations (the driver's socket for each, and the address
+    /// it relays), or none when they failed: announced to the server and
+    /// to every attempt.
+    pub fn set_turn(&mut self, now: Instant, turn: Vec<(SocketId, SocketAddr)>) {
+        if self.allocations == turn && !self.nat.pending.turn {
+            return;
+        }
+        tracing::debug!(?turn, "TURN relayed addresses");
+        self.allocations = turn;
+        self.nat.pending.turn = false;
+        let locals = self.turn_locals();
+        for a in self.attempts.values_mut() {
+            if let Some(p) = a.punch.as_mut() {
+                p.set_turn_sockets(locals.clone());
+            }
+        }
+        self.facts_changed(now, None);
+    }
+
     /// The driver has a TCP stream `socket` up to `remote` on our punching
     /// port: for `session` when its own SYNs made it (the attempt probes
     /// through it at once), or accepted (claimed by the first punch frame
@@ -1356,11 +1424,11 @@ impl Host {
             self.claim_stream(now, session, socket, remote, false);
         }
         if let Some(a) = self.attempts.get_mut(&session) {
-            let Some(local) = a.sockets.iter().position(|s| *s == socket) else {
+            let Some(local) = local_socket(&a.sockets, &self.allocations, socket) else {
                 return;
             };
             if let Some(p) = a.punch.as_mut() {
-                p.handle_input(now, SocketId(local), from, data);
+                p.handle_input(now, local, from, data);
             }
             self.drive_attempt(now, session);
             return;
@@ -1833,12 +1901,16 @@ impl Host {
         let cfg = self.punch_cfg();
         let my_id = self.peer_id();
         let my_mapped = self.announced();
+        let turn_locals = self.turn_locals();
+        let my_turn = self.turn_addrs();
+        match self.attempts.get(&session) {
+            Some(a) if a.role == Role::Initiator && a.punch.is_none() => {}
+            _ => return,
+        }
+        self.permit([observed]);
         let Some(a) = self.attempts.get_mut(&session) else {
             return;
         };
-        if a.role != Role::Initiator || a.punch.is_some() {
-            return;
-        }
         let Some(eph) = a.eph.take() else {
             return;
         };
@@ -1852,6 +1924,7 @@ impl Host {
             fresh: None,
             candidates: info.candidates,
             mapped: info.mapped,
+            turn: info.turn,
         };
         let me = SideView {
             nat: self.nat,
@@ -1859,8 +1932,9 @@ impl Host {
             fresh: a.fresh,
             candidates: vec![self.cfg.local],
             mapped: my_mapped,
+            turn: my_turn,
         };
-        let punch = Punch::new(
+        let mut punch = Punch::new(
             cfg,
             Role::Initiator,
             session,
@@ -1874,6 +1948,7 @@ impl Host {
             start_at,
         );
         tracing::debug!(session, peer = %key.peer, instance = key.instance, %observed, kind = ?punch.kind(), "introduced");
+        punch.set_turn_sockets(turn_locals);
         a.punch = Some(punch);
         a.remote = Some(key);
         a.phase = Phase::Punching;
@@ -2001,10 +2076,12 @@ impl Host {
             fresh: intro.fresh,
             candidates: intro.info.candidates.clone(),
             mapped: intro.info.mapped,
+            turn: intro.info.turn.clone(),
         };
         let Some(eph) = a.eph.take() else {
             return;
         };
+        self.permit([intro.observed].into_iter().chain(intro.fresh));
         let mut punch = Punch::new(
             cfg,
             Role::Responder,
@@ -2019,6 +2096,7 @@ impl Host {
             intro.start_at,
         );
         punch.set_peer_offer(&intro.offer.ephemeral, &intro.offer.sig);
+        punch.set_turn_sockets(self.turn_locals());
         a.punch = Some(punch);
         a.remote = Some(key);
         a.incoming = Some(intro);
@@ -2064,15 +2142,20 @@ impl Host {
             return;
         };
         let accepted = peer.is_some();
+        let mut fresh_peer = None;
         if let Some(state) = peer {
             tracing::debug!(session, fresh = ?state.fresh, pending = ?state.info.nat.pending, "the peer's state");
             p.set_peer_offer(&state.offer.ephemeral, &state.offer.sig);
             p.update_peer(now, state.info.nat, state.fresh, state.info.mapped);
+            p.update_peer_turn(now, state.info.turn.clone());
+            fresh_peer = state.fresh;
             a.peer_tcp = state.info.tcp;
             a.peer_nat = state.info.nat;
             a.peer_lan = state.info.candidates.clone();
         }
-        if accepted && a.role == Role::Initiator {
+        let initiator = a.role == Role::Initiator;
+        self.permit(fresh_peer);
+        if accepted && initiator {
             self.relay_first(now, session);
         }
         let Some(a) = self.attempts.get_mut(&session) else {
@@ -2126,7 +2209,7 @@ impl Host {
         };
         let mut events = Vec::new();
         while let Some(t) = p.poll_transmit() {
-            let Some(socket) = a.sockets.get(t.socket.0).copied() else {
+            let Some(socket) = global_socket(&a.sockets, &self.allocations, t.socket) else {
                 continue;
             };
             if socket == NO_SOCKET {
@@ -2153,8 +2236,9 @@ impl Host {
             return;
         };
         let peer = a.peer;
+        let turn = &self.allocations;
         let global = |a: &Attempt, p: Path| -> Option<Path> {
-            let socket = *a.sockets.get(p.socket.0)?;
+            let socket = global_socket(&a.sockets, turn, p.socket)?;
             Some(Path {
                 socket,
                 remote: p.remote,
@@ -2213,6 +2297,7 @@ impl Host {
                 let wait_for_relay = self.cfg.relay
                     && a.relay_offered
                     && !a.channel_ready
+                    && !a.relayed
                     && a.role == Role::Initiator;
                 if wait_for_relay {
                     // The relay still connects us once the target accepts;
@@ -2227,7 +2312,75 @@ impl Host {
                     self.fail_attempt(now, session, error)
                 }
             }
+            PunchEvent::Relayed { path, elapsed: _ } => {
+                if let Some(path) = global(a, path) {
+                    self.turn_up(now, session, path);
+                }
+            }
             PunchEvent::PathValidated { .. } | PunchEvent::PathDead { .. } => {}
+        }
+    }
+
+    /// A TURN path to the attempt's remote is confirmed both ways. It
+    /// carries the remote's traffic unless a direct path does: a new
+    /// session starts on it (the user's connect is answered), one on the
+    /// server's relay moves to it, and the punch goes on for a direct
+    /// path, which would take over.
+    fn turn_up(&mut self, now: Instant, session: u64, path: Path) {
+        let Some(a) = self.attempts.get_mut(&session) else {
+            return;
+        };
+        let Some(key) = a.remote else {
+            return;
+        };
+        self.events
+            .push_back(HostEvent::Learn { remote: key, path });
+        let r = self
+            .remotes
+            .entry(key)
+            .or_insert_with(|| Remote::new(key, a.role == Role::Initiator, now));
+        let on_turn = r.strategy == Some(Strategy::Turn);
+        if r.path.is_some() && !r.on_relay && !on_turn {
+            // A direct path is better: kept.
+            return;
+        }
+        if r.path == Some(path) && !r.on_relay {
+            return;
+        }
+        let from = match (r.on_relay, r.relay) {
+            (true, Some(relay)) => Some(Via::Relay(relay)),
+            _ => r.path.map(Via::Turn),
+        };
+        let fresh = from.is_none() && a.repair.is_none() && !a.relayed;
+        r.path = Some(path);
+        r.on_relay = false;
+        r.strategy = Some(Strategy::Turn);
+        a.relayed = true;
+        tracing::debug!(session, peer = %key.peer, ?path, "on a TURN relay until a direct path is found");
+        self.events
+            .push_back(HostEvent::Route { remote: key, path });
+        let elapsed = now.saturating_duration_since(a.started);
+        if fresh && !r.announced {
+            r.announced = true;
+            self.events.push_back(HostEvent::Connected {
+                request: a.request.take(),
+                remote: key,
+                path,
+                strategy: Strategy::Turn,
+                role: a.role,
+                elapsed,
+                probes_sent: a.punch.as_ref().map_or(0, |p| p.probes_sent()),
+                bytes_sent: 0,
+                reused: false,
+            });
+        } else {
+            self.events.push_back(HostEvent::PathChanged {
+                remote: key,
+                from,
+                to: Via::Turn(path),
+                strategy: Some(Strategy::Turn),
+                elapsed: Some(elapsed),
+            });
         }
     }
 
@@ -2254,8 +2407,10 @@ impl Host {
             .or_insert_with(|| Remote::new(key, false, now));
         let old = r.path.replace(path);
         let was_relay = std::mem::take(&mut r.on_relay);
+        let was_turn = r.strategy == Some(Strategy::Turn) && old.is_some();
         let from = match (was_relay, r.relay) {
             (true, Some(relay)) => Some(Via::Relay(relay)),
+            _ if was_turn => old.map(Via::Turn),
             _ => old.map(Via::Direct),
         };
         r.strategy = Some(strategy);
@@ -2265,7 +2420,7 @@ impl Host {
         // The old validator's sockets other than the new path's are done.
         let old_sockets: Vec<SocketId> = r.validator.take().map(|v| v.sockets).unwrap_or_default();
         r.validator = validator;
-        let live = r.sessions > 0 || (was_relay && r.announced);
+        let live = r.sessions > 0 || ((was_relay || was_turn) && r.announced);
         tracing::debug!(peer = %key.peer, ?path, ?strategy, session, was_relay, "path up");
         self.events
             .push_back(HostEvent::Route { remote: key, path });
@@ -2364,7 +2519,7 @@ impl Host {
                 let relayed = a
                     .remote
                     .and_then(|k| self.remotes.get_mut(&k))
-                    .filter(|r| r.on_relay);
+                    .filter(|r| r.on_relay || r.strategy == Some(Strategy::Turn));
                 match relayed {
                     Some(r) => {
                         // The session goes on over the relay; try direct
@@ -2538,6 +2693,36 @@ impl Host {
 
 /// A socket slot the budget could not fill: nothing is sent from it.
 const NO_SOCKET: SocketId = SocketId(usize::MAX);
+
+/// A punch machine's local IDs for our TURN sockets start here, far above
+/// its own (the main socket, birthday's, punched streams).
+const TURN_LOCAL: usize = 1 << 20;
+
+/// Our socket for a punch machine's local one.
+fn global_socket(
+    sockets: &[SocketId],
+    turn: &[(SocketId, SocketAddr)],
+    local: SocketId,
+) -> Option<SocketId> {
+    match local.0.checked_sub(TURN_LOCAL) {
+        Some(k) => turn.get(k).map(|(id, _)| *id),
+        None => sockets.get(local.0).copied(),
+    }
+}
+
+/// The punch machine's local ID for one of our sockets.
+fn local_socket(
+    sockets: &[SocketId],
+    turn: &[(SocketId, SocketAddr)],
+    socket: SocketId,
+) -> Option<SocketId> {
+    if let Some(i) = sockets.iter().position(|s| *s == socket) {
+        return Some(SocketId(i));
+    }
+    turn.iter()
+        .position(|(id, _)| *id == socket)
+        .map(|k| SocketId(TURN_LOCAL + k))
+}
 
 /// A punch probe (paced), as opposed to acks and confirms (sent at once).
 /// Known TCP facts of a NAT that maps TCP once per local port (not per

@@ -32,6 +32,7 @@ pub mod portmap;
 pub mod predict;
 pub mod tcp;
 pub mod ttl;
+pub mod turn;
 pub mod wire;
 
 use std::collections::VecDeque;
@@ -105,6 +106,16 @@ pub mod defaults {
     /// (RFC 6886 §3.1: 250 + 500 + 1000 ms); a session is on the relay
     /// meanwhile.
     pub const PORTMAP_WAIT: Duration = Duration::from_secs(2);
+    /// A pair with no direct path whose TURN path is found keeps its
+    /// attempt this long before failing, so the confirm reaches the
+    /// responder (the responder probes until it arrives, each probe
+    /// answered by one: ten rounds cover heavy loss).
+    pub const RELAY_SETTLE: Duration = Duration::from_secs(1);
+    /// A pair with no direct path waits at most this long for a TURN
+    /// allocation either side is still making: one Allocate and its 401
+    /// challenge are two round trips to the TURN server, three seconds is
+    /// the first retransmissions' worth on a lossy path.
+    pub const TURN_WAIT: Duration = Duration::from_secs(3);
 }
 
 /// Peer-reflexive paths probed back, and paths heard from, at most (bounds
@@ -234,6 +245,12 @@ pub enum PunchEvent {
     PathDead {
         path: Path,
     },
+    /// A TURN relay path is confirmed both ways: it can carry the session
+    /// while punching goes on (a direct path still ends the attempt).
+    Relayed {
+        path: Path,
+        elapsed: Duration,
+    },
 }
 
 #[derive(Debug)]
@@ -304,6 +321,14 @@ pub struct Punch {
     tcp_pending: bool,
     /// Our sockets that are TCP streams.
     tcp_sockets: Vec<SocketId>,
+    /// Our sockets that are TURN allocations.
+    turn_sockets: Vec<SocketId>,
+    /// The TURN path confirmed both ways, if any, and the confirms sent
+    /// on it (initiator).
+    relay: Option<Path>,
+    relay_confirms: u32,
+    /// A pair with no direct path fails then (its TURN path settled).
+    settle_until: Option<Instant>,
     seq: u32,
     probes_sent: u64,
     bytes_sent: u64,
@@ -386,6 +411,7 @@ fn label(group: Group, kind: PairKind, peer: &SideView) -> Strategy {
             None => Strategy::Cone,
         },
         Group::Tcp => Strategy::Tcp,
+        Group::Turn => Strategy::Turn,
     }
 }
 
@@ -407,6 +433,7 @@ fn group_streams(
         Group::Portmap => portmap::streams(peer, cfg),
         // Started by [`Punch::add_tcp_path`] once the driver has a stream.
         Group::Tcp => Vec::new(),
+        Group::Turn => turn::streams(peer, cfg),
     }
 }
 
@@ -470,6 +497,10 @@ impl Punch {
             udp: true,
             tcp_pending: false,
             tcp_sockets: Vec::new(),
+            turn_sockets: Vec::new(),
+            relay: None,
+            relay_confirms: 0,
+            settle_until: None,
             seq: 0,
             probes_sent: 0,
             bytes_sent: 0,
@@ -682,6 +713,67 @@ impl Punch {
         self.handle_timeout(now);
     }
 
+    /// Our sockets `ids` are TURN allocations: the peer's frames on them
+    /// come through a relay, and a path there is a relay path.
+    pub fn set_turn_sockets(&mut self, ids: Vec<SocketId>) {
+        self.turn_sockets = ids;
+    }
+
+    /// New TURN relayed addresses of the peer (an allocation finished
+    /// after the introduction): probed from now on.
+    pub fn update_peer_turn(&mut self, now: Instant, turn: Vec<SocketAddr>) {
+        if self.peer.turn == turn {
+            return;
+        }
+        self.peer.turn = turn;
+        self.streams.retain(|r| r.group != Group::Turn);
+        self.started.retain(|g| *g != Group::Turn);
+        self.replan(now);
+    }
+
+    /// The TURN path confirmed both ways, if any.
+    pub fn relay_path(&self) -> Option<Path> {
+        self.relay
+    }
+
+    /// Whether `path` goes through a TURN relay (ours or the peer's).
+    fn is_turn(&self, path: Path) -> bool {
+        self.turn_sockets.contains(&path.socket) || self.peer.turn.contains(&path.remote)
+    }
+
+    /// Either side has (or is making) a TURN allocation.
+    fn turn_possible(&self) -> bool {
+        !self.turn_sockets.is_empty()
+            || !self.peer.turn.is_empty()
+            || self.me.nat.pending.turn
+            || self.peer.nat.pending.turn
+    }
+
+    fn relay_found(&mut self, now: Instant, path: Path) {
+        if self.relay.is_some() {
+            return;
+        }
+        self.relay = Some(path);
+        let elapsed = now.checked_duration_since(self.created).unwrap_or_default();
+        tracing::debug!(session = self.session, ?path, "TURN path confirmed");
+        self.events.push_back(PunchEvent::Relayed { path, elapsed });
+        if self.kind == PairKind::Impossible && self.udp {
+            self.settle_until = Some(now + defaults::RELAY_SETTLE);
+        }
+        if self.role == Role::Responder {
+            // The initiator's confirm came: our probes to its relay are
+            // done (an initiator that lost our ack probes again, and each
+            // probe gets one).
+            self.streams.retain(|r| r.group != Group::Turn);
+        }
+    }
+
+    fn send_relay_confirm(&mut self, path: Path) {
+        let c = self.frame(Kind::Confirm, Strategy::Turn);
+        self.relay_confirms += 1;
+        self.send(path.socket, path.remote, c, None, false);
+    }
+
     /// Starts the groups the facts now call for; fails the attempt when
     /// the facts say no direct path can exist.
     fn replan(&mut self, now: Instant) {
@@ -692,8 +784,26 @@ impl Punch {
         if !self.udp {
             return;
         }
+        if !self.peer.turn.is_empty() && !self.started.contains(&Group::Turn) {
+            let streams = turn::streams(&self.peer, &self.cfg.plan);
+            self.started.push(Group::Turn);
+            self.add_streams(now, self.start_at, Group::Turn, streams);
+        }
         let mapped = self.peer.mapped.is_some() || self.me.mapped.is_some();
         if self.kind == PairKind::Impossible && !mapped {
+            if self.turn_possible() && self.settle_until.is_none() {
+                // No direct path, but a TURN path may carry the session:
+                // the attempt runs until it is found (and settled), or
+                // until an allocation still being made is late.
+                let waiting = self.turn_sockets.is_empty() && self.peer.turn.is_empty();
+                let until = self.start_at + defaults::TURN_WAIT;
+                if !waiting || now < until {
+                    if waiting {
+                        self.held = Some(self.held.map_or(until, |h| h.min(until)));
+                    }
+                    return;
+                }
+            }
             // A port mapping still being asked for (a gateway answers
             // after the connect went out) comes in an update: until it
             // does, or the wait is over, no direct path is declared.
@@ -958,6 +1068,24 @@ impl Punch {
                 {
                     self.send_confirm(path);
                 }
+                if self.role == Role::Initiator
+                    && self.relay == Some(path)
+                    && self.relay_confirms < defaults::MAX_CONFIRMS
+                {
+                    self.send_relay_confirm(path);
+                }
+            }
+            Kind::Ack if self.is_turn(path) => {
+                if let Some(i) = self.validating.iter().position(|v| v.path == path) {
+                    self.validating.swap_remove(i);
+                }
+                // A relay path: noted, confirmed, and punching goes on.
+                if self.role == Role::Initiator && self.is_punching() {
+                    self.relay_found(now, path);
+                    if self.relay == Some(path) && self.relay_confirms < defaults::MAX_CONFIRMS {
+                        self.send_relay_confirm(path);
+                    }
+                }
             }
             Kind::Ack => {
                 if let Some(i) = self.validating.iter().position(|v| v.path == path) {
@@ -973,6 +1101,11 @@ impl Punch {
                     && self.confirms < defaults::MAX_CONFIRMS
                 {
                     self.send_confirm(path);
+                }
+            }
+            Kind::Confirm if self.is_turn(path) => {
+                if self.role == Role::Responder && self.is_punching() {
+                    self.relay_found(now, path);
                 }
             }
             Kind::Confirm => {
@@ -995,6 +1128,9 @@ impl Punch {
     fn path_label(&self, path: Path, label: Strategy) -> Strategy {
         if self.tcp_sockets.contains(&path.socket) {
             return Strategy::Tcp;
+        }
+        if self.is_turn(path) {
+            return Strategy::Turn;
         }
         match self.peer.mapped {
             Some(m) if m.addr == path.remote => Strategy::Portmap(m.protocol),
@@ -1079,6 +1215,14 @@ impl Punch {
         if self.state == State::Punching && self.held.is_some_and(|t| now >= t) {
             self.held = None;
             self.replan(now);
+        }
+        if self.state == State::Punching && self.settle_until.is_some_and(|t| now >= t) {
+            // The TURN path carries the session; no direct path exists.
+            self.fail(PunchFailure::NoPathPossible(NoPath {
+                me: self.me.nat,
+                peer: self.peer.nat,
+            }));
+            return;
         }
         if self.state == State::Punching && now >= self.deadline {
             let failure = PunchFailure::TimedOut {
@@ -1190,6 +1334,7 @@ impl Punch {
                         .chain(self.hedges.iter().map(|h| h.0))
                         .chain(grace)
                         .chain(self.held)
+                        .chain(self.settle_until)
                         .min()
                         .map_or(self.deadline, |t| t.min(self.deadline)),
                 )

@@ -30,6 +30,8 @@ pub struct SideView {
     pub candidates: Vec<SocketAddr>,
     /// The port its gateway maps for it, if any: reachable by anyone.
     pub mapped: Option<Mapped>,
+    /// Addresses TURN servers relay to it (relay paths, not direct ones).
+    pub turn: Vec<SocketAddr>,
 }
 
 impl SideView {
@@ -192,6 +194,9 @@ pub enum Group {
     /// Over a punched TCP stream ([`super::tcp`]): the driver connects it,
     /// the machine then probes through it like any other path.
     Tcp,
+    /// From the main socket to the peer's TURN relayed addresses: a relay
+    /// path, run beside the direct groups ([`super::turn`]).
+    Turn,
 }
 
 /// The groups `me` runs for a pair of kind `kind`.
@@ -215,7 +220,7 @@ pub fn groups(kind: PairKind, me: &SideView) -> Vec<Group> {
 /// direct probes do not.
 pub fn starts_early(group: Group, me: &SideView, peer: &SideView) -> bool {
     match group {
-        Group::Lan | Group::Portmap | Group::Tcp => true,
+        Group::Lan | Group::Portmap | Group::Tcp | Group::Turn => true,
         Group::BirthdayEasy | Group::BirthdayHard => false,
         // An easy side's probes cost it nothing. A side still measuring
         // may send to a known cone: if it turns out symmetric, that is its
@@ -289,6 +294,7 @@ mod tests {
             fresh: None,
             candidates: vec![],
             mapped: None,
+            turn: vec![],
         }
     }
 

@@ -81,6 +81,7 @@ fn view(t: &TcpInfo, nat: &NatSummary, lan: &[SocketAddr], opener_ttl: Option<u8
             .map(|a| SocketAddr::new(a.ip(), t.local_port))
             .collect(),
         mapped: None,
+        turn: Vec::new(),
     }
 }
 

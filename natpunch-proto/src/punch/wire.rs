@@ -48,6 +48,9 @@ pub enum Strategy {
     Portmap(MapProtocol),
     /// A TCP stream punched by simultaneous open ([`super::tcp`]).
     Tcp,
+    /// Through a TURN server's relayed address (RFC 8656): a relay path,
+    /// found by probing like a direct one, but never ending the attempt.
+    Turn,
 }
 
 impl Strategy {
@@ -61,6 +64,7 @@ impl Strategy {
             Strategy::Relay => "relay",
             Strategy::Portmap(_) => "portmap",
             Strategy::Tcp => "tcp",
+            Strategy::Turn => "turn",
         }
     }
 
@@ -84,6 +88,7 @@ impl Strategy {
             Strategy::Portmap(MapProtocol::NatPmp) => 8,
             Strategy::Portmap(MapProtocol::Upnp) => 9,
             Strategy::Tcp => 10,
+            Strategy::Turn => 11,
         }
     }
 
@@ -98,6 +103,7 @@ impl Strategy {
             8 => Strategy::Portmap(MapProtocol::NatPmp),
             9 => Strategy::Portmap(MapProtocol::Upnp),
             10 => Strategy::Tcp,
+            11 => Strategy::Turn,
             _ => return None,
         })
     }

@@ -36,12 +36,17 @@ pub const MAGIC: u8 = 0x2A;
 /// Version 3: a listener is homed on a relay node, and introductions say
 /// which node relays the session. Version 4: a peer's facts carry the
 /// port its gateway maps for it. Version 5: and its TCP punching port.
-pub const VERSION: u8 = 5;
+/// Version 6: and the addresses TURN servers relay for it.
+pub const VERSION: u8 = 6;
 /// Largest frame: below the 1280-byte IPv6 minimum MTU minus headers, so a
 /// frame is never fragmented.
 pub const MAX_FRAME: usize = 1200;
 /// Host candidates a peer may announce (LAN addresses, forwarded ports).
 pub const MAX_CANDIDATES: usize = 8;
+/// TURN relayed addresses a peer may announce: one per `--turn` server,
+/// and nobody needs more than a few (each costs the other side a probe
+/// stream).
+pub const MAX_TURN: usize = 4;
 
 /// Facts not measured yet: an `Update` will bring them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -58,6 +63,9 @@ pub struct Pending {
     pub portmap: bool,
     /// Our TCP punching port is still being measured.
     pub tcp: bool,
+    /// A TURN allocation is on its way: a pair with no direct path waits
+    /// for its relayed address (a short while).
+    pub turn: bool,
 }
 
 impl Pending {
@@ -69,6 +77,7 @@ impl Pending {
         hops: true,
         portmap: false,
         tcp: false,
+        turn: false,
     };
 
     /// A NAT fact is still being measured (the port mapping is not one).
@@ -126,6 +135,10 @@ pub struct PeerInfo {
     pub mapped: Option<Mapped>,
     /// Our TCP punching port, when we punch TCP too.
     pub tcp: Option<TcpInfo>,
+    /// Addresses TURN servers relay to us (RFC 8656 relayed transport
+    /// addresses): the other side probes them from its main socket, and
+    /// they carry the session when nothing direct does.
+    pub turn: Vec<SocketAddr>,
 }
 
 /// A peer's TCP punching port: how its NAT maps it (STUN over TCP from
@@ -477,9 +490,13 @@ pub fn decode(buf: &[u8]) -> Result<Frame, WireError> {
     match buf {
         [MAGIC, VERSION, body @ ..] => {
             let frame: Frame = postcard::from_bytes(body).map_err(|_| WireError::Malformed)?;
-            let count = frame.info().map_or(0, |i| i.candidates.len());
-            if count > MAX_CANDIDATES {
-                return Err(WireError::TooManyCandidates { count });
+            let (count, turn) = frame
+                .info()
+                .map_or((0, 0), |i| (i.candidates.len(), i.turn.len()));
+            if count > MAX_CANDIDATES || turn > MAX_TURN {
+                return Err(WireError::TooManyCandidates {
+                    count: count + turn,
+                });
             }
             Ok(frame)
         }

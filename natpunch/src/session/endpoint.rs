@@ -73,6 +73,7 @@ impl EndpointConfig {
                 portmap: Some(crate::portmap::PortmapConfig::default()),
                 // Opt-in for now (`--tcp`, `--tcp-fallback`).
                 tcp: natpunch_proto::coordinator::TcpMode::Off,
+                turn: Vec::new(),
             },
             accept: true,
             allow: None,

@@ -44,6 +44,12 @@
 //! on UDP: QUIC to quinn under the route's address, the rest (punch
 //! frames) to the driver.
 //!
+//! **TURN allocations** ([`crate::turn`]) are sockets the same way: a
+//! path on one is `(id, the peer's address as the TURN server sees it)`;
+//! what is sent there goes to the allocation's task with its destination
+//! (ChannelData once the channel is bound), and what the server relays
+//! comes in sorted as on UDP.
+//!
 //! Receiving QUIC: a known real path gives its route's mapped address. A
 //! packet from an unknown path is matched by its destination connection
 //! ID (ours, 8 bytes, learned from packets on known paths): that is the
@@ -328,8 +334,18 @@ struct Slot {
     state: UdpSocketState,
 }
 
-/// A punched TCP stream: its record queue and its local address.
-type StreamSlot = (mpsc::Sender<Vec<u8>>, SocketAddr);
+/// Where a socket that is not a UDP socket of ours sends.
+#[derive(Debug, Clone)]
+enum Outlet {
+    /// A punched TCP stream: one record per datagram.
+    Records(mpsc::Sender<Vec<u8>>),
+    /// A TURN allocation: each datagram to the peer's address, relayed.
+    Turn(mpsc::Sender<(SocketAddr, Vec<u8>)>),
+}
+
+/// A stream or TURN allocation: where it sends, and its local address
+/// (for an allocation, the address the TURN server relays to us).
+type StreamSlot = (Outlet, SocketAddr);
 
 /// What the socket tells the driver besides control datagrams.
 #[derive(Debug, Clone, Copy)]
@@ -524,15 +540,37 @@ impl PathSocket {
         self.streams
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id, (records, local));
+            .insert(id, (Outlet::Records(records), local));
     }
 
-    fn stream(&self, id: SocketId) -> Option<mpsc::Sender<Vec<u8>>> {
+    /// Adds the TURN allocation `id`, which relays `relayed` to us: what
+    /// is sent on it goes into `out` with its destination (a full queue is
+    /// loss, as on UDP); what it receives comes in by
+    /// [`PathSocket::inject_stream`] or as a control datagram.
+    pub fn add_turn(
+        &self,
+        id: SocketId,
+        out: mpsc::Sender<(SocketAddr, Vec<u8>)>,
+        relayed: SocketAddr,
+    ) {
+        self.streams
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, (Outlet::Turn(out), relayed));
+    }
+
+    fn stream(&self, id: SocketId) -> Option<Outlet> {
         self.streams
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(&id)
             .map(|(tx, _)| tx.clone())
+    }
+
+    /// A control datagram that came through TURN allocation `id` from
+    /// `from`, for the driver (bounded like any other).
+    pub fn divert_turn(&self, id: SocketId, from: SocketAddr, data: &[u8]) {
+        self.divert_one(id, from, data);
     }
 
     /// A datagram that came up stream `id` from `remote`: QUIC goes to
@@ -565,11 +603,19 @@ impl PathSocket {
         true
     }
 
-    /// Sends each segment of `contents` down stream `records` as a record.
-    fn send_stream(&self, records: &mpsc::Sender<Vec<u8>>, contents: &[u8], segment: usize) {
+    /// Sends each segment of `contents` to `dest` through `outlet`: down a
+    /// stream as a record each, or through a TURN allocation.
+    fn send_stream(&self, outlet: &Outlet, dest: SocketAddr, contents: &[u8], segment: usize) {
         for chunk in contents.chunks(segment.max(1)) {
             // A full queue is loss, as on UDP.
-            let _ = records.try_send(natpunch_proto::relay::stream::encode_record(chunk));
+            match outlet {
+                Outlet::Records(records) => {
+                    let _ = records.try_send(natpunch_proto::relay::stream::encode_record(chunk));
+                }
+                Outlet::Turn(out) => {
+                    let _ = out.try_send((dest, chunk.to_vec()));
+                }
+            }
         }
     }
 
@@ -604,10 +650,24 @@ impl PathSocket {
 
     /// Whether socket `id` is a punched TCP stream.
     pub fn is_stream(&self, id: SocketId) -> bool {
-        self.streams
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&id)
+        matches!(
+            self.streams
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id),
+            Some((Outlet::Records(_), _))
+        )
+    }
+
+    /// Whether socket `id` is a TURN allocation.
+    pub fn is_turn(&self, id: SocketId) -> bool {
+        matches!(
+            self.streams
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id),
+            Some((Outlet::Turn(_), _))
+        )
     }
 
     /// Sockets open now.
@@ -733,10 +793,10 @@ impl PathSocket {
         payload: &[u8],
         ttl: Option<u8>,
     ) -> io::Result<()> {
-        if let Some(records) = self.stream(id) {
-            tracing::trace!(socket = id.0, %dest, len = payload.len(), "control datagram down a punched stream");
-            // Over a stream the TTL is the kernel's.
-            self.send_stream(&records, payload, payload.len());
+        if let Some(outlet) = self.stream(id) {
+            tracing::trace!(socket = id.0, %dest, len = payload.len(), "control datagram down a punched stream or TURN");
+            // Over a stream (or a relay) the TTL is not ours to set.
+            self.send_stream(&outlet, dest, payload, payload.len());
             return Ok(());
         }
         let Some(slot) = self.slot(id) else {
@@ -1076,9 +1136,9 @@ impl AsyncUdpSocket for PathSocket {
         };
         let Some(slot) = self.slot(path.socket) else {
             match self.stream(path.socket) {
-                Some(records) => {
+                Some(outlet) => {
                     let seg = transmit.segment_size.unwrap_or(transmit.contents.len());
-                    self.send_stream(&records, transmit.contents, seg);
+                    self.send_stream(&outlet, path.remote, transmit.contents, seg);
                 }
                 None => {
                     self.stats.no_path.fetch_add(1, Ordering::Relaxed);
