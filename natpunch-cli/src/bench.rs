@@ -25,9 +25,10 @@ pub enum BenchCommand {
     /// iroh's dumbpipe on the same path, with CPU per GB, and keystroke
     /// latency beside a bulk copy (root, Linux).
     Session(SessionBench),
-    /// Relayed throughput through `natpunch server` vs kernel TCP over the
-    /// same access links, the relay's CPU per GB, and the time to the first
-    /// relayed byte vs its floor (root, Linux).
+    /// Relayed throughput through `natpunch server` vs coturn (a TURN
+    /// allocation, `--turn`) vs kernel TCP over the same access links, both
+    /// relays' CPU per GB, and the time to the first relayed byte vs its
+    /// floor (root, Linux).
     Relay(RelayBench),
     /// TCP hole punching per NAT pair, with and without limited-TTL
     /// openers, through NATs that answer unsolicited SYNs with a RST by
@@ -242,8 +243,15 @@ fn relay(b: RelayBench) -> anyhow::Result<ExitCode> {
             b.mib
         );
         println!(
-            "  {:<18} {:>14} {:>14} {:>9} {:>16}",
-            "link", "relayed", "kernel TCP", "vs TCP", "relay CPU s/GB"
+            "  {:<16} {:>14} {:>14} {:>14} {:>8} {:>10} {:>14} {:>15}",
+            "link",
+            "natpunch relay",
+            "coturn",
+            "kernel TCP",
+            "vs TCP",
+            "vs coturn",
+            "relay CPU s/GB",
+            "coturn CPU s/GB"
         );
     }
     for rate in [Some(b.rate_mbit * 1000), None] {
@@ -253,15 +261,23 @@ fn relay(b: RelayBench) -> anyhow::Result<ExitCode> {
             crate::output::json_line(&serde_json::to_value(&r).unwrap_or_default());
             continue;
         }
+        let opt = |v: Option<f64>, unit: &str| {
+            v.map(|c| format!("{c:.2}{unit}"))
+                .unwrap_or_else(|| "-".into())
+        };
         println!(
-            "  {:<18} {:>8.0} Mbit/s {:>7.0} Mbit/s {:>8.2}x {:>16}",
+            "  {:<16} {:>7.0} Mbit/s {:>14} {:>7.0} Mbit/s {:>7.2}x {:>10} {:>14} {:>15}",
             r.link,
             r.relay.mbit_s,
+            r.coturn
+                .as_ref()
+                .map(|t| format!("{:.0} Mbit/s", t.mbit_s))
+                .unwrap_or_else(|| "-".into()),
             r.kernel_tcp.mbit_s,
             r.vs_tcp,
-            r.relay_cpu_s_per_gb
-                .map(|c| format!("{c:.2}"))
-                .unwrap_or_else(|| "-".into()),
+            opt(r.vs_coturn, "x"),
+            opt(r.relay_cpu_s_per_gb, ""),
+            opt(r.coturn_cpu_s_per_gb, ""),
         );
     }
     let link = natpunch_lab::LinkSpec {

@@ -274,6 +274,16 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(20);
 /// direct path (or stays relayed, saying why), so the figures are the
 /// path's own.
 pub fn pipe(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<PipeRun, LabError> {
+    pipe_with(lab, bytes, keys, &[])
+}
+
+/// [`pipe`], with more options for B (the listener).
+pub fn pipe_with(
+    lab: &Lab,
+    bytes: u64,
+    keys: &std::path::Path,
+    b_extra: &[&str],
+) -> Result<PipeRun, LabError> {
     let server = lab.server_addr().to_string();
     let key = |k: &str| keys.join(k).to_string_lossy().into_owned();
     let mut b = lab.natpunch(Node::HostB);
@@ -286,6 +296,7 @@ pub fn pipe(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<PipeRun, La
         "--key",
         &key("b"),
     ])
+    .args(b_extra)
     .stdin(Stdio::null())
     .stdout(Stdio::piped());
     let (mut bchild, brx) = spawn_lines(b)?;
@@ -325,9 +336,11 @@ pub fn pipe(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<PipeRun, La
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
+        // A TURN path is final where no direct path can form (the
+        // benchmarks' pairs), and the relay is what they measure.
         let settled = match v["event"].as_str() {
-            Some("connected") => v["path"] == "direct",
-            Some("path-changed") => v["to"]["path"] == "direct",
+            Some("connected") => v["path"] == "direct" || v["via"] == "turn",
+            Some("path-changed") => v["to"]["path"] == "direct" || v["to"]["via"] == "turn",
             Some("relayed" | "failed") => true,
             _ => false,
         };
@@ -379,8 +392,11 @@ pub fn pipe(lab: &Lab, bytes: u64, keys: &std::path::Path) -> Result<PipeRun, La
     let connected = events.iter().find(|e| e["event"] == "connected");
     let direct = events
         .iter()
-        .find(|e| e["event"] == "path-changed" && e["to"]["path"] == "direct")
-        .or(connected.filter(|c| c["path"] == "direct"));
+        .find(|e| {
+            e["event"] == "path-changed"
+                && (e["to"]["path"] == "direct" || e["to"]["via"] == "turn")
+        })
+        .or(connected.filter(|c| c["path"] == "direct" || c["via"] == "turn"));
     let relay_ms = connected
         .filter(|c| c["path"] == "relay")
         .and_then(|c| c["elapsed_ms"].as_u64());
@@ -893,6 +909,90 @@ pub struct RelayRow {
     pub vs_tcp: f64,
     /// The relay server's own CPU seconds per GB relayed.
     pub relay_cpu_s_per_gb: Option<f64>,
+    /// The same pipe through coturn (B allocates with `--turn` over UDP),
+    /// when coturn is installed, and coturn's CPU seconds per GB.
+    pub coturn: Option<Transfer>,
+    pub coturn_cpu_s_per_gb: Option<f64>,
+    /// natpunch's relay / coturn.
+    pub vs_coturn: Option<f64>,
+}
+
+/// coturn's port in a benchmark lab's server namespace.
+const COTURN_PORT: u16 = 3490;
+
+/// The pipe through coturn, started in the server's namespace: the
+/// transfer and coturn's CPU seconds per GB (`None` without coturn).
+fn through_coturn(
+    lab: &mut Lab,
+    bytes: u64,
+    keys: &std::path::Path,
+) -> Result<Option<(Transfer, Option<f64>)>, LabError> {
+    let installed = std::process::Command::new("turnserver")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !installed {
+        eprintln!(
+            "coturn (turnserver) is not installed: no coturn column (apt-get install coturn)"
+        );
+        return Ok(None);
+    }
+    let ip = lab.server_addr().ip();
+    let mut cmd = lab.command(Node::Server, "turnserver");
+    cmd.args(["-n", "--no-dtls", "--no-tls", "--no-cli", "--lt-cred-mech"])
+        .arg(format!("--listening-ip={ip}"))
+        .arg(format!("--relay-ip={ip}"))
+        .arg(format!("--listening-port={COTURN_PORT}"))
+        .args(["--realm=bench", "--user=bench:bench", "--log-file=stdout"])
+        .arg(format!(
+            "--pidfile={}",
+            keys.join("turnserver.pid").display()
+        ))
+        .arg(format!("--userdb={}", keys.join("turndb").display()));
+    let pid = lab.spawn(cmd)?;
+    let uri = format!("turn:{ip}:{COTURN_PORT}");
+    // coturn answers STUN once it is up (one Binding retransmits for
+    // 3.75 s).
+    let mut probe = lab.natpunch(Node::Server);
+    probe.args(["stun", "-H", &format!("{ip}:{COTURN_PORT}")]);
+    let up = probe
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !up {
+        return Err(LabError::Measure("coturn did not start".into()));
+    }
+    let before = cpu_seconds(pid);
+    let run = pipe_with(
+        lab,
+        bytes,
+        keys,
+        &[
+            "--turn",
+            &uri,
+            "--turn-user",
+            "bench",
+            "--turn-pass",
+            "bench",
+        ],
+    )?;
+    let after = cpu_seconds(pid);
+    if !run.intact {
+        return Err(LabError::Measure("coturn delivered altered bytes".into()));
+    }
+    if run.strategy != "turn" {
+        return Err(LabError::Measure(format!(
+            "the session did not settle on coturn ({})",
+            run.strategy
+        )));
+    }
+    let cpu = before
+        .zip(after)
+        .map(|(x, y)| (y - x) / (bytes as f64 / 1e9));
+    Ok(Some((run.transfer, cpu)))
 }
 
 /// Relayed throughput against kernel TCP over the same access links, in
@@ -909,15 +1009,16 @@ pub fn measure_relay(
         rate_kbit,
         ..Default::default()
     };
-    let lab = pair_lab(natpunch, a, b, Links { a: link, b: link })?;
+    let mut lab = pair_lab(natpunch, a, b, Links { a: link, b: link })?;
     let keys = std::env::temp_dir().join(format!("{}-keys", lab.prefix()));
     let _ = std::fs::create_dir_all(&keys);
     let kernel_tcp = kernel_tcp(&lab, bytes);
     let cpu_before = lab.server_pid().and_then(cpu_seconds);
     let run = pipe(&lab, bytes, &keys);
     let cpu_after = lab.server_pid().and_then(cpu_seconds);
+    let coturn = through_coturn(&mut lab, bytes, &keys);
     let _ = std::fs::remove_dir_all(&keys);
-    let (kernel_tcp, run) = (kernel_tcp?, run?);
+    let (kernel_tcp, run, coturn) = (kernel_tcp?, run?, coturn?);
     if !run.intact {
         return Err(LabError::Measure(
             "the relay delivered altered bytes".into(),
@@ -938,6 +1039,11 @@ pub fn measure_relay(
             None => "unshaped".into(),
         },
         vs_tcp: run.transfer.mbit_s / kernel_tcp.mbit_s.max(1e-9),
+        vs_coturn: coturn
+            .as_ref()
+            .map(|(t, _)| run.transfer.mbit_s / t.mbit_s.max(1e-9)),
+        coturn_cpu_s_per_gb: coturn.as_ref().and_then(|(_, c)| *c),
+        coturn: coturn.map(|(t, _)| t),
         relay: run.transfer,
         kernel_tcp,
         relay_cpu_s_per_gb,
