@@ -51,8 +51,6 @@ impl Coturn {
     }
 }
 
-/// A CA and a certificate for 127.0.0.1 signed by it, as PEM files.
-
 /// coturn on 127.0.0.1 with `auth` (`--lt-cred-mech …` or
 /// `--use-auth-secret …`), TLS on the next port, loopback peers allowed,
 /// a verbose log (allocations are logged only then).

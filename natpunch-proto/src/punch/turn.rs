@@ -38,7 +38,7 @@ mod tests {
     use crate::identity::{Ephemeral, Identity};
     use crate::nat::{AllocationKind, Behaviour};
     use crate::punch::{
-        make_offer, Path, Punch, PunchConfig, PunchEvent, PunchFailure, Role, SideView, Strategy,
+        make_offer, Path, Punch, PunchConfig, PunchEvent, PunchFailure, Role, SideView,
     };
     use crate::rendezvous::NatSummary;
     use crate::SocketId;
