@@ -654,7 +654,7 @@ fn print_event(out: &Out, ev: &PeerEvent) {
         ),
         PeerEvent::TurnLost { error } => out.warn(
             json!({"event": "turn-lost", "reason": error}),
-            &format!("TURN allocation lost: {error}"),
+            &format!("TURN allocation lost ({error}); making another"),
         ),
         PeerEvent::TurnReleased { confirmed } => out.json_only(
             json!({"event": "turn-released", "confirmed": confirmed}),

@@ -46,15 +46,21 @@ impl Drop for TurnLab {
 }
 
 impl TurnLab {
-    /// Two symmetric-random NATs, 5 ms each way on each access link, the
-    /// natpunch server, and coturn (long-term credentials) beside it.
+    /// Two symmetric-random NATs (no direct path), 5 ms each way on each
+    /// access link, the natpunch server, and coturn (long-term
+    /// credentials) beside it.
     fn start() -> Option<TurnLab> {
+        Self::start_pair("symmetric-random", "symmetric-random")
+    }
+
+    /// [`TurnLab::start`] with the NATs `a` and `b`.
+    fn start_pair(a: &str, b: &str) -> Option<TurnLab> {
         if !lab_available() || !require_tool("turnserver", "coturn") {
             return None;
         }
         let topology = TopologySpec::Pair {
-            a: Side::parse("symmetric-random").expect("preset"),
-            b: Side::parse("symmetric-random").expect("preset"),
+            a: Side::parse(a).expect("preset"),
+            b: Side::parse(b).expect("preset"),
         };
         let link = LinkSpec {
             delay: Some(Duration::from_millis(5)),
@@ -215,6 +221,14 @@ fn a_pair_with_no_direct_path_pipes_10_mb_through_coturn_over_udp_tcp_and_tls() 
         assert!(is_turn(a_path), "{transport}: A's path: {a_path}\n{a_err}");
         let b_path = final_path(&b_events).unwrap_or_else(|| panic!("{transport}: {b_text}"));
         assert!(is_turn(b_path), "{transport}: B's path: {b_path}\n{b_text}");
+        // Settled on TURN at once: never stalled and punched again (a
+        // TURN path lost at the end of the attempt would be).
+        for (side, events) in [("A", &a_events), ("B", &b_events)] {
+            assert!(
+                !events.iter().any(|e| e["event"] == "stalled"),
+                "{transport}: {side} stalled: {events:?}"
+            );
+        }
         let alloc = event(&b_events, "turn-allocated").unwrap_or_else(|| panic!("{b_text}"));
         assert_eq!(alloc["transport"], transport, "{b_text}");
         let rel = event(&b_events, "turn-released").unwrap_or_else(|| panic!("{b_text}"));
@@ -339,4 +353,76 @@ fn a_session_longer_than_the_allocation_lifetime_keeps_it_refreshed() {
         LIFETIME,
         3 * LIFETIME - 3
     );
+}
+
+/// The connector's own allocation carries a session where nothing direct
+/// works (the side that starts holds it: its peer probes it), and where a
+/// direct path exists it wins over the TURN path.
+#[test]
+fn the_connector_s_allocation_carries_the_session_and_a_direct_path_beats_turn() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let data = test_bytes(2_000_000, 15);
+    for (a_nat, b_nat, a_turn, want) in [
+        ("symmetric-random", "symmetric-random", true, "turn"),
+        (
+            "port-restricted-cone",
+            "port-restricted-cone",
+            false,
+            "direct",
+        ),
+    ] {
+        let Some(t) = TurnLab::start_pair(a_nat, b_nat) else {
+            return;
+        };
+        let input = t.dir.join("in");
+        std::fs::write(&input, &data).unwrap();
+        let out = t.dir.join("out");
+        let mut b_cmd = t.peer(Node::HostB, "b");
+        if !a_turn {
+            b_cmd
+                .args(["--turn", &TurnLab::uri("udp"), "--turn-user", USER])
+                .args(["--turn-pass", PASS]);
+        }
+        let mut b = start_listener(
+            b_cmd
+                .stdin(Stdio::null())
+                .stdout(std::fs::File::create(&out).unwrap()),
+        );
+        let mut a_cmd = t.peer(Node::HostA, "a");
+        if a_turn {
+            a_cmd
+                .args(["--turn", &TurnLab::uri("udp"), "--turn-user", USER])
+                .args(["--turn-pass", PASS]);
+        }
+        let a = a_cmd
+            .args(["-d", &b.id])
+            .stdin(std::fs::File::open(&input).unwrap())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let o = output_within(a, Duration::from_secs(60)).expect("A finishes");
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{a_nat} × {b_nat}: {err}");
+        assert!(
+            b.wait(Duration::from_secs(20)).is_some(),
+            "B did not finish"
+        );
+        assert!(
+            std::fs::read(&out).unwrap() == data,
+            "{a_nat} × {b_nat}: bytes differ"
+        );
+        let events = stderr_events(&o.stderr);
+        let path = final_path(&events).unwrap_or_else(|| panic!("{err}"));
+        match want {
+            "turn" => assert!(is_turn(path), "{a_nat} × {b_nat}: {path}\n{err}"),
+            _ => assert_eq!(path["path"], "direct", "{a_nat} × {b_nat}: {path}\n{err}"),
+        }
+        let holder = if a_turn { "A" } else { "B" };
+        eprintln!(
+            "{a_nat} × {b_nat}, {holder} holding the allocation: ended {} ({}), 2 MB intact",
+            if want == "turn" { "on TURN" } else { "direct" },
+            path["strategy"]
+        );
+    }
 }

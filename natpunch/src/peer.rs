@@ -249,7 +249,8 @@ pub enum PeerEvent {
         relayed: SocketAddr,
         elapsed: Duration,
     },
-    /// A TURN allocation was lost; peers are no longer told of it.
+    /// A TURN allocation was lost; peers are no longer told of it, and
+    /// another is being made.
     TurnLost {
         error: String,
     },
@@ -487,6 +488,15 @@ async fn drive(
         turn_ready: Vec::new(),
         turn_paths: Default::default(),
     };
+    if let Some(c) = &cached {
+        tracing::debug!(?c, "NAT facts from the cache");
+        for f in c.facts() {
+            d.host.handle_fact(Instant::now(), f);
+        }
+    }
+    if let Some(port) = d.cfg.serve_relay {
+        d.serve_relay(port).await?;
+    }
     let (turn_tx, mut turn_news) = mpsc::unbounded_channel::<crate::turn::PathNews>();
     for server in d.cfg.turn.clone() {
         let id = d.host.stream_id();
@@ -497,15 +507,6 @@ async fn drive(
             turn_tx.clone(),
         ));
     }
-    if let Some(c) = &cached {
-        tracing::debug!(?c, "NAT facts from the cache");
-        for f in c.facts() {
-            d.host.handle_fact(Instant::now(), f);
-        }
-    }
-    if let Some(port) = d.cfg.serve_relay {
-        d.serve_relay(port).await?;
-    }
     d.host.start(Instant::now());
     let mut surveyed_done = false;
     loop {
@@ -515,6 +516,7 @@ async fn drive(
             return Err(e);
         }
         if d.done {
+            d.close_turn().await;
             return Ok(());
         }
         let deadline = d
@@ -527,7 +529,10 @@ async fn drive(
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             got = divert.recv() => {
-                let Some((id, from, data)) = got else { return Ok(()) };
+                let Some((id, from, data)) = got else {
+                    d.close_turn().await;
+                    return Ok(());
+                };
                 let now = Instant::now();
                 d.heard(id, from);
                 d.host.handle_datagram(now, id, from, &data);
@@ -928,6 +933,7 @@ impl Driver {
                 transport,
                 elapsed,
             } => {
+                self.turn_ready.retain(|(t, _)| *t != id);
                 self.turn_ready.push((id, relayed));
                 self.emit(PeerEvent::TurnAllocated {
                     server,
@@ -937,16 +943,12 @@ impl Driver {
                 });
                 self.host.set_turn(now, self.turn_ready.clone());
             }
-            PathNews::Failed { id, error } => {
-                if !self.turn_ready.iter().any(|(t, _)| *t == id) {
-                    // Never made: the user asked for this server, and
-                    // its answer (a wrong password, say) is the reason.
-                    self.fatal = Some(PeerError::Turn(error));
-                    return;
-                }
-                tracing::warn!(error = %error, "TURN allocation lost");
+            // Never made: the user asked for this server, and its answer
+            // (a wrong password, say) is the reason the run stops.
+            PathNews::Failed { error } => self.fatal = Some(PeerError::Turn(error)),
+            PathNews::Lost { id, error } => {
+                tracing::warn!(error = %error, "TURN allocation lost: making another");
                 self.turn_ready.retain(|(t, _)| *t != id);
-                self.turn.retain(|p| p.id != id);
                 self.emit(PeerEvent::TurnLost {
                     error: error.to_string(),
                 });

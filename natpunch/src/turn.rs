@@ -440,6 +440,12 @@ async fn tls_connect(
     }
 }
 
+/// After a lost allocation, the next one is asked for this long after,
+/// doubling up to [`REALLOCATE_MAX`] while they fail: a TURN server that
+/// restarts is back within seconds, one that is gone is not hammered.
+const REALLOCATE_FIRST: Duration = Duration::from_secs(2);
+const REALLOCATE_MAX: Duration = Duration::from_secs(60);
+
 /// Datagrams from the path table to one allocation waiting at most; beyond,
 /// they are dropped (QUIC sees loss), as a full UDP send buffer would.
 const PATH_QUEUE: usize = 1024;
@@ -456,8 +462,10 @@ pub(crate) enum PathNews {
         transport: Transport,
         elapsed: Duration,
     },
-    /// The allocation could not be made, or was lost.
-    Failed {
+    /// The first allocation could not be made.
+    Failed { error: TurnDriverError },
+    /// A working allocation was lost; another is being made.
+    Lost {
         id: SocketId,
         error: TurnDriverError,
     },
@@ -468,7 +476,6 @@ pub(crate) enum PathNews {
 /// there is relayed to its destination, and what the server relays to us
 /// comes back in sorted like a UDP socket's datagrams.
 pub(crate) struct TurnPath {
-    pub id: SocketId,
     permits: mpsc::UnboundedSender<IpAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     /// Ends with whether a release was confirmed (`None`: nothing was
@@ -487,7 +494,6 @@ impl TurnPath {
         let (stop, stop_rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(carry(server, id, socket, news, permit_rx, stop_rx));
         Self {
-            id,
             permits,
             stop: Some(stop),
             task,
@@ -517,6 +523,26 @@ impl TurnPath {
     }
 }
 
+/// Makes an allocation: the handle and the address it relays to us.
+async fn allocate(server: &TurnServer) -> Result<(Allocation, SocketAddr), TurnDriverError> {
+    let mut alloc = Allocation::start(server).await?;
+    loop {
+        match alloc.next().await {
+            Some(Report::Event(Event::Allocated { relayed, .. })) => return Ok((alloc, relayed)),
+            Some(Report::Event(Event::Failed(e))) => return Err(TurnDriverError::Turn(e)),
+            Some(_) => {}
+            None => {
+                return Err(TurnDriverError::Turn(TurnError::Closed {
+                    server: alloc.server(),
+                }))
+            }
+        }
+    }
+}
+
+/// Runs socket `id`'s allocation: made at start (a failure then is the
+/// run's), made again after a loss (the server restarted, the connection
+/// broke), released when told to stop.
 async fn carry(
     server: TurnServer,
     id: SocketId,
@@ -525,80 +551,87 @@ async fn carry(
     mut permits: mpsc::UnboundedReceiver<IpAddr>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Option<bool> {
-    let started = Instant::now();
-    let allocate = async {
-        let mut alloc = Allocation::start(&server).await?;
-        loop {
-            match alloc.next().await {
-                Some(Report::Event(Event::Allocated { relayed, .. })) => {
-                    return Ok((alloc, relayed))
-                }
-                Some(Report::Event(Event::Failed(e))) => return Err(TurnDriverError::Turn(e)),
-                Some(_) => {}
-                None => {
-                    return Err(TurnDriverError::Turn(TurnError::Closed {
-                        server: alloc.server(),
-                    }))
-                }
-            }
-        }
-    };
-    let (mut alloc, relayed) = tokio::select! {
-        r = allocate => match r {
+    let mut made = false;
+    let mut backoff = REALLOCATE_FIRST;
+    // What peers were let in, to let them in again on a new allocation
+    // (as many as the client keeps).
+    let mut permitted: Vec<IpAddr> = Vec::new();
+    loop {
+        let started = Instant::now();
+        let made_now = tokio::select! {
+            r = allocate(&server) => r,
+            // Stopped while allocating: nothing to release (dropping the
+            // handle releases one that was just being made).
+            _ = &mut stop => return None,
+        };
+        let (mut alloc, relayed) = match made_now {
             Ok(a) => a,
-            Err(error) => {
-                let _ = news.send(PathNews::Failed { id, error });
+            Err(error) if !made => {
+                let _ = news.send(PathNews::Failed { error });
                 return None;
             }
-        },
-        // Closed while allocating: nothing to release (dropping the
-        // handle releases one that was just being made).
-        _ = &mut stop => return None,
-    };
-    let (out, mut out_rx) = mpsc::channel(PATH_QUEUE);
-    socket.add_turn(id, out, relayed);
-    let _ = news.send(PathNews::Allocated {
-        id,
-        relayed,
-        server: alloc.server(),
-        transport: alloc.transport(),
-        elapsed: started.elapsed(),
-    });
-    // Peers given a channel (ChannelData: 4 bytes of header instead of a
-    // Send indication's 36, and it installs the permission too).
-    let mut bound: std::collections::HashSet<SocketAddr> = Default::default();
-    loop {
-        tokio::select! {
-            Some((peer, data)) = out_rx.recv() => {
-                if bound.len() < natpunch_proto::turn::client::MAX_PEERS && bound.insert(peer) {
-                    alloc.bind(peer);
+            Err(error) => {
+                tracing::debug!(socket = id.0, %error, ?backoff, "TURN: allocating again failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = &mut stop => return None,
                 }
-                alloc.send(peer, data);
+                backoff = (backoff * 2).min(REALLOCATE_MAX);
+                continue;
             }
-            Some(ip) = permits.recv() => alloc.permit(ip),
-            r = alloc.next() => match r {
-                Some(Report::Data(PeerData { peer, data })) => {
-                    if !socket.inject_stream(id, peer, &data) {
-                        socket.divert_turn(id, peer, &data);
+        };
+        made = true;
+        backoff = REALLOCATE_FIRST;
+        for ip in &permitted {
+            alloc.permit(*ip);
+        }
+        let (out, mut out_rx) = mpsc::channel(PATH_QUEUE);
+        socket.add_turn(id, out, relayed);
+        let _ = news.send(PathNews::Allocated {
+            id,
+            relayed,
+            server: alloc.server(),
+            transport: alloc.transport(),
+            elapsed: started.elapsed(),
+        });
+        // Peers given a channel (ChannelData: 4 bytes of header instead
+        // of a Send indication's 36, and it installs the permission too).
+        let mut bound: std::collections::HashSet<SocketAddr> = Default::default();
+        let error = loop {
+            tokio::select! {
+                Some((peer, data)) = out_rx.recv() => {
+                    if bound.len() < natpunch_proto::turn::client::MAX_PEERS && bound.insert(peer) {
+                        alloc.bind(peer);
                     }
+                    alloc.send(peer, data);
                 }
-                Some(Report::Event(Event::Failed(e))) => {
-                    let _ = news.send(PathNews::Failed { id, error: TurnDriverError::Turn(e) });
-                    break;
+                Some(ip) = permits.recv() => {
+                    if !permitted.contains(&ip) && permitted.len() < natpunch_proto::turn::client::MAX_PEERS {
+                        permitted.push(ip);
+                    }
+                    alloc.permit(ip);
                 }
-                Some(Report::Event(e)) => tracing::trace!(socket = id.0, event = ?e, "TURN"),
-                None => {
-                    let error = TurnDriverError::Turn(TurnError::Closed { server: alloc.server() });
-                    let _ = news.send(PathNews::Failed { id, error });
-                    break;
+                r = alloc.next() => match r {
+                    Some(Report::Data(PeerData { peer, data })) => {
+                        if !socket.inject_stream(id, peer, &data) {
+                            socket.divert_turn(id, peer, &data);
+                        }
+                    }
+                    Some(Report::Event(Event::Failed(e))) => break TurnDriverError::Turn(e),
+                    Some(Report::Event(e)) => tracing::trace!(socket = id.0, event = ?e, "TURN"),
+                    None => break TurnDriverError::Turn(TurnError::Closed { server: alloc.server() }),
+                },
+                _ = &mut stop => {
+                    socket.remove_socket(id);
+                    return Some(alloc.release().await);
                 }
-            },
-            _ = &mut stop => {
-                socket.remove_socket(id);
-                return Some(alloc.release().await);
             }
+        };
+        socket.remove_socket(id);
+        let _ = news.send(PathNews::Lost { id, error });
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = &mut stop => return None,
         }
     }
-    socket.remove_socket(id);
-    None
 }

@@ -699,8 +699,9 @@ impl Host {
 
     /// The punch's local IDs of our TURN sockets.
     fn turn_locals(&self) -> Vec<SocketId> {
-        (0..self.allocations.len())
-            .map(|k| SocketId(TURN_LOCAL + k))
+        self.allocations
+            .iter()
+            .map(|(id, _)| SocketId(TURN_LOCAL + id.0))
             .collect()
     }
 
@@ -1150,8 +1151,25 @@ impl Host {
             return;
         }
         tracing::debug!(?turn, "TURN relayed addresses");
+        let lost: Vec<SocketId> = self
+            .allocations
+            .iter()
+            .filter(|(id, a)| !turn.contains(&(*id, *a)))
+            .map(|(id, _)| *id)
+            .collect();
         self.allocations = turn;
         self.nat.pending.turn = false;
+        // Remotes whose traffic went through a lost allocation punch
+        // again (on the server's relay meanwhile, where there is one).
+        let stranded: Vec<RemoteKey> = self
+            .remotes
+            .values()
+            .filter(|r| !r.on_relay && r.path.is_some_and(|p| lost.contains(&p.socket)))
+            .map(|r| r.key)
+            .collect();
+        for key in stranded {
+            self.path_stalled(now, key);
+        }
         let locals = self.turn_locals();
         for a in self.attempts.values_mut() {
             if let Some(p) = a.punch.as_mut() {
@@ -1494,9 +1512,10 @@ impl Host {
             // The relay carries the session while we punch again.
             r.on_relay = true;
             self.events.push_back(HostEvent::UseRelay { remote });
+            let turn = r.strategy == Some(Strategy::Turn);
             self.events.push_back(HostEvent::PathChanged {
                 remote,
-                from: r.path.map(Via::Direct),
+                from: r.path.map(if turn { Via::Turn } else { Via::Direct }),
                 to: Via::Relay(relay),
                 strategy: None,
                 elapsed: None,
@@ -2081,7 +2100,9 @@ impl Host {
         let Some(eph) = a.eph.take() else {
             return;
         };
-        self.permit([intro.observed].into_iter().chain(intro.fresh));
+        // The address the server saw (a peer's NAT sends from one IP: RFC
+        // 4787 REQ-2's paired pooling); never one the peer only claims.
+        self.permit([intro.observed]);
         let mut punch = Punch::new(
             cfg,
             Role::Responder,
@@ -2142,20 +2163,16 @@ impl Host {
             return;
         };
         let accepted = peer.is_some();
-        let mut fresh_peer = None;
         if let Some(state) = peer {
             tracing::debug!(session, fresh = ?state.fresh, pending = ?state.info.nat.pending, "the peer's state");
             p.set_peer_offer(&state.offer.ephemeral, &state.offer.sig);
             p.update_peer(now, state.info.nat, state.fresh, state.info.mapped);
             p.update_peer_turn(now, state.info.turn.clone());
-            fresh_peer = state.fresh;
             a.peer_tcp = state.info.tcp;
             a.peer_nat = state.info.nat;
             a.peer_lan = state.info.candidates.clone();
         }
-        let initiator = a.role == Role::Initiator;
-        self.permit(fresh_peer);
-        if accepted && initiator {
+        if accepted && a.role == Role::Initiator {
             self.relay_first(now, session);
         }
         let Some(a) = self.attempts.get_mut(&session) else {
@@ -2340,18 +2357,20 @@ impl Host {
             .entry(key)
             .or_insert_with(|| Remote::new(key, a.role == Role::Initiator, now));
         let on_turn = r.strategy == Some(Strategy::Turn);
-        if r.path.is_some() && !r.on_relay && !on_turn {
-            // A direct path is better: kept.
+        if r.path.is_some() && !r.on_relay && !on_turn && r.sessions > 0 {
+            // A direct path in use is better: kept.
             return;
         }
-        if r.path == Some(path) && !r.on_relay {
+        if r.path == Some(path) && !r.on_relay && a.request.is_none() {
             return;
         }
         let from = match (r.on_relay, r.relay) {
             (true, Some(relay)) => Some(Via::Relay(relay)),
             _ => r.path.map(Via::Turn),
         };
-        let fresh = from.is_none() && a.repair.is_none() && !a.relayed;
+        // A user's connect is answered here whatever the remote's state
+        // (a lingering remote has a path and no session).
+        let fresh = (from.is_none() && a.repair.is_none() && !a.relayed) || a.request.is_some();
         r.path = Some(path);
         r.on_relay = false;
         r.strategy = Some(Strategy::Turn);
@@ -2360,7 +2379,7 @@ impl Host {
         self.events
             .push_back(HostEvent::Route { remote: key, path });
         let elapsed = now.saturating_duration_since(a.started);
-        if fresh && !r.announced {
+        if fresh && (!r.announced || a.request.is_some()) {
             r.announced = true;
             self.events.push_back(HostEvent::Connected {
                 request: a.request.take(),
@@ -2556,9 +2575,16 @@ impl Host {
         };
         let sockets = a.sockets.clone();
         let remote = a.remote;
-        // (The main socket is never closed.)
+        // A socket a remote's traffic uses stays (a TURN path may have
+        // formed on the attempt's fresh socket). (The main socket is never
+        // closed.)
+        let in_use: HashSet<SocketId> = self
+            .remotes
+            .values()
+            .filter_map(|r| r.path.map(|p| p.socket))
+            .collect();
         for s in sockets {
-            if Some(s) != keep.map(|p| p.socket) && s != NO_SOCKET {
+            if Some(s) != keep.map(|p| p.socket) && s != NO_SOCKET && !in_use.contains(&s) {
                 self.close_socket(s);
             }
         }
@@ -2694,9 +2720,10 @@ impl Host {
 /// A socket slot the budget could not fill: nothing is sent from it.
 const NO_SOCKET: SocketId = SocketId(usize::MAX);
 
-/// A punch machine's local IDs for our TURN sockets start here, far above
-/// its own (the main socket, birthday's, punched streams).
-const TURN_LOCAL: usize = 1 << 20;
+/// A punch machine's local ID for our TURN socket `id` is this plus
+/// `id`: far above its own (the main socket, birthday's, punched
+/// streams), and unchanged when another allocation comes or goes.
+const TURN_LOCAL: usize = usize::MAX / 2 + 1;
 
 /// Our socket for a punch machine's local one.
 fn global_socket(
@@ -2705,7 +2732,7 @@ fn global_socket(
     local: SocketId,
 ) -> Option<SocketId> {
     match local.0.checked_sub(TURN_LOCAL) {
-        Some(k) => turn.get(k).map(|(id, _)| *id),
+        Some(g) => turn.iter().find(|(id, _)| id.0 == g).map(|(id, _)| *id),
         None => sockets.get(local.0).copied(),
     }
 }
@@ -2720,8 +2747,8 @@ fn local_socket(
         return Some(SocketId(i));
     }
     turn.iter()
-        .position(|(id, _)| *id == socket)
-        .map(|k| SocketId(TURN_LOCAL + k))
+        .any(|(id, _)| *id == socket)
+        .then_some(SocketId(TURN_LOCAL + socket.0))
 }
 
 /// A punch probe (paced), as opposed to acks and confirms (sent at once).

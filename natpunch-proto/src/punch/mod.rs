@@ -749,6 +749,19 @@ impl Punch {
             || self.peer.nat.pending.turn
     }
 
+    /// Nothing direct can come of this attempt any more: what makes
+    /// [`Punch::replan`] fail it (no direct path by the facts, no mapped
+    /// port, none being asked for, no TCP punch under way).
+    fn direct_hopeless(&self) -> bool {
+        self.kind == PairKind::Impossible
+            && self.udp
+            && self.peer.mapped.is_none()
+            && self.me.mapped.is_none()
+            && !self.me.nat.pending.portmap
+            && !self.peer.nat.pending.portmap
+            && !self.tcp_pending
+    }
+
     fn relay_found(&mut self, now: Instant, path: Path) {
         if self.relay.is_some() {
             return;
@@ -757,7 +770,7 @@ impl Punch {
         let elapsed = now.checked_duration_since(self.created).unwrap_or_default();
         tracing::debug!(session = self.session, ?path, "TURN path confirmed");
         self.events.push_back(PunchEvent::Relayed { path, elapsed });
-        if self.kind == PairKind::Impossible && self.udp {
+        if self.direct_hopeless() {
             self.settle_until = Some(now + defaults::RELAY_SETTLE);
         }
         if self.role == Role::Responder {
@@ -791,16 +804,18 @@ impl Punch {
         }
         let mapped = self.peer.mapped.is_some() || self.me.mapped.is_some();
         if self.kind == PairKind::Impossible && !mapped {
-            if self.turn_possible() && self.settle_until.is_none() {
+            if self.turn_possible() {
                 // No direct path, but a TURN path may carry the session:
-                // the attempt runs until it is found (and settled), or
-                // until an allocation still being made is late.
-                let waiting = self.turn_sockets.is_empty() && self.peer.turn.is_empty();
+                // found, it settles first (its confirms get through);
+                // not found within the wait (an allocation late, or
+                // relayed addresses that do not answer), the attempt
+                // fails as it would without.
+                if self.settle_until.is_some() {
+                    return;
+                }
                 let until = self.start_at + defaults::TURN_WAIT;
-                if !waiting || now < until {
-                    if waiting {
-                        self.held = Some(self.held.map_or(until, |h| h.min(until)));
-                    }
+                if now < until {
+                    self.held = Some(self.held.map_or(until, |h| h.min(until)));
                     return;
                 }
             }
@@ -1051,6 +1066,7 @@ impl Punch {
                     let ack = self.frame(Kind::Ack, strategy);
                     self.send(path.socket, path.remote, ack, None, false);
                 }
+                let answered_before = self.reflexive.contains(&path);
                 // A probe from an address we never aimed at (a mapping the
                 // peer's NAT made just now) is a peer-reflexive candidate:
                 // probe it back, so the initiator gets an ack to nominate.
@@ -1073,6 +1089,19 @@ impl Punch {
                     && self.relay_confirms < defaults::MAX_CONFIRMS
                 {
                     self.send_relay_confirm(path);
+                }
+                // An initiator holding the allocation has no stream of its
+                // own toward the peer: each probe that comes through it
+                // is answered by one of ours (above, only the first is),
+                // until an ack confirms the path.
+                if self.role == Role::Initiator
+                    && self.relay.is_none()
+                    && self.is_punching()
+                    && self.turn_sockets.contains(&path.socket)
+                    && answered_before
+                {
+                    let probe = self.frame(Kind::Probe, Strategy::Turn);
+                    self.send(path.socket, path.remote, probe, None, true);
                 }
             }
             Kind::Ack if self.is_turn(path) => {
@@ -1217,12 +1246,17 @@ impl Punch {
             self.replan(now);
         }
         if self.state == State::Punching && self.settle_until.is_some_and(|t| now >= t) {
-            // The TURN path carries the session; no direct path exists.
-            self.fail(PunchFailure::NoPathPossible(NoPath {
-                me: self.me.nat,
-                peer: self.peer.nat,
-            }));
-            return;
+            self.settle_until = None;
+            if self.direct_hopeless() {
+                // The TURN path carries the session; no direct path exists.
+                self.fail(PunchFailure::NoPathPossible(NoPath {
+                    me: self.me.nat,
+                    peer: self.peer.nat,
+                }));
+                return;
+            }
+            // Something direct may still come (a TCP punch, a port
+            // mapping): the attempt runs to its deadline.
         }
         if self.state == State::Punching && now >= self.deadline {
             let failure = PunchFailure::TimedOut {

@@ -44,8 +44,11 @@ mod tests {
     use crate::SocketId;
 
     const SESSION: u64 = 42;
-    /// B's TURN allocation, as its punch machine knows it.
+    /// The holder's TURN allocation, as its punch machine knows it.
     const TURN: SocketId = SocketId(7);
+    const RELAYED: &str = "203.0.113.9:50000";
+    /// The other side's NAT mapping toward the TURN server.
+    const OTHER_MAPPING: &str = "198.51.100.2:51000";
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().expect("test address")
@@ -72,116 +75,135 @@ mod tests {
         }
     }
 
-    /// A (initiator) and B (responder, holding an allocation that relays
-    /// `relayed`), both symmetric-random, with each other's offers.
-    fn pair(now: Instant, relayed: SocketAddr) -> (Punch, Punch) {
-        let (ia, ib) = (Identity::from_seed([1; 32]), Identity::from_seed([2; 32]));
-        let (ea, eb) = (
+    /// The holder of an allocation that relays [`RELAYED`] and the other
+    /// side, both symmetric-random, with each other's offers; the
+    /// initiator is the holder when `initiator_holds`.
+    fn machines(now: Instant, initiator_holds: bool) -> (Punch, Punch) {
+        let (ih, io) = (Identity::from_seed([1; 32]), Identity::from_seed([2; 32]));
+        let (eh, eo) = (
             Ephemeral::from_secret([3; 32]),
             Ephemeral::from_secret([4; 32]),
         );
-        let (oa, ob) = (
-            make_offer(&ia, SESSION, Role::Initiator, &ea),
-            make_offer(&ib, SESSION, Role::Responder, &eb),
+        let (rh, ro) = if initiator_holds {
+            (Role::Initiator, Role::Responder)
+        } else {
+            (Role::Responder, Role::Initiator)
+        };
+        let (oh, oo) = (
+            make_offer(&ih, SESSION, rh, &eh),
+            make_offer(&io, SESSION, ro, &eo),
         );
         let cfg = PunchConfig::new(1);
-        let mut a = Punch::new(
+        let relayed = addr(RELAYED);
+        let mut holder = Punch::new(
             cfg.clone(),
-            Role::Initiator,
+            rh,
             SESSION,
-            ia.peer_id(),
-            ib.peer_id(),
-            ea,
-            &oa,
-            symmetric("198.51.100.2", vec![]),
+            ih.peer_id(),
+            io.peer_id(),
+            eh,
+            &oh,
             symmetric("198.51.100.18", vec![relayed]),
+            symmetric("198.51.100.2", vec![]),
             now,
             now,
         );
-        let mut b = Punch::new(
+        let mut other = Punch::new(
             cfg,
-            Role::Responder,
+            ro,
             SESSION,
-            ib.peer_id(),
-            ia.peer_id(),
-            eb,
-            &ob,
-            symmetric("198.51.100.18", vec![relayed]),
+            io.peer_id(),
+            ih.peer_id(),
+            eo,
+            &oo,
             symmetric("198.51.100.2", vec![]),
+            symmetric("198.51.100.18", vec![relayed]),
             now,
             now,
         );
-        b.set_turn_sockets(vec![TURN]);
-        a.set_peer_offer(&ob.ephemeral, &ob.sig);
-        b.set_peer_offer(&oa.ephemeral, &oa.sig);
-        (a, b)
+        holder.set_turn_sockets(vec![TURN]);
+        holder.set_peer_offer(&oo.ephemeral, &oo.sig);
+        other.set_peer_offer(&oh.ephemeral, &oh.sig);
+        (holder, other)
     }
 
     /// Runs both machines for `secs` over a network where only the TURN
-    /// server carries packets: A's to `relayed` reach B's allocation from
-    /// A's NAT mapping toward the server, and B's answers there come back
-    /// to A from `relayed`. Every other packet is lost. Returns each
-    /// side's events.
+    /// server carries packets: the other side's to [`RELAYED`] reach the
+    /// holder's allocation from [`OTHER_MAPPING`], and the holder's
+    /// answers there come back from [`RELAYED`], except the first `lose`
+    /// of them. Every other packet is lost. Each side's events.
     fn run(
-        a: &mut Punch,
-        b: &mut Punch,
-        relayed: SocketAddr,
+        holder: &mut Punch,
+        other: &mut Punch,
         start: Instant,
         secs: u64,
+        mut lose: u32,
     ) -> (Vec<PunchEvent>, Vec<PunchEvent>) {
-        let a_mapping = addr("198.51.100.2:51000");
-        let (mut ea, mut eb) = (Vec::new(), Vec::new());
+        let (relayed, mapping) = (addr(RELAYED), addr(OTHER_MAPPING));
+        let (mut eh, mut eo) = (Vec::new(), Vec::new());
         let mut now = start;
         while now < start + Duration::from_secs(secs) {
-            a.handle_timeout(now);
-            b.handle_timeout(now);
-            while let Some(t) = a.poll_transmit() {
+            holder.handle_timeout(now);
+            other.handle_timeout(now);
+            while let Some(t) = other.poll_transmit() {
                 if t.destination == relayed {
-                    b.handle_input(now, TURN, a_mapping, &t.payload);
+                    holder.handle_input(now, TURN, mapping, &t.payload);
                 }
             }
-            while let Some(t) = b.poll_transmit() {
-                if t.socket == TURN && t.destination == a_mapping {
-                    a.handle_input(now, SocketId(0), relayed, &t.payload);
+            while let Some(t) = holder.poll_transmit() {
+                if t.socket == TURN && t.destination == mapping {
+                    if lose > 0 {
+                        lose -= 1;
+                        continue;
+                    }
+                    other.handle_input(now, SocketId(0), relayed, &t.payload);
                 }
             }
-            ea.extend(std::iter::from_fn(|| a.poll_event()));
-            eb.extend(std::iter::from_fn(|| b.poll_event()));
+            eh.extend(std::iter::from_fn(|| holder.poll_event()));
+            eo.extend(std::iter::from_fn(|| other.poll_event()));
             now += Duration::from_millis(5);
         }
-        (ea, eb)
+        (eh, eo)
     }
 
-    fn relayed_path(events: &[PunchEvent]) -> Option<Path> {
+    fn relayed_path(events: &[PunchEvent]) -> Option<(Path, Duration)> {
         events.iter().find_map(|e| match e {
-            PunchEvent::Relayed { path, .. } => Some(*path),
+            PunchEvent::Relayed { path, elapsed } => Some((*path, *elapsed)),
             _ => None,
         })
+    }
+
+    fn failed(events: &[PunchEvent]) -> Option<&PunchFailure> {
+        events.iter().find_map(|e| match e {
+            PunchEvent::Failed { failure } => Some(failure),
+            _ => None,
+        })
+    }
+
+    /// Both sides found the TURN path (each as its own path) early.
+    fn assert_found(eh: &[PunchEvent], eo: &[PunchEvent]) {
+        let holder_path = Path {
+            socket: TURN,
+            remote: addr(OTHER_MAPPING),
+        };
+        let other_path = Path {
+            socket: SocketId(0),
+            remote: addr(RELAYED),
+        };
+        let (h, th) = relayed_path(eh).unwrap_or_else(|| panic!("holder: {eh:?}"));
+        let (o, to) = relayed_path(eo).unwrap_or_else(|| panic!("other: {eo:?}"));
+        assert_eq!((h, o), (holder_path, other_path));
+        // A few probe rounds at most (every 100 ms), never the settle time.
+        assert!(th.max(to) < Duration::from_millis(600), "{th:?} {to:?}");
     }
 
     #[test]
     fn a_pair_with_no_direct_path_finds_the_turn_path_then_says_why_it_stays() {
         let now = Instant::now();
-        let relayed = addr("203.0.113.9:50000");
-        let (mut a, mut b) = pair(now, relayed);
-        let (ea, eb) = run(&mut a, &mut b, relayed, now, 3);
-        assert_eq!(
-            relayed_path(&ea),
-            Some(Path {
-                socket: SocketId(0),
-                remote: relayed
-            }),
-            "A: {ea:?}"
-        );
-        assert_eq!(
-            relayed_path(&eb),
-            Some(Path {
-                socket: TURN,
-                remote: addr("198.51.100.2:51000")
-            }),
-            "B: {eb:?}"
-        );
-        for (side, events) in [("A", &ea), ("B", &eb)] {
+        let (mut h, mut o) = machines(now, false);
+        let (eh, eo) = run(&mut h, &mut o, now, 3, 0);
+        assert_found(&eh, &eo);
+        for (side, events) in [("holder", &eh), ("other", &eo)] {
             // Never a direct connect; after the TURN path settled, the
             // reason it stays relayed.
             assert!(
@@ -191,32 +213,32 @@ mod tests {
                 "{side}: {events:?}"
             );
             assert!(
-                events.iter().any(|e| matches!(
-                    e,
-                    PunchEvent::Failed {
-                        failure: PunchFailure::NoPathPossible(_)
-                    }
-                )),
+                matches!(failed(events), Some(PunchFailure::NoPathPossible(_))),
                 "{side}: {events:?}"
             );
         }
     }
 
+    /// The initiator holds the allocation: it has no stream toward the
+    /// peer, and its answers to the peer's probes are lost at first. Each
+    /// probe that comes through is answered, so the path is found anyway.
     #[test]
-    fn a_turn_path_is_found_within_the_first_rounds() {
+    fn an_initiator_holding_the_allocation_finds_the_path_despite_lost_answers() {
         let now = Instant::now();
-        let relayed = addr("203.0.113.9:50000");
-        let (mut a, mut b) = pair(now, relayed);
-        let (ea, _) = run(&mut a, &mut b, relayed, now, 1);
-        let elapsed = ea.iter().find_map(|e| match e {
-            PunchEvent::Relayed { elapsed, .. } => Some(*elapsed),
-            _ => None,
-        });
-        // The first probe and its ack cross at once here: the path is
-        // found in the first round or two, never after the settle time.
-        assert!(
-            elapsed.is_some_and(|e| e < Duration::from_millis(250)),
-            "{ea:?}"
-        );
+        let (mut h, mut o) = machines(now, true);
+        let (eh, eo) = run(&mut h, &mut o, now, 2, 3);
+        assert_found(&eh, &eo);
+    }
+
+    /// A TCP punch still under way: the TURN path carries the session, but
+    /// the attempt is not ended as hopeless when it settles.
+    #[test]
+    fn a_tcp_punch_under_way_keeps_the_attempt_alive_past_the_settle() {
+        let now = Instant::now();
+        let (mut h, mut o) = machines(now, false);
+        o.set_tcp_pending();
+        let (eh, eo) = run(&mut h, &mut o, now, 4, 0);
+        assert_found(&eh, &eo);
+        assert!(failed(&eo).is_none(), "{eo:?}");
     }
 }
