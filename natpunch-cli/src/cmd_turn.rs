@@ -32,12 +32,24 @@ pub struct TurnCredArgs {
     /// --turn-secret)
     #[arg(long = "turn-user", value_name = "NAME")]
     pub user: Option<String>,
-    /// Password for --turn-user (never logged or printed)
-    #[arg(long = "turn-pass", value_name = "PASSWORD")]
+    /// Password for --turn-user (never logged or printed). Other users
+    /// can read a command line: the environment variable keeps it out
+    #[arg(
+        long = "turn-pass",
+        value_name = "PASSWORD",
+        env = "NATPUNCH_TURN_PASS",
+        hide_env_values = true
+    )]
     pub pass: Option<String>,
     /// Shared secret for time-limited credentials (coturn's
     /// use-auth-secret / static-auth-secret), instead of --turn-pass
-    #[arg(long = "turn-secret", value_name = "SECRET", conflicts_with = "pass")]
+    #[arg(
+        long = "turn-secret",
+        value_name = "SECRET",
+        conflicts_with = "pass",
+        env = "NATPUNCH_TURN_SECRET",
+        hide_env_values = true
+    )]
     pub secret: Option<String>,
     /// CA certificate file (PEM) to trust for turns: servers (default:
     /// the web's usual roots)

@@ -36,6 +36,8 @@ struct TurnLab {
     dir: PathBuf,
     log: PathBuf,
     ca: PathBuf,
+    cert: (PathBuf, PathBuf),
+    coturn: u32,
 }
 
 impl Drop for TurnLab {
@@ -75,7 +77,23 @@ impl TurnLab {
         let dir = tempdir("lab-turn");
         let (ca, cert, key) = tls_certificates(&dir, SERVER_IP);
         let log = dir.join("turnserver.log");
-        let mut cmd = lab.command(Node::Server, "turnserver");
+        let mut t = TurnLab {
+            lab,
+            server,
+            dir,
+            log,
+            ca,
+            cert: (cert, key),
+            coturn: 0,
+        };
+        t.start_coturn();
+        Some(t)
+    }
+
+    /// Starts coturn and waits until it accepts connections.
+    fn start_coturn(&mut self) {
+        let (cert, key, log, dir) = (&self.cert.0, &self.cert.1, &self.log, &self.dir);
+        let mut cmd = self.lab.command(Node::Server, "turnserver");
         cmd.args(["-n", "--no-dtls", "--no-cli", "--verbose", "--simple-log"])
             .arg(format!("--listening-ip={SERVER_IP}"))
             .arg(format!("--relay-ip={SERVER_IP}"))
@@ -93,25 +111,24 @@ impl TurnLab {
                 dir.join("turnserver.pid").display()
             ))
             .arg(format!("--userdb={}", dir.join("turndb").display()));
-        lab.spawn(cmd).expect("coturn starts");
-        let t = TurnLab {
-            lab,
-            server,
-            dir,
-            log,
-            ca,
-        };
+        self.coturn = self.lab.spawn(cmd).expect("coturn starts");
         // coturn is up once its TLS port accepts (it opens it last).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !t.tls_up() {
+        while !self.tls_up() {
             assert!(
                 Instant::now() < deadline,
                 "coturn did not start: {}",
-                t.log()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        Some(t)
+    }
+
+    /// Kills coturn (its allocations die with it).
+    fn kill_coturn(&mut self) {
+        // SAFETY: kill(2) on the pid of a process the lab started.
+        unsafe { libc::kill(self.coturn as libc::pid_t, libc::SIGKILL) };
+        std::thread::sleep(Duration::from_millis(300));
     }
 
     fn tls_up(&self) -> bool {
@@ -425,4 +442,87 @@ fn the_connector_s_allocation_carries_the_session_and_a_direct_path_beats_turn()
             path["strategy"]
         );
     }
+}
+
+/// The next event of kind `kind` from a listener within `within`; every
+/// event read goes into `seen`.
+fn wait_event(
+    l: &Listener,
+    kind: &str,
+    within: Duration,
+    seen: &mut Vec<serde_json::Value>,
+) -> Option<serde_json::Value> {
+    let deadline = Instant::now() + within;
+    while let Ok(e) = l
+        .events
+        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+    {
+        seen.push(e.clone());
+        if e["event"] == kind {
+            return Some(e);
+        }
+    }
+    None
+}
+
+/// coturn restarts under a listener: its allocation (over TCP) is lost,
+/// said so, made again on the new coturn, and a new session goes through
+/// the new relayed address.
+#[test]
+fn an_allocation_lost_with_a_turn_server_restart_is_made_again() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(mut t) = TurnLab::start() else {
+        return;
+    };
+    let out = t.dir.join("out");
+    let mut b = t.listener("tcp", PASS, &out);
+    let mut seen = b.early.clone();
+    let first = seen
+        .iter()
+        .find(|e| e["event"] == "turn-allocated")
+        .cloned()
+        .or_else(|| wait_event(&b, "turn-allocated", Duration::from_secs(10), &mut seen))
+        .unwrap_or_else(|| panic!("no allocation: {seen:?}"));
+    t.kill_coturn();
+    let lost = Instant::now();
+    wait_event(&b, "turn-lost", Duration::from_secs(10), &mut seen)
+        .unwrap_or_else(|| panic!("the loss was not reported: {seen:?}"));
+    t.start_coturn();
+    let again = wait_event(&b, "turn-allocated", Duration::from_secs(30), &mut seen)
+        .unwrap_or_else(|| panic!("no new allocation: {seen:?}"));
+    let took = lost.elapsed();
+    let mut a = t
+        .peer(Node::HostA, "a")
+        .args(["-d", &b.id])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = a.stdin.take().unwrap();
+        stdin.write_all(b"through the new allocation\n").unwrap();
+    }
+    let o = output_within(a, Duration::from_secs(30)).expect("A finishes");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    let events = stderr_events(&o.stderr);
+    let path = final_path(&events).unwrap_or_else(|| panic!("{err}"));
+    assert!(is_turn(path), "{path}\n{err}");
+    assert_eq!(path["remote"], again["relayed"], "{err}");
+    assert!(
+        b.wait(Duration::from_secs(20)).is_some(),
+        "B did not finish"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        "through the new allocation\n"
+    );
+    eprintln!(
+        "coturn restarted: {} lost, {} allocated {:.1} s after the loss; a new session went through it",
+        first["relayed"],
+        again["relayed"],
+        took.as_secs_f64()
+    );
 }
