@@ -12,6 +12,7 @@
 //! Credentials live in the client and never reach a log line: `Debug`
 //! of [`natpunch_proto::turn::Credentials`] hides the password.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
@@ -73,6 +74,7 @@ pub enum TurnDriverError {
 #[derive(Debug)]
 enum Command {
     Permit(IpAddr),
+    Forget(IpAddr),
     Bind(SocketAddr),
     Send(SocketAddr, Vec<u8>),
     Release,
@@ -184,6 +186,11 @@ impl Allocation {
         let _ = self.commands.send(Command::Permit(ip));
     }
 
+    /// Lets `ip`'s permission and channels lapse.
+    pub fn forget(&self, ip: IpAddr) {
+        let _ = self.commands.send(Command::Forget(ip));
+    }
+
     pub fn bind(&self, peer: SocketAddr) {
         let _ = self.commands.send(Command::Bind(peer));
     }
@@ -237,6 +244,7 @@ fn unspecified(server: SocketAddr) -> IpAddr {
 fn apply(client: &mut Client, now: Instant, cmd: Option<Command>, out: &mut Vec<Vec<u8>>) -> bool {
     match cmd {
         Some(Command::Permit(ip)) => client.permit(now, ip),
+        Some(Command::Forget(ip)) => client.forget(ip),
         Some(Command::Bind(peer)) => client.bind(now, peer),
         Some(Command::Send(peer, data)) => {
             let mut buf = Vec::with_capacity(data.len() + 36);
@@ -446,6 +454,15 @@ async fn tls_connect(
 const REALLOCATE_FIRST: Duration = Duration::from_secs(2);
 const REALLOCATE_MAX: Duration = Duration::from_secs(60);
 
+/// A peer's permission (and channels) are let lapse once nothing was
+/// sent to or from its IP, nor asked for it, this long: twice a
+/// permission's own lifetime (RFC 8656 §9: 300 s), so a quiet but live
+/// session (keepalives every few seconds) never loses it, while peers
+/// gone for good stop taking places among the client's 256.
+const PERMISSION_IDLE: Duration = Duration::from_secs(600);
+/// How often idle permissions are looked for.
+const IDLE_SWEEP: Duration = Duration::from_secs(60);
+
 /// Datagrams from the path table to one allocation waiting at most; beyond,
 /// they are dropped (QUIC sees loss), as a full UDP send buffer would.
 const PATH_QUEUE: usize = 1024;
@@ -553,9 +570,12 @@ async fn carry(
 ) -> Option<bool> {
     let mut made = false;
     let mut backoff = REALLOCATE_FIRST;
-    // What peers were let in, to let them in again on a new allocation
-    // (as many as the client keeps).
-    let mut permitted: Vec<IpAddr> = Vec::new();
+    // What peers were let in, and when they were last asked for or heard
+    // from: let in again on a new allocation, let lapse when idle (as
+    // many as the client keeps).
+    let mut permitted: HashMap<IpAddr, Instant> = HashMap::new();
+    let mut sweep = tokio::time::interval(IDLE_SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let started = Instant::now();
         let made_now = tokio::select! {
@@ -582,7 +602,7 @@ async fn carry(
         };
         made = true;
         backoff = REALLOCATE_FIRST;
-        for ip in &permitted {
+        for ip in permitted.keys() {
             alloc.permit(*ip);
         }
         let (out, mut out_rx) = mpsc::channel(PATH_QUEUE);
@@ -603,16 +623,35 @@ async fn carry(
                     if bound.len() < natpunch_proto::turn::client::MAX_PEERS && bound.insert(peer) {
                         alloc.bind(peer);
                     }
+                    if let Some(t) = permitted.get_mut(&peer.ip()) {
+                        *t = Instant::now();
+                    }
                     alloc.send(peer, data);
                 }
                 Some(ip) = permits.recv() => {
-                    if !permitted.contains(&ip) && permitted.len() < natpunch_proto::turn::client::MAX_PEERS {
-                        permitted.push(ip);
+                    if permitted.len() < natpunch_proto::turn::client::MAX_PEERS || permitted.contains_key(&ip) {
+                        permitted.insert(ip, Instant::now());
                     }
                     alloc.permit(ip);
                 }
+                _ = sweep.tick() => {
+                    let idle: Vec<IpAddr> = permitted
+                        .iter()
+                        .filter(|(_, t)| t.elapsed() >= PERMISSION_IDLE)
+                        .map(|(ip, _)| *ip)
+                        .collect();
+                    for ip in idle {
+                        tracing::debug!(socket = id.0, %ip, "TURN: idle permission let lapse");
+                        permitted.remove(&ip);
+                        bound.retain(|p| p.ip() != ip);
+                        alloc.forget(ip);
+                    }
+                }
                 r = alloc.next() => match r {
                     Some(Report::Data(PeerData { peer, data })) => {
+                        if let Some(t) = permitted.get_mut(&peer.ip()) {
+                            *t = Instant::now();
+                        }
                         if !socket.inject_stream(id, peer, &data) {
                             socket.divert_turn(id, peer, &data);
                         }

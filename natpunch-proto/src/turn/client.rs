@@ -280,6 +280,25 @@ impl Client {
         }
     }
 
+    /// Stops keeping `ip`'s permission and channels: they are no longer
+    /// refreshed, and the server lets them lapse (RFC 8656 §9: 300 s for a
+    /// permission, §12: 600 s for a channel). A peer gone for good then
+    /// no longer holds a place among [`MAX_PEERS`].
+    pub fn forget(&mut self, ip: IpAddr) {
+        self.permissions.remove(&ip);
+        let gone: Vec<SocketAddr> = self
+            .channels
+            .keys()
+            .filter(|p| p.ip() == ip)
+            .copied()
+            .collect();
+        for peer in gone {
+            if let Some(c) = self.channels.remove(&peer) {
+                self.by_number.remove(&c.number);
+            }
+        }
+    }
+
     /// Binds `peer` to a channel (which also permits its address).
     pub fn bind(&mut self, now: Instant, peer: SocketAddr) {
         if self.channels.contains_key(&peer) || self.channels.len() >= MAX_PEERS {

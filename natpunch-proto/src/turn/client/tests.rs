@@ -381,3 +381,44 @@ fn forged_or_reflected_answers_are_dropped() {
     assert_eq!(c.stats().bad_integrity, 1);
     assert_eq!(c.stats().dropped, 1);
 }
+
+#[test]
+fn a_forgotten_peer_is_no_longer_refreshed_nor_relayed_to() {
+    let (mut c, mut s, t0) = allocated(Transport::Udp);
+    let peer: SocketAddr = "203.0.113.9:7000".parse().unwrap();
+    let other: SocketAddr = "203.0.113.10:7000".parse().unwrap();
+    c.permit(t0, peer.ip());
+    c.bind(t0, peer);
+    c.permit(t0, other.ip());
+    exchange(&mut c, &mut s, t0);
+    events(&mut c);
+    c.forget(peer.ip());
+    let mut out = Vec::new();
+    assert_eq!(
+        c.send(peer, b"x", &mut out),
+        Err(SendError::NoPermission(peer.ip()))
+    );
+    assert!(c.permitted(other.ip()));
+    // The next permission refresh covers the other peer only, and no
+    // channel refresh is due at all.
+    let before = s.requests.len();
+    let now = t0 + PERMISSION_REFRESH + Duration::from_secs(1);
+    c.handle_timeout(now);
+    exchange(&mut c, &mut s, now);
+    let sent = &s.requests[before..];
+    assert!(
+        sent.iter().all(|m| m.method != method::CHANNEL_BIND),
+        "{sent:?}"
+    );
+    let peers: Vec<std::net::IpAddr> = sent
+        .iter()
+        .filter(|m| m.method == method::CREATE_PERMISSION)
+        .filter_map(|m| {
+            let v = raw(m, attr::XOR_PEER_ADDRESS)?;
+            crate::stun::message::decode_xor_address(attr::XOR_PEER_ADDRESS, v, &m.transaction).ok()
+        })
+        .map(|a| a.ip())
+        .collect();
+    assert!(peers.contains(&other.ip()), "{peers:?}");
+    assert!(!peers.contains(&peer.ip()), "{peers:?}");
+}
