@@ -935,13 +935,14 @@ impl Driver {
             } => {
                 self.turn_ready.retain(|(t, _)| *t != id);
                 self.turn_ready.push((id, relayed));
+                let pending = self.turn_ready.len() < self.turn.len();
                 self.emit(PeerEvent::TurnAllocated {
                     server,
                     transport: transport.as_str(),
                     relayed,
                     elapsed,
                 });
-                self.host.set_turn(now, self.turn_ready.clone());
+                self.host.set_turn(now, self.turn_ready.clone(), pending);
             }
             // Never made: the user asked for this server, and its answer
             // (a wrong password, say) is the reason the run stops.
@@ -952,7 +953,8 @@ impl Driver {
                 self.emit(PeerEvent::TurnLost {
                     error: error.to_string(),
                 });
-                self.host.set_turn(now, self.turn_ready.clone());
+                // Being made again: peers still wait for it.
+                self.host.set_turn(now, self.turn_ready.clone(), true);
             }
         }
     }

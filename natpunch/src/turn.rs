@@ -462,6 +462,10 @@ const REALLOCATE_MAX: Duration = Duration::from_secs(60);
 const PERMISSION_IDLE: Duration = Duration::from_secs(600);
 /// How often idle permissions are looked for.
 const IDLE_SWEEP: Duration = Duration::from_secs(60);
+/// A peer whose ChannelBind failed is bound again no sooner than this: a
+/// server still holding its old channel refuses a new number until that
+/// one expires (RFC 8656 §12: 10 minutes, and 5 more before reuse).
+const REBIND_AFTER: Duration = Duration::from_secs(300);
 
 /// Datagrams from the path table to one allocation waiting at most; beyond,
 /// they are dropped (QUIC sees loss), as a full UDP send buffer would.
@@ -617,10 +621,14 @@ async fn carry(
         // Peers given a channel (ChannelData: 4 bytes of header instead
         // of a Send indication's 36, and it installs the permission too).
         let mut bound: std::collections::HashSet<SocketAddr> = Default::default();
+        // Peers whose ChannelBind failed, and when: Send indications
+        // carry their data until a bind may work again.
+        let mut unbindable: HashMap<SocketAddr, Instant> = HashMap::new();
         let error = loop {
             tokio::select! {
                 Some((peer, data)) = out_rx.recv() => {
-                    if bound.len() < natpunch_proto::turn::client::MAX_PEERS && bound.insert(peer) {
+                    let may_bind = unbindable.get(&peer).is_none_or(|t| t.elapsed() >= REBIND_AFTER);
+                    if may_bind && bound.len() < natpunch_proto::turn::client::MAX_PEERS && bound.insert(peer) {
                         alloc.bind(peer);
                     }
                     if let Some(t) = permitted.get_mut(&peer.ip()) {
@@ -646,6 +654,7 @@ async fn carry(
                         bound.retain(|p| p.ip() != ip);
                         alloc.forget(ip);
                     }
+                    unbindable.retain(|_, t| t.elapsed() < REBIND_AFTER);
                 }
                 r = alloc.next() => match r {
                     Some(Report::Data(PeerData { peer, data })) => {
@@ -657,6 +666,13 @@ async fn carry(
                         }
                     }
                     Some(Report::Event(Event::Failed(e))) => break TurnDriverError::Turn(e),
+                    Some(Report::Event(Event::ChannelFailed { peer, error })) => {
+                        tracing::debug!(socket = id.0, %peer, %error, "TURN: no channel; Send indications meanwhile");
+                        bound.remove(&peer);
+                        if unbindable.len() < natpunch_proto::turn::client::MAX_PEERS {
+                            unbindable.insert(peer, Instant::now());
+                        }
+                    }
                     Some(Report::Event(e)) => tracing::trace!(socket = id.0, event = ?e, "TURN"),
                     None => break TurnDriverError::Turn(TurnError::Closed { server: alloc.server() }),
                 },
@@ -666,7 +682,7 @@ async fn carry(
                 }
             }
         };
-        socket.remove_socket(id);
+        socket.pause_turn(id);
         let _ = news.send(PathNews::Lost { id, error });
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}

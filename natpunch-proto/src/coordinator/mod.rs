@@ -1144,10 +1144,11 @@ impl Host {
     }
 
     /// Our TURN allocations (the driver's socket for each, and the address
-    /// it relays), or none when they failed: announced to the server and
-    /// to every attempt.
-    pub fn set_turn(&mut self, now: Instant, turn: Vec<(SocketId, SocketAddr)>) {
-        if self.allocations == turn && !self.nat.pending.turn {
+    /// it relays), and whether more are being made (`pending`: at start, or
+    /// again after a loss, when peers still wait for them and still get
+    /// permissions): announced to the server and to every attempt.
+    pub fn set_turn(&mut self, now: Instant, turn: Vec<(SocketId, SocketAddr)>, pending: bool) {
+        if self.allocations == turn && self.nat.pending.turn == pending {
             return;
         }
         tracing::debug!(?turn, "TURN relayed addresses");
@@ -1158,7 +1159,7 @@ impl Host {
             .map(|(id, _)| *id)
             .collect();
         self.allocations = turn;
-        self.nat.pending.turn = false;
+        self.nat.pending.turn = pending;
         // Remotes whose traffic went through a lost allocation punch
         // again (on the server's relay meanwhile, where there is one).
         let stranded: Vec<RemoteKey> = self
@@ -1525,8 +1526,11 @@ impl Host {
             let recent = r
                 .last_repunch
                 .is_some_and(|t| now.saturating_duration_since(t) < defaults::REPUNCH_EVERY);
-            if r.repairing.is_none() && r.repunch_at.is_none() && !recent {
-                r.repunch_at = Some(now + defaults::REPUNCH_DELAY);
+            // (A later retry already planned, after a failed punch, is
+            // brought forward: the path it was waiting beside is gone.)
+            let soon = now + defaults::REPUNCH_DELAY;
+            if r.repairing.is_none() && !recent && r.repunch_at.is_none_or(|t| t > soon) {
+                r.repunch_at = Some(soon);
             }
         }
         self.client.refresh(now);
@@ -2366,8 +2370,18 @@ impl Host {
         }
         let from = match (r.on_relay, r.relay) {
             (true, Some(relay)) => Some(Via::Relay(relay)),
-            _ => r.path.map(Via::Turn),
+            _ if on_turn => r.path.map(Via::Turn),
+            _ => r.path.map(Via::Direct),
         };
+        // What the old path held is let go: its socket (a fresh one), and
+        // a lingering direct path's validator with its sockets.
+        let old = r.path.filter(|o| o.socket != path.socket);
+        let mut closing: Vec<SocketId> = old.map(|o| o.socket).into_iter().collect();
+        if !on_turn {
+            if let Some(v) = r.validator.take() {
+                closing.extend(v.sockets.into_iter().filter(|s| *s != path.socket));
+            }
+        }
         // A user's connect is answered here whatever the remote's state
         // (a lingering remote has a path and no session).
         let fresh = (from.is_none() && a.repair.is_none() && !a.relayed) || a.request.is_some();
@@ -2400,6 +2414,9 @@ impl Host {
                 strategy: Some(Strategy::Turn),
                 elapsed: Some(elapsed),
             });
+        }
+        for socket in closing {
+            self.close_socket(socket);
         }
     }
 
@@ -2543,16 +2560,24 @@ impl Host {
                     Some(r) => {
                         // The session goes on over the relay; try direct
                         // again later unless the NATs rule it out.
-                        let hopeless = matches!(
-                            error,
-                            ConnectError::Punch {
-                                failure: crate::punch::PunchFailure::NoPathPossible(_)
-                                    | crate::punch::PunchFailure::UdpBlocked,
-                                ..
-                            }
-                        );
+                        // (A TURN path may still come to a remote not on
+                        // one: an allocation being made again after a loss.)
+                        let on_turn = r.strategy == Some(Strategy::Turn) && !r.on_relay;
+                        let turn = !on_turn && a.punch.as_ref().is_some_and(|p| p.turn_possible());
+                        let hopeless = !turn
+                            && matches!(
+                                error,
+                                ConnectError::Punch {
+                                    failure: crate::punch::PunchFailure::NoPathPossible(_)
+                                        | crate::punch::PunchFailure::UdpBlocked,
+                                    ..
+                                }
+                            );
                         if r.initiator && !hopeless {
-                            r.repunch_at = Some(now + defaults::DIRECT_RETRY);
+                            // (A sooner re-punch, for a path that stalled
+                            // meanwhile, stays.)
+                            let later = now + defaults::DIRECT_RETRY;
+                            r.repunch_at = Some(r.repunch_at.map_or(later, |t| t.min(later)));
                         }
                         let remote = r.key;
                         self.events

@@ -742,7 +742,7 @@ impl Punch {
     }
 
     /// Either side has (or is making) a TURN allocation.
-    fn turn_possible(&self) -> bool {
+    pub fn turn_possible(&self) -> bool {
         !self.turn_sockets.is_empty()
             || !self.peer.turn.is_empty()
             || self.me.nat.pending.turn
@@ -1066,7 +1066,7 @@ impl Punch {
                     let ack = self.frame(Kind::Ack, strategy);
                     self.send(path.socket, path.remote, ack, None, false);
                 }
-                let answered_before = self.reflexive.contains(&path);
+                let probes_before = self.probes_sent;
                 // A probe from an address we never aimed at (a mapping the
                 // peer's NAT made just now) is a peer-reflexive candidate:
                 // probe it back, so the initiator gets an ack to nominate.
@@ -1098,7 +1098,7 @@ impl Punch {
                     && self.relay.is_none()
                     && self.is_punching()
                     && self.turn_sockets.contains(&path.socket)
-                    && answered_before
+                    && self.probes_sent == probes_before
                 {
                     let probe = self.frame(Kind::Probe, Strategy::Turn);
                     self.send(path.socket, path.remote, probe, None, true);

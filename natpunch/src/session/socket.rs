@@ -619,6 +619,16 @@ impl PathSocket {
         }
     }
 
+    /// Stops sending on TURN allocation `id` while it is made again: its
+    /// routes stay (the same peer on the same socket is the same route
+    /// when the new allocation comes, [`PathSocket::add_turn`]).
+    pub fn pause_turn(&self, id: SocketId) {
+        self.streams
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+
     /// Closes socket `id` (never the main one).
     pub fn remove_socket(&self, id: SocketId) {
         if id.0 == 0 {
