@@ -57,11 +57,24 @@ mod tests {
     /// A side behind a NAT that picks random ports for each destination
     /// (no direct path between two of them), maybe with relayed addresses.
     fn symmetric(ip: &str, turn: Vec<SocketAddr>) -> SideView {
+        side(Behaviour::AddressAndPortDependent, ip, turn)
+    }
+
+    /// A side behind a port-restricted cone (a direct path exists).
+    fn cone(ip: &str, turn: Vec<SocketAddr>) -> SideView {
+        side(Behaviour::EndpointIndependent, ip, turn)
+    }
+
+    fn side(mapping: Behaviour, ip: &str, turn: Vec<SocketAddr>) -> SideView {
         SideView {
             nat: NatSummary {
-                mapping: Some(Behaviour::AddressAndPortDependent),
+                mapping: Some(mapping),
                 filtering: Some(Behaviour::AddressAndPortDependent),
-                allocation: Some(AllocationKind::Random),
+                allocation: Some(if mapping == Behaviour::EndpointIndependent {
+                    AllocationKind::Preserving
+                } else {
+                    AllocationKind::Random
+                }),
                 delta: None,
                 opener_ttl: Some(2),
                 nat: Some(true),
@@ -79,6 +92,15 @@ mod tests {
     /// side, both symmetric-random, with each other's offers; the
     /// initiator is the holder when `initiator_holds`.
     fn machines(now: Instant, initiator_holds: bool) -> (Punch, Punch) {
+        machines_behind(now, initiator_holds, symmetric)
+    }
+
+    /// [`machines`] behind NATs that `view` describes.
+    fn machines_behind(
+        now: Instant,
+        initiator_holds: bool,
+        view: fn(&str, Vec<SocketAddr>) -> SideView,
+    ) -> (Punch, Punch) {
         let (ih, io) = (Identity::from_seed([1; 32]), Identity::from_seed([2; 32]));
         let (eh, eo) = (
             Ephemeral::from_secret([3; 32]),
@@ -103,8 +125,8 @@ mod tests {
             io.peer_id(),
             eh,
             &oh,
-            symmetric("198.51.100.18", vec![relayed]),
-            symmetric("198.51.100.2", vec![]),
+            view("198.51.100.18", vec![relayed]),
+            view("198.51.100.2", vec![]),
             now,
             now,
         );
@@ -116,8 +138,8 @@ mod tests {
             ih.peer_id(),
             eo,
             &oo,
-            symmetric("198.51.100.2", vec![]),
-            symmetric("198.51.100.18", vec![relayed]),
+            view("198.51.100.2", vec![]),
+            view("198.51.100.18", vec![relayed]),
             now,
             now,
         );
@@ -137,20 +159,42 @@ mod tests {
         other: &mut Punch,
         start: Instant,
         secs: u64,
-        mut lose: u32,
+        lose: u32,
     ) -> (Vec<PunchEvent>, Vec<PunchEvent>) {
+        run_opening(holder, other, start, secs, lose, None)
+    }
+
+    /// [`run`], where from `direct_from` on the two main sockets also
+    /// reach each other at their observed addresses (the NATs let the
+    /// direct path through late).
+    fn run_opening(
+        holder: &mut Punch,
+        other: &mut Punch,
+        start: Instant,
+        secs: u64,
+        mut lose: u32,
+        direct_from: Option<Duration>,
+    ) -> (Vec<PunchEvent>, Vec<PunchEvent>) {
+        let (h_seen, o_seen) = (addr("198.51.100.18:4000"), addr("198.51.100.2:4000"));
         let (relayed, mapping) = (addr(RELAYED), addr(OTHER_MAPPING));
         let (mut eh, mut eo) = (Vec::new(), Vec::new());
         let mut now = start;
         while now < start + Duration::from_secs(secs) {
             holder.handle_timeout(now);
             other.handle_timeout(now);
+            let open = direct_from.is_some_and(|d| now >= start + d);
             while let Some(t) = other.poll_transmit() {
                 if t.destination == relayed {
                     holder.handle_input(now, TURN, mapping, &t.payload);
+                } else if open && t.socket == SocketId(0) && t.destination == h_seen {
+                    holder.handle_input(now, SocketId(0), o_seen, &t.payload);
                 }
             }
             while let Some(t) = holder.poll_transmit() {
+                if open && t.socket == SocketId(0) && t.destination == o_seen {
+                    other.handle_input(now, SocketId(0), h_seen, &t.payload);
+                    continue;
+                }
                 if t.socket == TURN && t.destination == mapping {
                     if lose > 0 {
                         lose -= 1;
@@ -240,5 +284,28 @@ mod tests {
         let (eh, eo) = run(&mut h, &mut o, now, 4, 0);
         assert_found(&eh, &eo);
         assert!(failed(&eo).is_none(), "{eo:?}");
+    }
+
+    /// A direct path that opens after the TURN path was found still ends
+    /// the attempt: the session moves there (TURN never stops punching).
+    #[test]
+    fn a_direct_path_found_after_the_turn_path_takes_over() {
+        let now = Instant::now();
+        let (mut h, mut o) = machines_behind(now, false, cone);
+        let (eh, eo) = run_opening(&mut h, &mut o, now, 3, 0, Some(Duration::from_millis(800)));
+        assert_found(&eh, &eo);
+        for (side, events) in [("holder", &eh), ("other", &eo)] {
+            let relayed_at = events
+                .iter()
+                .position(|e| matches!(e, PunchEvent::Relayed { .. }));
+            let connected_at = events.iter().position(|e| {
+                matches!(e, PunchEvent::Connected { path, .. } if path.socket == SocketId(0)
+                    && path.remote != addr(RELAYED))
+            });
+            assert!(
+                relayed_at.is_some() && connected_at > relayed_at,
+                "{side}: {events:?}"
+            );
+        }
     }
 }

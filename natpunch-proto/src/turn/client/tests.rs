@@ -399,13 +399,21 @@ fn a_forgotten_peer_is_no_longer_refreshed_nor_relayed_to() {
         Err(SendError::NoPermission(peer.ip()))
     );
     assert!(c.permitted(other.ip()));
-    // The next permission refresh covers the other peer only, and no
-    // channel refresh is due at all.
+    // Past both refreshes (the allocation's own too, every 15 s): the
+    // permission refreshes cover the other peer only, and no channel is
+    // bound again.
     let before = s.requests.len();
-    let now = t0 + PERMISSION_REFRESH + Duration::from_secs(1);
-    c.handle_timeout(now);
-    exchange(&mut c, &mut s, now);
+    let mut now = t0;
+    while now < t0 + CHANNEL_REFRESH + Duration::from_secs(10) {
+        now += Duration::from_secs(5);
+        c.handle_timeout(now);
+        exchange(&mut c, &mut s, now);
+    }
     let sent = &s.requests[before..];
+    assert!(
+        sent.iter().any(|m| m.method == method::CREATE_PERMISSION),
+        "{sent:?}"
+    );
     assert!(
         sent.iter().all(|m| m.method != method::CHANNEL_BIND),
         "{sent:?}"
