@@ -13,6 +13,12 @@
 //! at once. The machine sends the streams on schedule, answers the peer's
 //! probes, and reports `Connected` once a path is confirmed both ways.
 //!
+//! A path through a TURN server ([`turn`]: either side's allocation) is
+//! probed and confirmed the same way, but it is a relay path: it is
+//! reported as `Relayed` and punching goes on, so a direct path found
+//! later still wins; a pair that can have no direct path settles on it
+//! and then fails with the reason.
+//!
 //! Authentication: each peer signs an ephemeral X25519 key with its
 //! identity key (the *offer*); both derive the session key from the two
 //! ephemerals, so the server cannot forge it. Probes carry the sender's

@@ -19,7 +19,7 @@
 //! instead of its (k + 1)-th, while the other side aims steadily. If `a`
 //! and `b` other flows took ports at the two NATs, the sweeper's k-th
 //! mapping meets the steady side's (2a + b)-th exactly when k = a + b (see
-//! [`sweep`]): any 2a + b below the window finds its pair, and with no
+//! `sweep`): any 2a + b below the window finds its pair, and with no
 //! other flow the first SYNs meet as before. A random symmetric NAT cannot be punched over TCP:
 //! birthday probing would need hundreds of listening sockets and SYNs.
 //!
