@@ -50,6 +50,12 @@ const MAX_NONCE_RETRIES: u32 = 3;
 /// Peers we keep permissions and channels for at most: one session needs
 /// one or two; this bounds what a caller's mistake can make us keep.
 pub const MAX_PEERS: usize = 256;
+/// Over UDP an allocation sends the server a Binding indication this
+/// often: a NAT in front of us forgets an idle UDP mapping (30 s is
+/// common; RFC 4787 REQ-5 asks 2 minutes, which many do not keep), and
+/// the server then sees our next Refresh from a new port and answers 437.
+/// 15 s is ICE's keepalive period (RFC 8445 §11).
+pub const KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// Peer data the server relayed to us.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +207,8 @@ pub struct Client {
     transmits: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
     stats: Stats,
+    /// The next keepalive (UDP, while allocated).
+    keepalive_at: Option<Instant>,
 }
 
 impl Client {
@@ -228,6 +236,7 @@ impl Client {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
+            keepalive_at: None,
         };
         c.request(now, Request::Allocate);
         c
@@ -402,7 +411,11 @@ impl Client {
             .values()
             .filter_map(|g| g.refresh_at)
             .chain(self.channels.values().filter_map(|c| c.grant.refresh_at));
-        pending.chain(refresh_at).chain(grants).min()
+        pending
+            .chain(refresh_at)
+            .chain(grants)
+            .chain(self.keepalive_at)
+            .min()
     }
 
     /// Retransmissions, timeouts and refreshes that are due.
@@ -463,6 +476,12 @@ impl Client {
         }
         if self.relayed().is_none() {
             return;
+        }
+        if self.keepalive_at.is_some_and(|t| t <= now) {
+            let tid = TransactionId::new(rand::rng().random());
+            let ind = Message::new(Class::Indication, crate::stun::message::METHOD_BINDING, tid);
+            self.transmits.push_back(ind.to_bytes());
+            self.keepalive_at = Some(now + KEEPALIVE);
         }
         let due: Vec<IpAddr> = self
             .permissions
@@ -598,6 +617,9 @@ impl Client {
                     refresh_at: Some(now + refresh_after(lifetime)),
                     expires: now + lifetime,
                 };
+                if self.transport == Transport::Udp {
+                    self.keepalive_at = Some(now + KEEPALIVE);
+                }
                 self.events.push_back(Event::Allocated {
                     relayed,
                     mapped: msg.mapped_address(),
@@ -695,7 +717,10 @@ impl Client {
             .attributes
             .iter()
             .find_map(|a| match a {
-                Attribute::ErrorCode { reason, .. } => Some(reason.clone()),
+                // (Some servers pad the phrase with NULs.)
+                Attribute::ErrorCode { reason, .. } => {
+                    Some(reason.trim_end_matches('\0').to_string())
+                }
                 _ => None,
             })
             .unwrap_or_default();
@@ -737,6 +762,7 @@ impl Client {
             return;
         }
         self.state = State::Closed;
+        self.keepalive_at = None;
         self.pending.clear();
         self.permissions.clear();
         self.channels.clear();

@@ -430,3 +430,32 @@ fn a_forgotten_peer_is_no_longer_refreshed_nor_relayed_to() {
     assert!(peers.contains(&other.ip()), "{peers:?}");
     assert!(!peers.contains(&peer.ip()), "{peers:?}");
 }
+
+#[test]
+fn over_udp_an_idle_allocation_keeps_its_nat_mapping_with_binding_indications() {
+    for transport in [Transport::Udp, Transport::Tcp] {
+        let (mut c, mut s, t0) = allocated(transport);
+        // A lifetime long enough that no refresh falls in the window.
+        s.lifetime = 3600;
+        let mut indications = 0;
+        let mut now = t0;
+        while now < t0 + KEEPALIVE * 4 {
+            now += Duration::from_secs(1);
+            c.handle_timeout(now);
+            while let Some(t) = c.poll_transmit() {
+                match Message::decode(&t) {
+                    Ok(m) if m.class == Class::Indication && m.method == 0x001 => indications += 1,
+                    Ok(m) if m.class == Class::Request => {
+                        let a = s.answer(&t);
+                        c.handle_input(now, &a);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        match transport {
+            Transport::Udp => assert_eq!(indications, 4, "udp"),
+            _ => assert_eq!(indications, 0, "{transport:?}"),
+        }
+    }
+}
