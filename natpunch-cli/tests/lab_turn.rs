@@ -156,6 +156,15 @@ impl TurnLab {
         c
     }
 
+    /// A connecting to the listener `id`, events on a piped stderr.
+    fn connector(&self, id: &str) -> Command {
+        let mut c = self.peer(Node::HostA, "a");
+        c.args(["-d", id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c
+    }
+
     /// B listening with an allocation over `transport`.
     fn listener(&self, transport: &str, pass: &str, out: &std::path::Path) -> Listener {
         start_listener(
@@ -185,6 +194,11 @@ fn final_path(events: &[serde_json::Value]) -> Option<&serde_json::Value> {
         .find(|e| e["event"] == "path-changed" || e["event"] == "connected")
 }
 
+/// Matches events of kind `k`.
+fn kind(k: &str) -> impl Fn(&serde_json::Value) -> bool + '_ {
+    move |e| e["event"] == k
+}
+
 fn is_turn(e: &serde_json::Value) -> bool {
     e["path"] == "relay" && e["via"] == "turn"
 }
@@ -205,11 +219,8 @@ fn a_pair_with_no_direct_path_pipes_10_mb_through_coturn_over_udp_tcp_and_tls() 
         let mut b = t.listener(transport, PASS, &out);
         let started = Instant::now();
         let a = t
-            .peer(Node::HostA, "a")
-            .args(["-d", &b.id])
+            .connector(&b.id)
             .stdin(std::fs::File::open(&input).unwrap())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let o = output_within(a, Duration::from_secs(90)).expect("A finishes within 90 s");
@@ -331,14 +342,7 @@ fn a_session_longer_than_the_allocation_lifetime_keeps_it_refreshed() {
     let Some(t) = TurnLab::start() else { return };
     let out = t.dir.join("out");
     let mut b = t.listener("udp", PASS, &out);
-    let mut a = t
-        .peer(Node::HostA, "a")
-        .args(["-d", &b.id])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut a = t.connector(&b.id).stdin(Stdio::piped()).spawn().unwrap();
     let mut stdin = a.stdin.take().unwrap();
     use std::io::Write;
     stdin.write_all(b"before the lifetime\n").unwrap();
@@ -405,17 +409,14 @@ fn the_connector_s_allocation_carries_the_session_and_a_direct_path_beats_turn()
                 .stdin(Stdio::null())
                 .stdout(std::fs::File::create(&out).unwrap()),
         );
-        let mut a_cmd = t.peer(Node::HostA, "a");
+        let mut a_cmd = t.connector(&b.id);
         if a_turn {
             a_cmd
                 .args(["--turn", &TurnLab::uri("udp"), "--turn-user", USER])
                 .args(["--turn-pass", PASS]);
         }
         let a = a_cmd
-            .args(["-d", &b.id])
             .stdin(std::fs::File::open(&input).unwrap())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         let o = output_within(a, Duration::from_secs(60)).expect("A finishes");
@@ -444,27 +445,6 @@ fn the_connector_s_allocation_carries_the_session_and_a_direct_path_beats_turn()
     }
 }
 
-/// The next event of kind `kind` from a listener within `within`; every
-/// event read goes into `seen`.
-fn wait_event(
-    l: &Listener,
-    kind: &str,
-    within: Duration,
-    seen: &mut Vec<serde_json::Value>,
-) -> Option<serde_json::Value> {
-    let deadline = Instant::now() + within;
-    while let Ok(e) = l
-        .events
-        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-    {
-        seen.push(e.clone());
-        if e["event"] == kind {
-            return Some(e);
-        }
-    }
-    None
-}
-
 /// coturn restarts under a session: the listener's allocation (over
 /// TCP) is lost and said so, the session carries on (on the server's
 /// relay meanwhile), the allocation is made again on the new coturn, and
@@ -482,29 +462,17 @@ fn an_allocation_lost_with_a_turn_server_restart_is_made_again_and_the_session_r
         .iter()
         .find(|e| e["event"] == "turn-allocated")
         .cloned()
-        .or_else(|| wait_event(&b, "turn-allocated", Duration::from_secs(10), &mut seen))
+        .or_else(|| {
+            recv_until(
+                &b.events,
+                Duration::from_secs(10),
+                &mut seen,
+                kind("turn-allocated"),
+            )
+        })
         .unwrap_or_else(|| panic!("no allocation: {seen:?}"));
-    let mut a = t
-        .peer(Node::HostA, "a")
-        .args(["-d", &b.id])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let (mut a, a_events) = spawn_with_events(t.connector(&b.id).stdin(Stdio::piped()));
     let mut stdin = a.stdin.take().unwrap();
-    let (tx, a_events) = std::sync::mpsc::channel::<serde_json::Value>();
-    let err = a.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&l) {
-                if tx.send(v).is_err() {
-                    return;
-                }
-            }
-        }
-    });
     use std::io::Write;
     stdin.write_all(b"before the restart\n").unwrap();
     stdin.flush().unwrap();
@@ -514,25 +482,28 @@ fn an_allocation_lost_with_a_turn_server_restart_is_made_again_and_the_session_r
     );
     t.kill_coturn();
     let lost = Instant::now();
-    wait_event(&b, "turn-lost", Duration::from_secs(10), &mut seen)
-        .unwrap_or_else(|| panic!("the loss was not reported: {seen:?}"));
+    recv_until(
+        &b.events,
+        Duration::from_secs(10),
+        &mut seen,
+        kind("turn-lost"),
+    )
+    .unwrap_or_else(|| panic!("the loss was not reported: {seen:?}"));
     t.start_coturn();
-    let again = wait_event(&b, "turn-allocated", Duration::from_secs(30), &mut seen)
-        .unwrap_or_else(|| panic!("no new allocation: {seen:?}"));
+    let again = recv_until(
+        &b.events,
+        Duration::from_secs(30),
+        &mut seen,
+        kind("turn-allocated"),
+    )
+    .unwrap_or_else(|| panic!("no new allocation: {seen:?}"));
     let made = lost.elapsed();
     // A's session moves back onto the new relayed address.
     let mut a_seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let back = loop {
-        let Ok(e) = a_events.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-        else {
-            panic!("A's session did not return to TURN: {a_seen:?}");
-        };
-        a_seen.push(e.clone());
-        if e["event"] == "path-changed" && is_turn(&e) && e["remote"] == again["relayed"] {
-            break e;
-        }
-    };
+    let back = recv_until(&a_events, Duration::from_secs(60), &mut a_seen, |e| {
+        e["event"] == "path-changed" && is_turn(e) && e["remote"] == again["relayed"]
+    })
+    .unwrap_or_else(|| panic!("A's session did not return to TURN: {a_seen:?}"));
     let returned = lost.elapsed();
     // The stall is seen within seconds and punched again at once (not at
     // the next periodic retry, 30 s on).
@@ -559,5 +530,51 @@ fn an_allocation_lost_with_a_turn_server_restart_is_made_again_and_the_session_r
         made.as_secs_f64(),
         returned.as_secs_f64(),
         back["from"]["path"]
+    );
+}
+
+/// An allocation left idle longer than B's NAT keeps an idle UDP mapping
+/// (30 s here) still works: its keepalives hold the mapping, so coturn
+/// never sees the allocation's requests from a new port (437), and a
+/// session made afterwards goes through it.
+#[test]
+fn an_idle_udp_allocation_outlives_the_nat_mapping_timeout() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(t) = TurnLab::start_pair("symmetric-random", "symmetric-random:timeout=30") else {
+        return;
+    };
+    let out = t.dir.join("out");
+    let mut b = t.listener("udp", PASS, &out);
+    std::thread::sleep(Duration::from_secs(45));
+    let mut a = t.connector(&b.id).stdin(Stdio::piped()).spawn().unwrap();
+    {
+        use std::io::Write;
+        a.stdin
+            .take()
+            .unwrap()
+            .write_all(b"after 45 s idle\n")
+            .unwrap();
+    }
+    let o = output_within(a, Duration::from_secs(30)).expect("A finishes");
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    assert!(
+        b.wait(Duration::from_secs(20)).is_some(),
+        "B did not finish"
+    );
+    let mut b_events = b.early.clone();
+    b_events.extend(b.drain(Duration::from_millis(300)));
+    assert!(
+        !b_events.iter().any(|e| e["event"] == "turn-lost"),
+        "{b_events:?}"
+    );
+    let path = final_path(&stderr_events(&o.stderr))
+        .cloned()
+        .unwrap_or_default();
+    assert!(is_turn(&path), "{path}\n{err}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "after 45 s idle\n");
+    eprintln!(
+        "45 s idle behind a NAT with a 30 s UDP timeout: allocation kept, session on TURN ({})",
+        path["remote"]
     );
 }

@@ -200,11 +200,13 @@ pub struct Listener {
     pub early: Vec<serde_json::Value>,
 }
 
-/// Waits for the `registered` event of a listener spawned from `cmd`
-/// (which must have `--json`; stderr is piped here).
-pub fn start_listener(cmd: &mut Command) -> Listener {
+/// Spawns `cmd` (with `--json`) with its stderr piped here: its events
+/// come on the channel as they are printed, its other lines are echoed.
+pub fn spawn_with_events(
+    cmd: &mut Command,
+) -> (Child, std::sync::mpsc::Receiver<serde_json::Value>) {
     use std::io::{BufRead, BufReader};
-    let mut child = cmd.stderr(Stdio::piped()).spawn().expect("spawn listener");
+    let mut child = cmd.stderr(Stdio::piped()).spawn().expect("spawn natpunch");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -215,10 +217,35 @@ pub fn start_listener(cmd: &mut Command) -> Listener {
                         return;
                     }
                 }
-                Err(_) => eprintln!("listener: {l}"),
+                Err(_) => eprintln!("natpunch: {l}"),
             }
         }
     });
+    (child, rx)
+}
+
+/// Reads events from `rx` into `seen` until one satisfies `f` (returned),
+/// or `within` passes (`None`).
+pub fn recv_until(
+    rx: &std::sync::mpsc::Receiver<serde_json::Value>,
+    within: Duration,
+    seen: &mut Vec<serde_json::Value>,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> Option<serde_json::Value> {
+    let deadline = Instant::now() + within;
+    while let Ok(e) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        seen.push(e.clone());
+        if f(&e) {
+            return Some(e);
+        }
+    }
+    None
+}
+
+/// Waits for the `registered` event of a listener spawned from `cmd`
+/// (which must have `--json`; stderr is piped here).
+pub fn start_listener(cmd: &mut Command) -> Listener {
+    let (child, rx) = spawn_with_events(cmd);
     let proc = Proc(child);
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut early = Vec::new();
